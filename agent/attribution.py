@@ -1,0 +1,671 @@
+"""Attribution: splits each GPU's and the host's measured energy among inference requests.
+
+The rules are those of DESIGN.md §4:
+
+- Each interval between two consecutive points of a timeline has energy ΔE, unless its later
+  point is a gap (then nothing is attributed and nothing counted). On a GPU, ΔE splits into
+  a static part `min(ΔE, P_idle × Δt)` and a dynamic part (the rest); host energy has no
+  static part. Both parts go to the requests active in the interval in proportion to their
+  weight; with no active request, all of ΔE is unattributed.
+- `equal` policy: a request weighs its overlap with the interval, in seconds.
+- `tokens` policy: a request weighs the tokens it processed in the interval, its prompt
+  tokens × `prefill_weight` spread uniformly over [start, first token) and its completion
+  tokens over [first token, end). Where the first token does not split the lifetime in two
+  (unknown, or at either end), all its weighted tokens are spread over [start, end). Where
+  a token count is unknown, the request weighs its overlap times the mean token rate of the
+  requests with known tokens in the same interval (or plain overlap if there are none):
+  it is assumed to be an average request, instead of mixing seconds and tokens. If every
+  active request weighs zero (all token counts zero), the interval is split by overlap.
+- Idle power: configured per GPU, or learned as a low percentile of the power of stretches
+  with no active request. Until something is learned it is taken as 0 W, so all GPU energy
+  counts as dynamic: the IT total is exact either way and only the static/dynamic split
+  waits for a measurement, whereas any guessed baseline would be a silent error.
+  `idle_power_w()` returns None until then, so exporters can show that it is not known.
+
+When intervals are processed: an interval is processed once it has settled (its end is at
+least `settle_s` old, so that batched start events have arrived) and every request that
+overlaps it has ended; a request still open after `max_age_s` is closed at
+`start + max_age_s` and marked expired. A request is final once every timeline it uses
+has been processed past its end; a timeline with no point for `max_age_s` is considered
+stalled and its waiting requests are finalised with what was measured. A request reported
+after intervals it overlapped were processed gets only the unprocessed part (`late`).
+
+Implementation. Walking every active request for every interval would cost
+O(intervals × active requests). Instead, each timeline ("lane") keeps, per energy part,
+the cumulative energy per unit of weight since the lane was last empty, Λ(t), and each
+request's lifetime is cut into segments of constant weight rate ρ (1/s for `equal`,
+tokens/s for `tokens`). A segment [a, b) then receives ρ × (Λ(b) − Λ(a)), so an interval
+costs O(1) plus O(1) per segment boundary inside it, and a request costs O(segments) per
+GPU. The total weight of an interval comes from the sum of the active rates, kept with
+compensated summation so that energy is conserved even when rates differ by many orders
+of magnitude.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import math
+import threading
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple
+
+from agent.requests import Request, RequestEnergy, RequestStatus
+from agent.timeline import EnergyPoint, Timeline
+
+Policy = Literal["equal", "tokens"]
+
+DEFAULT_PREFILL_WEIGHT = 1.0
+"""A prompt token weighs as much as a generated token by default. Both cost the same
+matrix FLOPs per parameter, and under continuous batching the weight reads that dominate a
+decode step are shared by every request in the step, so the per-token marginal energy of
+the two is similar; 1.0 adds no unmeasured assumption. Operators who calibrate it on their
+own hardware can set another value."""
+
+
+class CapacityExceeded(RuntimeError):
+    """Too many requests are pending attribution; the new one was not accepted."""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuTotals:
+    """One GPU's energy processed so far, in joules."""
+
+    gpu_dynamic_j: float
+    gpu_static_j: float
+    """Energy credited to requests. A request's share is credited when each of its weight
+    segments ends, so until every request has finished this lags behind `measured_j`."""
+    unattributed_j: float
+    measured_j: float
+    """Energy of every processed interval except gaps."""
+    idle_power_w: float | None
+    """The idle baseline in use (configured or learned); None while still unknown."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostTotals:
+    attributed_j: float
+    unattributed_j: float
+    measured_j: float
+
+
+@dataclass(frozen=True, slots=True)
+class AttributionTotals:
+    gpus: dict[int, GpuTotals]
+    host: HostTotals | None
+    pending_requests: int
+    """Requests accepted and not yet final (open, or waiting for their intervals)."""
+    late_requests: int
+    expired_requests: int
+    unknown_gpu_requests: int
+    """Requests rejected because they named a GPU that is not measured on this node."""
+    over_capacity_requests: int
+    unmatched_ends: int
+    """End events for a request that is not open (never started, or already expired)."""
+
+
+class _Segment(NamedTuple):
+    """A stretch of a request's lifetime with a constant weight rate."""
+
+    rate: float
+    """Weight per second; 0 for a fallback segment, which weighs by time instead."""
+    fallback: bool
+    """Token counts unknown: weighs its overlap × the interval's mean known token rate."""
+
+
+_BY_TIME = _Segment(1.0, False)
+_FALLBACK = _Segment(0.0, True)
+_NO_STEP = (0.0,) * 6
+"""The slope of Λ in an interval that gives nothing to anyone."""
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    """A request accepted by the engine and not yet final, with its energy so far."""
+
+    request: Request
+    late: bool
+    expired: bool = False
+    lanes_left: int = 0
+    """Lanes that have not yet processed the request's whole lifetime."""
+    gpu_static_j: float = 0.0
+    gpu_dynamic_j: float = 0.0
+    host_j: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class _Membership:
+    """A closed request on one lane: its segment now active and the Λ marks it started at."""
+
+    pending: _Pending
+    events_left: int
+    active: _Segment | None = None
+    mark_static: float = 0.0
+    mark_dynamic: float = 0.0
+
+
+_Event = tuple[float, int, _Membership, _Segment | None, _Segment | None]
+"""(time, sequence, membership, segment ending, segment starting): a rate change."""
+
+
+class _CompensatedSum:
+    """Neumaier summation, for a sum of rates that are added and later removed again."""
+
+    __slots__ = ("_comp", "_sum")
+
+    def __init__(self) -> None:
+        self._sum = 0.0
+        self._comp = 0.0
+
+    def add(self, x: float) -> None:
+        total = self._sum + x
+        if abs(self._sum) >= abs(x):
+            self._comp += (self._sum - total) + x
+        else:
+            self._comp += (x - total) + self._sum
+        self._sum = total
+
+    @property
+    def value(self) -> float:
+        return self._sum + self._comp
+
+    def clear(self) -> None:
+        self._sum = self._comp = 0.0
+
+
+class _IdleBaseline:
+    """Learns a GPU's idle power from stretches with no active request.
+
+    Consecutive idle intervals are pooled into samples of at least `sample_s` seconds,
+    because the energy of one ~100 ms window is unreliable (the counter updates every
+    20–100 ms; the power sensor covers a fraction of each period). The baseline is the
+    `percentile`-th of the last `window` samples, kept sorted so that a sample costs
+    O(log n) comparisons instead of a sort.
+    """
+
+    def __init__(self, sample_s: float, window: int, percentile: float) -> None:
+        self.sample_s = sample_s
+        self.percentile = percentile
+        self._recent: deque[float] = deque()
+        self._window = window
+        self._sorted: list[float] = []
+        self._energy_j = 0.0
+        self._seconds = 0.0
+        self.value: float | None = None
+
+    def idle(self, energy_j: float, seconds: float) -> None:
+        self._energy_j += energy_j
+        self._seconds += seconds
+        if self._seconds >= self.sample_s:
+            self._add(self._energy_j / self._seconds)
+            self.interrupt()
+
+    def interrupt(self) -> None:
+        """A busy or unmeasured interval ends the current idle stretch."""
+        self._energy_j = self._seconds = 0.0
+
+    def _add(self, power_w: float) -> None:
+        if len(self._recent) == self._window:
+            oldest = self._recent.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, oldest)]
+        self._recent.append(power_w)
+        bisect.insort(self._sorted, power_w)
+        rank = max(0, math.ceil(self.percentile / 100 * len(self._sorted)) - 1)
+        self.value = self._sorted[rank]
+
+
+class _Lane:
+    """Sweeps one timeline (a GPU, or the host) and credits its energy to requests."""
+
+    def __init__(
+        self, timeline: Timeline, *, host: bool, idle_w: float | None, learner: _IdleBaseline | None
+    ) -> None:
+        self.timeline = timeline
+        self.host = host
+        self.configured_idle_w = idle_w
+        self.learner = learner
+        self.origin: float | None = None
+        """Time of the first point: nothing before it was measured."""
+        self.cursor: EnergyPoint | None = None
+        """The last processed point."""
+        self.open_starts: dict[str, float] = {}
+        """Start times of the open requests that use this lane: they block processing."""
+        self._events: list[_Event] = []
+        self._members: dict[str, _Membership] = {}
+        self._rate = _CompensatedSum()
+        self._weighted = 0
+        """Active segments with a positive rate."""
+        self._known = 0
+        self._fallback = 0
+        self._lam = [0.0] * 6
+        """Λ since the lane was last empty, as (static, dynamic) pairs: per unit of rate
+        weight, per second of a known segment, per second of a fallback segment."""
+        self.measured_j = 0.0
+        self.unattributed_j = 0.0
+        self.attributed_static_j = 0.0
+        self.attributed_dynamic_j = 0.0
+
+    @property
+    def idle_w(self) -> float | None:
+        if self.configured_idle_w is not None:
+            return self.configured_idle_w
+        return self.learner.value if self.learner is not None else None
+
+    def processed_overlap(self, start: float, end: float | None) -> bool:
+        """Whether [start, end) overlaps an interval this lane has already processed."""
+        if self.cursor is None or self.origin is None:
+            return False
+        return max(start, self.origin) < min(math.inf if end is None else end, self.cursor.time)
+
+    def join(
+        self, pending: _Pending, segments: list[tuple[float, float, _Segment]],
+        seq: Iterator[int],
+    ) -> bool:
+        """Schedule a closed request's segments; False if this lane has nothing to give it."""
+        if self.timeline.latest() is None:
+            return False
+        floor = self.cursor.time if self.cursor is not None else -math.inf
+        clipped = [(max(a, floor), b, s) for a, b, s in segments if b > floor]
+        if not clipped:
+            return False
+        member = _Membership(pending, events_left=len(clipped) + 1)
+        previous: _Segment | None = None
+        for a, _, segment in clipped:
+            heapq.heappush(self._events, (a, next(seq), member, previous, segment))
+            previous = segment
+        heapq.heappush(self._events, (clipped[-1][1], next(seq), member, previous, None))
+        self._members[pending.request.id] = member
+        return True
+
+    def advance(self, horizon: float, finished: list[_Pending]) -> None:
+        """Process every interval that ends at or before `horizon`."""
+        if self.cursor is None:
+            points = self.timeline.after(-math.inf)
+            if not points:
+                return
+            self.cursor, points = points[0], points[1:]
+            self.origin = self.cursor.time
+        else:
+            points = self.timeline.after(self.cursor.time)
+        for point in points:
+            if point.time > horizon:
+                break
+            self._interval(self.cursor, point, finished)
+            self.cursor = point
+
+    def drop(self, finished: list[_Pending]) -> None:
+        """The timeline has stalled: finalise the waiting requests with what was measured."""
+        for member in self._members.values():
+            if member.active is not None:
+                static, dynamic = self._value(member.active, _NO_STEP, 0.0)
+                self._credit(member, static - member.mark_static, dynamic - member.mark_dynamic)
+            self._leave_lane(member, finished)
+        self._members.clear()
+        self._events.clear()
+        self._reset_sweep()
+
+    def _interval(self, p0: EnergyPoint, p1: EnergyPoint, finished: list[_Pending]) -> None:
+        t0, t1 = p0.time, p1.time
+        dt = t1 - t0
+        events: list[_Event] = []
+        while self._events and self._events[0][0] <= t1:
+            events.append(heapq.heappop(self._events))
+
+        # Weight integrals over the interval: rate weight, known seconds, fallback seconds.
+        rate_w = self._rate.value * dt
+        known_s = self._known * dt
+        fallback_s = self._fallback * dt
+        for time, _, _, ending, starting in events:
+            left = dt - (max(time, t0) - t0)  # offsets from t0, exactly as credits use them
+            for segment, sign in ((ending, -1), (starting, 1)):
+                if segment is None:
+                    continue
+                if segment.rate > 0:
+                    self._weighted += sign
+                    if self._weighted:
+                        self._rate.add(sign * segment.rate)
+                    else:
+                        self._rate.clear()  # no rounding residue may outlive the last rate
+                rate_w += sign * segment.rate * left
+                if segment.fallback:
+                    self._fallback += sign
+                    fallback_s += sign * left
+                else:
+                    self._known += sign
+                    known_s += sign * left
+        step = self._step(p0, p1, max(rate_w, 0.0), max(known_s, 0.0), max(fallback_s, 0.0))
+
+        for time, _, member, ending, starting in events:
+            offset = max(time, t0) - t0
+            if ending is not None:
+                static, dynamic = self._value(ending, step, offset)
+                self._credit(member, static - member.mark_static, dynamic - member.mark_dynamic)
+            member.active = starting
+            if starting is not None:
+                member.mark_static, member.mark_dynamic = self._value(starting, step, offset)
+            member.events_left -= 1
+            if member.events_left == 0:
+                del self._members[member.pending.request.id]
+                self._leave_lane(member, finished)
+
+        if self._known + self._fallback == 0:
+            self._reset_sweep()  # nothing holds a mark: rebase Λ to keep it small
+        else:
+            for i, lam in enumerate(step):
+                self._lam[i] += lam * dt
+
+    def _step(
+        self, p0: EnergyPoint, p1: EnergyPoint, rate_w: float, known_s: float, fallback_s: float
+    ) -> tuple[float, ...]:
+        """Energy per unit weight (the slope of Λ) in this interval; counts its energy."""
+        learner = self.learner
+        if p1.gap:
+            if learner is not None:
+                learner.interrupt()
+            return _NO_STEP
+        energy = p1.energy_j - p0.energy_j
+        seconds = p1.time - p0.time
+        self.measured_j += energy
+        occupied_s = known_s + fallback_s
+        if occupied_s <= 0:
+            self.unattributed_j += energy
+            if learner is not None:
+                learner.idle(energy, seconds)
+            return _NO_STEP
+        if learner is not None:
+            learner.interrupt()
+        static = 0.0 if self.host else min(energy, (self.idle_w or 0.0) * seconds)
+        dynamic = energy - static
+        mean_rate = rate_w / known_s if known_s > 0 else 1.0
+        weight = rate_w + mean_rate * fallback_s
+        if weight > 0:
+            fb = mean_rate / weight
+            return (static / weight, dynamic / weight, 0.0, 0.0, static * fb, dynamic * fb)
+        per_s_static, per_s_dynamic = static / occupied_s, dynamic / occupied_s
+        return (0.0, 0.0, per_s_static, per_s_dynamic, per_s_static, per_s_dynamic)
+
+    def _value(self, segment: _Segment, step: tuple[float, ...], offset: float) -> tuple[
+        float, float
+    ]:
+        """ρ·Λ_rate + Λ_time of a segment at `offset` seconds into the current interval."""
+        lam = self._lam
+        t = 4 if segment.fallback else 2
+        return (
+            segment.rate * (lam[0] + step[0] * offset) + (lam[t] + step[t] * offset),
+            segment.rate * (lam[1] + step[1] * offset) + (lam[t + 1] + step[t + 1] * offset),
+        )
+
+    def _credit(self, member: _Membership, static: float, dynamic: float) -> None:
+        pending = member.pending
+        if self.host:
+            pending.host_j += static + dynamic
+        else:
+            pending.gpu_static_j += static
+            pending.gpu_dynamic_j += dynamic
+        self.attributed_static_j += static
+        self.attributed_dynamic_j += dynamic
+
+    @staticmethod
+    def _leave_lane(member: _Membership, finished: list[_Pending]) -> None:
+        member.pending.lanes_left -= 1
+        if member.pending.lanes_left == 0:
+            finished.append(member.pending)
+
+    def _reset_sweep(self) -> None:
+        self._rate.clear()
+        self._weighted = self._known = self._fallback = 0
+        self._lam = [0.0] * 6
+
+
+class AttributionEngine:
+    """Splits measured energy among requests; see the module docstring for the rules.
+
+    Requests come in through `add` (open, or complete in one go with `end` set) and `end`;
+    the daemon calls `advance(now)` periodically from one thread and gets back the requests
+    that became final. Every public method is safe to call from any thread.
+    """
+
+    def __init__(
+        self,
+        timelines: Mapping[int, Timeline],
+        host_timeline: Timeline | None = None,
+        *,
+        policy: Policy = "equal",
+        prefill_weight: float = DEFAULT_PREFILL_WEIGHT,
+        pue: float = 1.0,
+        idle_power_w: Mapping[int, float] | None = None,
+        settle_s: float = 2.0,
+        max_age_s: float = 300.0,
+        max_pending: int = 10_000,
+        idle_sample_s: float = 1.0,
+        idle_window: int = 600,
+        idle_percentile: float = 10.0,
+    ) -> None:
+        if policy not in ("equal", "tokens"):
+            raise ValueError(f"unknown attribution policy {policy!r} (equal or tokens)")
+        if prefill_weight < 0:
+            raise ValueError("prefill weight must not be negative")
+        if pue < 1:
+            raise ValueError(f"PUE must be at least 1 (got {pue})")
+        if settle_s < 0 or max_age_s <= 0 or max_pending < 1:
+            raise ValueError("settle_s >= 0, max_age_s > 0 and max_pending >= 1 are required")
+        if idle_sample_s <= 0 or idle_window < 1 or not 0 < idle_percentile <= 100:
+            raise ValueError("idle_sample_s > 0, idle_window >= 1, 0 < idle_percentile <= 100")
+        configured = dict(idle_power_w or {})
+        if unknown := sorted(set(configured) - set(timelines)):
+            raise ValueError(f"idle power configured for GPU(s) {unknown} with no timeline")
+        if any(watts < 0 for watts in configured.values()):
+            raise ValueError("idle power must not be negative")
+
+        self.policy = policy
+        self.prefill_weight = prefill_weight
+        self.pue = pue
+        self.settle_s = settle_s
+        self.max_age_s = max_age_s
+        self.max_pending = max_pending
+        self._gpus = {
+            gpu: _Lane(
+                timeline, host=False, idle_w=configured.get(gpu),
+                learner=None if gpu in configured
+                else _IdleBaseline(idle_sample_s, idle_window, idle_percentile),
+            )
+            for gpu, timeline in timelines.items()
+        }
+        self._host = (
+            _Lane(host_timeline, host=True, idle_w=None, learner=None)
+            if host_timeline is not None else None
+        )
+        self._pending: dict[str, _Pending] = {}
+        self._open: dict[str, _Pending] = {}
+        self._ready: list[_Pending] = []
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._late = 0
+        self._expired = 0
+        self._unknown_gpu = 0
+        self._over_capacity = 0
+        self._unmatched_ends = 0
+
+    def add(self, request: Request) -> None:
+        """Accept a request: running (`end` None) or already complete.
+
+        Raises ValueError if it names a GPU this node does not measure or its id is already
+        pending, and CapacityExceeded if `max_pending` requests are pending.
+        """
+        with self._lock:
+            if unknown := [gpu for gpu in request.gpus if gpu not in self._gpus]:
+                self._unknown_gpu += 1
+                raise ValueError(
+                    f"request {request.id!r} names GPU(s) {unknown}, which are not measured on "
+                    f"this node (measured: {sorted(self._gpus)}); check the source's GPU set"
+                )
+            if request.id in self._pending:
+                raise ValueError(f"request {request.id!r} is already pending")
+            if len(self._pending) >= self.max_pending:
+                self._over_capacity += 1
+                raise CapacityExceeded(
+                    f"{len(self._pending)} requests are pending attribution (max_pending); "
+                    f"request {request.id!r} was not accepted"
+                )
+            request = replace(request)  # our own copy: the caller may reuse theirs
+            lanes = self._lanes_of(request)
+            pending = _Pending(
+                request, late=any(lane.processed_overlap(request.start, request.end)
+                                  for lane in lanes),
+            )
+            self._late += pending.late
+            self._pending[request.id] = pending
+            if request.end is None:
+                self._open[request.id] = pending
+                for lane in lanes:
+                    lane.open_starts[request.id] = request.start
+            else:
+                self._close(pending, request.end)
+
+    def end(
+        self,
+        request_id: str,
+        end: float,
+        *,
+        first_token: float | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        status: RequestStatus = "ok",
+    ) -> bool:
+        """Close an open request. Fields left None keep what `add` was given.
+
+        Returns False, and counts it, if no such request is open (never added, or already
+        closed at its maximum age). Raises ValueError for inconsistent times or counts.
+        """
+        with self._lock:
+            pending = self._open.get(request_id)
+            if pending is None:
+                self._unmatched_ends += 1
+                return False
+            old = pending.request
+            pending.request = replace(
+                old,
+                end=end,
+                first_token=old.first_token if first_token is None else first_token,
+                prompt_tokens=old.prompt_tokens if prompt_tokens is None else prompt_tokens,
+                completion_tokens=(
+                    old.completion_tokens if completion_tokens is None else completion_tokens
+                ),
+                status=status,
+            )
+            self._unopen(pending)
+            self._close(pending, end)
+            return True
+
+    def advance(self, now: float) -> list[RequestEnergy]:
+        """Process every settled, unblocked interval; return the requests now final."""
+        with self._lock:
+            self._expire(now)
+            finished, self._ready = self._ready, []
+            settled = now - self.settle_s
+            stalled = now - self.max_age_s
+            lanes = list(self._gpus.values())
+            if self._host is not None:
+                lanes.append(self._host)
+            for lane in lanes:
+                lane.advance(min(settled, min(lane.open_starts.values(), default=math.inf)),
+                             finished)
+                latest = lane.timeline.latest()
+                if latest is None or latest.time < stalled:
+                    lane.drop(finished)
+            return [self._final(pending) for pending in finished]
+
+    def totals(self) -> AttributionTotals:
+        with self._lock:
+            host = self._host
+            return AttributionTotals(
+                gpus={
+                    gpu: GpuTotals(
+                        gpu_dynamic_j=lane.attributed_dynamic_j,
+                        gpu_static_j=lane.attributed_static_j,
+                        unattributed_j=lane.unattributed_j,
+                        measured_j=lane.measured_j,
+                        idle_power_w=lane.idle_w,
+                    )
+                    for gpu, lane in self._gpus.items()
+                },
+                host=None if host is None else HostTotals(
+                    attributed_j=host.attributed_static_j + host.attributed_dynamic_j,
+                    unattributed_j=host.unattributed_j,
+                    measured_j=host.measured_j,
+                ),
+                pending_requests=len(self._pending),
+                late_requests=self._late,
+                expired_requests=self._expired,
+                unknown_gpu_requests=self._unknown_gpu,
+                over_capacity_requests=self._over_capacity,
+                unmatched_ends=self._unmatched_ends,
+            )
+
+    def idle_power_w(self, gpu: int) -> float | None:
+        """The GPU's idle baseline: configured, learned, or None while still unknown."""
+        with self._lock:
+            return self._gpus[gpu].idle_w
+
+    def _lanes_of(self, request: Request) -> list[_Lane]:
+        lanes = [self._gpus[gpu] for gpu in request.gpus]
+        if self._host is not None:
+            lanes.append(self._host)
+        return lanes
+
+    def _unopen(self, pending: _Pending) -> None:
+        del self._open[pending.request.id]
+        for lane in self._lanes_of(pending.request):
+            del lane.open_starts[pending.request.id]
+
+    def _expire(self, now: float) -> None:
+        cutoff = now - self.max_age_s
+        if not self._open or min(p.request.start for p in self._open.values()) > cutoff:
+            return
+        for pending in [p for p in self._open.values() if p.request.start <= cutoff]:
+            self._unopen(pending)
+            pending.expired = True
+            self._expired += 1
+            self._close(pending, pending.request.start + self.max_age_s)
+
+    def _close(self, pending: _Pending, until: float) -> None:
+        segments = self._segments(pending.request, until)
+        for lane in self._lanes_of(pending.request):
+            pending.lanes_left += lane.join(pending, segments, self._seq)
+        if pending.lanes_left == 0:
+            self._ready.append(pending)
+
+    def _segments(self, request: Request, until: float) -> list[tuple[float, float, _Segment]]:
+        """The request's lifetime [start, until) cut into stretches of constant weight rate."""
+        start = request.start
+        if until <= start:
+            return []
+        if self.policy == "equal":
+            return [(start, until, _BY_TIME)]
+        prompt, completion = request.prompt_tokens, request.completion_tokens
+        if prompt is None or completion is None:
+            return [(start, until, _FALLBACK)]
+        weighted_prompt = prompt * self.prefill_weight
+        first = request.first_token
+        if first is not None and start < first < until:
+            return [
+                (start, first, _Segment(weighted_prompt / (first - start), False)),
+                (first, until, _Segment(completion / (until - first), False)),
+            ]
+        return [(start, until, _Segment((weighted_prompt + completion) / (until - start), False))]
+
+    def _final(self, pending: _Pending) -> RequestEnergy:
+        del self._pending[pending.request.id]
+        it_j = pending.gpu_dynamic_j + pending.gpu_static_j + pending.host_j
+        return RequestEnergy(
+            request=pending.request,
+            gpu_dynamic_j=pending.gpu_dynamic_j,
+            gpu_static_j=pending.gpu_static_j,
+            host_j=pending.host_j,
+            facility_j=it_j * (self.pue - 1),
+            late=pending.late,
+            expired=pending.expired,
+        )

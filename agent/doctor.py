@@ -1,0 +1,65 @@
+"""`jouleprobe doctor`: what this node can measure, and why not, in plain words."""
+
+from __future__ import annotations
+
+from agent.config import Config
+from agent.sources.host import probe_rapl
+from agent.sources.nvml import NvmlGpuReport, probe
+from agent.sources.simulated import parse_spec
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _gpu_lines(gpu: NvmlGpuReport) -> list[str]:
+    limit = f"{gpu.power_limit_w:.0f} W" if gpu.power_limit_w else "unknown"
+    lines = [
+        f"  GPU {gpu.index}: {gpu.name or '?'} ({gpu.uuid or 'uuid unreadable'})",
+        f"    energy counter (nvmlDeviceGetTotalEnergyConsumption): {_yes(gpu.energy_counter)}"
+        f"  -> energy_source={gpu.energy_source}",
+        f"    power: instant field {_yes(gpu.instant_field)}, average field "
+        f"{_yes(gpu.average_field)}, nvmlDeviceGetPowerUsage {_yes(gpu.power_usage)}"
+        f"  -> power_field={gpu.power_field}",
+        f"    MIG enabled: {_yes(gpu.mig_enabled)}"
+        + ("  (measured per physical board; instances are never summed)"
+           if gpu.mig_enabled else ""),
+        f"    module power (Grace Hopper CPU+GPU): {_yes(gpu.module_power)}",
+        f"    power limit: {limit}",
+    ]
+    lines += [f"    note: {reason}" for reason in gpu.reasons]
+    return lines
+
+
+def report(config: Config) -> tuple[str, bool]:
+    """The doctor's text, and whether the GPUs can be measured."""
+    lines = []
+    if config.agent.simulate:
+        models = parse_spec(config.agent.simulate)
+        lines.append(f"GPUs: SIMULATED ({config.agent.simulate}); nothing here is measured")
+        lines += [f"  GPU {i}: {m.nvml_name} (simulated), idle {m.idle_w:.0f} W, "
+                  f"limit {m.tdp_w:.0f} W" for i, m in enumerate(models)]
+        gpus_ok = True
+    else:
+        nvml = probe()
+        if not nvml.available:
+            lines.append(f"GPUs: cannot be measured: {nvml.reason}")
+        else:
+            lines.append(f"GPUs: NVIDIA driver {nvml.driver_version}, NVML {nvml.nvml_version}")
+            for gpu in nvml.gpus:
+                lines += _gpu_lines(gpu)
+        gpus_ok = nvml.available and bool(nvml.gpus)
+    rapl = probe_rapl(config.host.rapl_path)
+    if rapl.readable:
+        lines.append(f"Host: RAPL readable at {rapl.root}: {', '.join(rapl.domains)}")
+    else:
+        lines.append(f"Host: RAPL not usable ({rapl.reason}); host energy will be ESTIMATED "
+                     f"from CPU utilisation between {config.host.idle_watts:.0f} W and "
+                     f"{config.host.max_watts:.0f} W (host.idle_watts, host.max_watts)")
+    return "\n".join(lines), gpus_ok
+
+
+def doctor(config: Config) -> int:
+    text, gpus_ok = report(config)
+    print(text)
+    return 0 if gpus_ok else 1

@@ -1,0 +1,466 @@
+"""The per-request record store: one SQLite file, written in batches off the hot path.
+
+Finished requests arrive through `RecordStore.submit`, which only converts them to rows and
+queues them; a writer thread commits the queue every `flush_interval_s` in one
+transaction, and deletes records past their retention now and then. `close()` (what
+SIGTERM calls) commits everything still queued before it returns.
+
+The file is in WAL mode, so readers (the report, the HTTP API) never wait for the writer
+and see only committed batches; each read opens its own read-only connection, which
+makes reads safe from any thread and lets `jouleprobe report` read a store it cannot
+write. `synchronous=NORMAL` means a power cut may lose the last committed batches but
+never corrupts the file; a killed process loses nothing committed.
+
+Times: requests are timed on the monotonic clock; records hold UTC epoch seconds,
+`monotonic + wall_offset`, with the offset taken once at agent start
+(`wall_clock_offset()`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+
+from agent import report
+from agent.requests import RequestEnergy, RequestStatus
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+"""Kept in `PRAGMA user_version`; bump it with a migration when the table changes."""
+
+BUSY_TIMEOUT_S = 10.0
+"""How long one statement waits for another connection's lock before failing."""
+
+_COLUMNS = (
+    "id", "model", "source", "gpus", "status", "start_time", "end_time", "first_token_time",
+    "prompt_tokens", "completion_tokens", "gpu_dynamic_j", "gpu_static_j", "host_j",
+    "facility_j", "pue", "late",
+)
+_SCHEMA = (
+    """CREATE TABLE requests (
+        id                TEXT PRIMARY KEY,
+        model             TEXT NOT NULL,
+        source            TEXT NOT NULL,
+        gpus              TEXT NOT NULL,  -- GPU indices, comma-separated: "0,1"
+        status            TEXT NOT NULL CHECK (status IN ('ok', 'cancelled', 'failed')),
+        start_time        REAL NOT NULL,  -- UTC epoch seconds
+        end_time          REAL,           -- NULL: still running at the maximum age (expired)
+        first_token_time  REAL,
+        prompt_tokens     INTEGER,
+        completion_tokens INTEGER,
+        gpu_dynamic_j     REAL NOT NULL,
+        gpu_static_j      REAL NOT NULL,
+        host_j            REAL NOT NULL,
+        facility_j        REAL NOT NULL,  -- (dynamic + static + host) × (pue − 1)
+        pue               REAL NOT NULL,
+        late              INTEGER NOT NULL CHECK (late IN (0, 1))
+    ) WITHOUT ROWID""",
+    "CREATE INDEX requests_by_end ON requests (end_time)",
+    "CREATE INDEX requests_by_model ON requests (model, end_time)",
+)
+_UPSERT = (
+    f"INSERT OR REPLACE INTO requests ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_COLUMNS))})"
+)
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM requests"
+
+Row = tuple[Any, ...]
+
+
+class RecordStoreError(Exception):
+    """The store cannot be opened or read; the message names the file and the reason."""
+
+
+def wall_clock_offset() -> float:
+    """`time.time() - time.monotonic()`: add it to a monotonic time to get UTC epoch seconds.
+
+    Take it once, at agent start, and give it to `RecordStore`. On Linux NTP slews both
+    clocks alike, so the offset only changes when the wall clock is stepped; a fixed offset
+    keeps records in their true order and their durations exact across such a step, at the
+    cost of wall times off by the step until the agent restarts.
+    """
+    before = time.monotonic()
+    wall = time.time()
+    after = time.monotonic()
+    return wall - (before + after) / 2
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRequest:
+    """One record as stored: times in UTC epoch seconds, energies in joules."""
+
+    id: str
+    model: str
+    source: str
+    gpus: tuple[int, ...]
+    status: RequestStatus
+    start: float
+    end: float | None
+    """None: the request was still running at the agent's maximum age (`expired`); its
+    figures cover only its first part."""
+    first_token: float | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    gpu_dynamic_j: float
+    gpu_static_j: float
+    host_j: float
+    facility_j: float
+    """The building's overhead: IT energy × (PUE − 1)."""
+    pue: float
+    late: bool
+    """Reported after part of its lifetime had been attributed to others: the figures
+    cover only the rest."""
+
+    @classmethod
+    def from_row(cls, row: Row) -> StoredRequest:
+        gpus = tuple(int(index) for index in row[3].split(",")) if row[3] else ()
+        return cls(row[0], row[1], row[2], gpus, *row[4:-1], late=bool(row[-1]))
+
+    @property
+    def expired(self) -> bool:
+        return self.end is None
+
+    @property
+    def gpu_j(self) -> float:
+        return self.gpu_dynamic_j + self.gpu_static_j
+
+    @property
+    def it_j(self) -> float:
+        return self.gpu_j + self.host_j
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready: energy per boundary component (gpu_dynamic, gpu_static, host,
+        facility overhead) and the gpu and it totals, in J and in Wh."""
+        joules = {
+            "gpu_dynamic": self.gpu_dynamic_j, "gpu_static": self.gpu_static_j,
+            "host": self.host_j, "facility": self.facility_j, "gpu": self.gpu_j, "it": self.it_j,
+        }
+        return {
+            "id": self.id,
+            "model": self.model,
+            "source": self.source,
+            "gpus": list(self.gpus),
+            "status": self.status,
+            "start": self.start,
+            "end": self.end,
+            "first_token": self.first_token,
+            "duration_s": self.end - self.start if self.end is not None else None,
+            "time_to_first_token_s": (
+                self.first_token - self.start if self.first_token is not None else None
+            ),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "pue": self.pue,
+            "late": self.late,
+            "expired": self.expired,
+            "energy_j": joules,
+            "energy_wh": {name: j / report.JOULES_PER_WH for name, j in joules.items()},
+        }
+
+
+class RecordReader:
+    """Read-only access to a store file; every call opens (and closes) its own connection."""
+
+    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
+                 ) -> None:
+        self.path = os.fspath(path)
+        self._clock = clock
+        """Wall clock (UTC epoch seconds), for the summary's window."""
+        if not os.path.exists(self.path):
+            raise RecordStoreError(f"no record store at {self.path}")
+        try:
+            with closing(self._connect()) as connection:
+                _check_version(connection, self.path)
+        except sqlite3.Error as exc:
+            raise RecordStoreError(f"cannot read {self.path}: {exc}") from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        uri = f"file:{urllib.parse.quote(os.path.abspath(self.path))}?mode=ro"
+        return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
+
+    def get(self, request_id: str) -> dict[str, Any] | None:
+        """The JSON-ready record of one request (`StoredRequest.to_json`), None if unknown."""
+        try:
+            with closing(self._connect()) as connection:
+                row = connection.execute(f"{_SELECT} WHERE id = ?", (request_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise RecordStoreError(f"cannot read {self.path}: {exc}") from exc
+        return StoredRequest.from_row(row).to_json() if row is not None else None
+
+    def query(self, since: float | None = None, model: str | None = None
+              ) -> Iterator[StoredRequest]:
+        """Finished records (expired ones have no end and are left out) that ended at or
+        after `since` (UTC epoch seconds), of `model` if given, oldest end first. Rows
+        stream from one consistent snapshot of the file."""
+        clauses, params = ["end_time IS NOT NULL"], []
+        if since is not None:
+            clauses.append("end_time >= ?")
+            params.append(since)
+        if model is not None:
+            clauses.append("model = ?")
+            params.append(model)
+        where = " AND ".join(clauses)
+        try:
+            with closing(self._connect()) as connection:
+                for row in connection.execute(
+                    f"{_SELECT} WHERE {where} ORDER BY end_time", params
+                ):
+                    yield StoredRequest.from_row(row)
+        except sqlite3.Error as exc:
+            raise RecordStoreError(f"cannot read {self.path}: {exc}") from exc
+
+    def summary(self, window_s: float) -> dict[str, Any]:
+        """Per model over the last `window_s` seconds: count, mean Wh per query at each
+        boundary, J per token (`report.summary`, computed as the report computes them)."""
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0, got {window_s}")
+        now = self._clock()
+        since = now - window_s
+        built = report.build_report(self.query(since=since), generated=now, since=since)
+        return report.summary(built, window_s)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """The writer's counters since the store was opened, for the exporter."""
+
+    pending: int
+    """Records queued, not yet committed."""
+    written_total: int
+    dropped_total: int
+    """Records refused because the queue was full, or lost because the final write failed."""
+    write_errors_total: int
+    pruned_total: int
+    """Records deleted by retention."""
+
+
+class RecordStore(RecordReader):
+    """The store as the agent holds it: batched writes on a thread, retention, and reads.
+
+    `submit` never waits on the disk: it is called on the attribution path, which must not
+    stall behind a slow or locked file. The queue holds at most `max_pending` records; past
+    that, new records are refused, counted in `dropped_total` (for the exporter) and logged,
+    while everything already queued is kept. A failed write keeps its batch queued and is
+    retried at the next flush.
+
+    Retention: the writer deletes records whose end (for an expired request, its start)
+    is older than `retention_days`, once at start and every `prune_interval_s` after.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        pue: float,
+        wall_offset: float | None = None,
+        flush_interval_s: float = 1.0,
+        retention_days: float | None = 30.0,
+        prune_interval_s: float = 3600.0,
+        max_pending: int = 100_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`pue`: the site PUE that attribution used for `facility_j`, stored with each
+        record. `wall_offset`: `wall_clock_offset()` taken at agent start (taken now if
+        None). `retention_days`: records whose end is older are deleted every
+        `prune_interval_s` by the writer (None keeps everything). `clock`: the wall clock,
+        for retention and the summary's window."""
+        if pue < 1:
+            raise ValueError(f"pue must be >= 1, got {pue}")
+        if flush_interval_s <= 0 or prune_interval_s <= 0:
+            raise ValueError("flush and prune intervals must be > 0")
+        if retention_days is not None and retention_days <= 0:
+            raise ValueError(f"retention_days must be > 0 or None, got {retention_days}")
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.pue = pue
+        self.wall_offset = wall_clock_offset() if wall_offset is None else wall_offset
+        self.flush_interval_s = flush_interval_s
+        self.retention_days = retention_days
+        self.prune_interval_s = prune_interval_s
+        self.max_pending = max_pending
+        self._writer = _open_writer(os.fspath(path))
+        super().__init__(path, clock=clock)
+        self._lock = threading.Lock()
+        self._pending: list[Row] = []
+        self._closed = False
+        self._wake = threading.Event()
+        self._written = self._dropped = self._write_errors = self._pruned = 0
+        self._thread = threading.Thread(target=self._run, name="jouleprobe-records", daemon=True)
+        self._thread.start()
+
+    def submit(self, energies: Sequence[RequestEnergy]) -> None:
+        """Queue the records of finished (or expired) requests; returns at once. A request
+        id already stored is replaced. Raises ValueError for a record that could never be
+        stored (unknown status, non-finite energy), RuntimeError once closed."""
+        rows = [self._row(energy) for energy in energies]
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"record store {self.path} is closed")
+            room = max(0, self.max_pending - len(self._pending))
+            self._pending.extend(rows[:room])
+            refused = len(rows) - min(room, len(rows))
+            self._dropped += refused
+        if refused:
+            log.warning("record queue full (%d): %d request records dropped",
+                        self.max_pending, refused)
+
+    def _row(self, energy: RequestEnergy) -> Row:
+        """Converts now, so that the queued row cannot change with the caller's objects."""
+        request = energy.request
+        if request.status not in report.STATUSES:
+            raise ValueError(f"request {request.id}: unknown status {request.status!r}")
+        joules = (energy.gpu_dynamic_j, energy.gpu_static_j, energy.host_j, energy.facility_j)
+        if not all(math.isfinite(j) for j in joules):
+            raise ValueError(f"request {request.id}: non-finite energy {joules}")
+        offset = self.wall_offset
+        return (
+            request.id, request.model, request.source, ",".join(map(str, request.gpus)),
+            request.status, request.start + offset,
+            request.end + offset if request.end is not None else None,
+            request.first_token + offset if request.first_token is not None else None,
+            request.prompt_tokens, request.completion_tokens, *joules, self.pue,
+            int(energy.late),
+        )
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(len(self._pending), self._written, self._dropped,
+                              self._write_errors, self._pruned)
+
+    def close(self) -> None:
+        """Commit every queued record, stop the writer and close the file. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._wake.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        next_prune = time.monotonic()
+        while True:
+            closing_now = self._wake.wait(self.flush_interval_s)
+            self._flush(final=closing_now)
+            if self.retention_days is not None and time.monotonic() >= next_prune:
+                self._prune(self.retention_days)
+                next_prune = time.monotonic() + self.prune_interval_s
+            if closing_now:
+                break
+        self._writer.close()
+
+    def _flush(self, *, final: bool) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            with _transaction(self._writer):
+                self._writer.executemany(_UPSERT, batch)
+        except sqlite3.Error:
+            with self._lock:
+                self._write_errors += 1
+                if final:
+                    self._dropped += len(batch)
+                else:
+                    self._pending[:0] = batch
+            log.exception("writing %d request records to %s failed%s", len(batch), self.path,
+                          "; they are lost" if final else "; will retry")
+            return
+        with self._lock:
+            self._written += len(batch)
+
+    def _prune(self, retention_days: float) -> None:
+        cutoff = self._clock() - retention_days * 86400.0
+        try:
+            with _transaction(self._writer):
+                deleted = self._writer.execute(
+                    "DELETE FROM requests WHERE end_time < ?1"
+                    " OR (end_time IS NULL AND start_time < ?1)", (cutoff,)
+                ).rowcount
+        except sqlite3.Error:
+            log.exception("deleting records older than %g days from %s failed",
+                          retention_days, self.path)
+            return
+        with self._lock:
+            self._pruned += deleted
+
+
+class _transaction:
+    """BEGIN IMMEDIATE … COMMIT on an autocommit connection; ROLLBACK on any error."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._connection.execute("BEGIN IMMEDIATE")
+        return self._connection
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        try:
+            if kind is None:
+                self._connection.execute("COMMIT")
+        finally:
+            if self._connection.in_transaction:  # the body or the COMMIT itself failed
+                self._connection.execute("ROLLBACK")
+
+
+def _check_version(connection: sqlite3.Connection, path: str) -> None:
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise RecordStoreError(
+            f"{path} has schema version {version}, written by a newer jouleprobe "
+            f"(this one reads version {SCHEMA_VERSION})"
+        )
+    if version == 0:
+        raise RecordStoreError(f"{path} is not a jouleprobe record store")
+
+
+def _open_writer(path: str) -> sqlite3.Connection:
+    """The writer's connection, with WAL on and the schema in place (created if absent).
+
+    Made here, on the caller's thread, so that a bad path fails at agent start; afterwards
+    only the writer thread uses it.
+    """
+    try:
+        connection = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+    except sqlite3.Error as exc:
+        raise RecordStoreError(f"cannot open {path}: {exc}") from exc
+    try:
+        _prepare(connection, path)
+    except sqlite3.Error as exc:
+        connection.close()
+        raise RecordStoreError(f"cannot open {path}: {exc}") from exc
+    except RecordStoreError:
+        connection.close()
+        raise
+    return connection
+
+
+def _prepare(connection: sqlite3.Connection, path: str) -> None:
+    mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode != "wal":
+        raise RecordStoreError(
+            f"{path}: SQLite cannot use WAL mode there (journal mode {mode!r}); "
+            f"put the store on a local filesystem"
+        )
+    connection.execute("PRAGMA synchronous=NORMAL")
+    with _transaction(connection):
+        if connection.execute("PRAGMA user_version").fetchone()[0] == 0:
+            if connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                raise RecordStoreError(f"{path} is not a jouleprobe record store")
+            for statement in _SCHEMA:
+                connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    _check_version(connection, path)

@@ -1,0 +1,473 @@
+"""Per-model energy report over stored request records (`jouleprobe report`, /api/v1/summary).
+
+Every figure is computed one way, here, for every output (table, JSON, CSV, the summary
+endpoint):
+
+- **Boundaries** are nested totals per request, in joules as stored, shown in Wh:
+  `gpu_dynamic`; `gpu` = gpu_dynamic + gpu_static; `it` = gpu + host (CPU + DRAM);
+  `facility` = it + facility overhead = it × PUE (the full boundary that Google's 0.24 Wh
+  per prompt uses).
+- **Wh per query**: mean, median, p90 and p99 over the model's finished requests, whatever
+  their status: a cancelled or failed request still spent the energy, and leaving it out
+  would make the fleet look cheaper than it is. The status counts are shown next to it.
+  Requests still running at the agent's maximum age (stored without an end) are not
+  finished and not counted.
+- **Percentiles** use linear interpolation between closest ranks (Hyndman & Fan type 7,
+  the default of numpy and of spreadsheets' PERCENTILE.INC): for sorted x₀…xₙ₋₁ and
+  q in [0, 1], h = (n − 1)·q and the value is x⌊h⌋ + (h − ⌊h⌋)(x⌊h⌋₊₁ − x⌊h⌋). It is
+  continuous in q, so a p99 over few requests moves smoothly instead of jumping to the
+  maximum as nearest-rank does.
+- **Energy per token**: the store holds a request's energy as a whole, not split into its
+  prefill phase [start, first token) and decode phase, so no honest "J per prompt token"
+  exists. Two ratios are given, both at the IT boundary, both as *ratio of sums* over the
+  requests that reported both token counts (so a long request weighs by its size, as in
+  fleet extrapolation E = J/token × tokens):
+  `it_j_per_completion_token` = IT energy ÷ completion tokens (prefill energy included),
+  `it_j_per_token_all` = IT energy ÷ (prompt + completion tokens).
+- **Unattributed share** (only when the caller supplies node totals, e.g. from the
+  `jouleprobe_gpu_energy_joules_total` and `jouleprobe_gpu_unattributed_energy_joules_total`
+  counters over the same period): unattributed GPU energy ÷ GPU energy. It is a node figure,
+  not a per-model one.
+
+Times are UTC. The functions are pure except `run_report`, which reads a store.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from agent.requests import RequestStatus
+
+if TYPE_CHECKING:
+    from agent.records import StoredRequest
+
+Boundary = Literal["gpu_dynamic", "gpu", "it", "facility"]
+BOUNDARIES: tuple[Boundary, ...] = ("gpu_dynamic", "gpu", "it", "facility")
+BOUNDARY_DEFINITIONS: Mapping[Boundary, str] = {
+    "gpu_dynamic": "GPU energy above the idle baseline",
+    "gpu": "gpu_dynamic + gpu_static",
+    "it": "gpu + host (CPU + DRAM)",
+    "facility": "it × PUE",
+}
+STATUSES: tuple[RequestStatus, ...] = get_args(RequestStatus)
+FORMATS: tuple[str, ...] = ("table", "json", "csv")
+JOULES_PER_WH = 3600.0
+
+PERCENTILE_METHOD = "linear interpolation between closest ranks (Hyndman-Fan type 7)"
+TOKEN_DEFINITIONS: Mapping[str, str] = {
+    "it_j_per_completion_token": "IT energy ÷ completion tokens (prefill energy included)",
+    "it_j_per_token_all": "IT energy ÷ (prompt + completion tokens)",
+}
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The q-quantile (q in [0, 1]) of ascending `ordered`, by linear interpolation (type 7)."""
+    if not ordered:
+        raise ValueError("percentile of no values")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {q}")
+    h = (len(ordered) - 1) * q
+    low = math.floor(h)
+    if low + 1 >= len(ordered):
+        return ordered[-1]
+    return ordered[low] + (h - low) * (ordered[low + 1] - ordered[low])
+
+
+@dataclass(frozen=True, slots=True)
+class Distribution:
+    """Per-request values of one boundary, in Wh."""
+
+    mean: float
+    median: float
+    p90: float
+    p99: float
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Distribution:
+        ordered = sorted(values)
+        if not ordered:
+            raise ValueError("distribution of no values")
+        return cls(
+            mean=math.fsum(ordered) / len(ordered),
+            median=percentile(ordered, 0.5),
+            p90=percentile(ordered, 0.9),
+            p99=percentile(ordered, 0.99),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelReport:
+    model: str
+    requests: int
+    by_status: Mapping[str, int]
+    wh_per_query: Mapping[Boundary, Distribution]
+    requests_with_tokens: int
+    """Requests that reported both prompt and completion tokens: the token figures' basis."""
+    prompt_tokens: int
+    completion_tokens: int
+    it_j_per_completion_token: float | None
+    it_j_per_token_all: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeTotals:
+    """GPU energy of the node over the report's period, and the part no request received."""
+
+    gpu_j: float
+    unattributed_gpu_j: float
+
+    def __post_init__(self) -> None:
+        if not self.gpu_j > 0:
+            raise ValueError(f"node totals: GPU energy must be > 0 J, got {self.gpu_j}")
+        if not 0 <= self.unattributed_gpu_j <= self.gpu_j:
+            raise ValueError(
+                f"node totals: unattributed energy must be in [0, {self.gpu_j}] J, "
+                f"got {self.unattributed_gpu_j}"
+            )
+
+    @property
+    def unattributed_share(self) -> float:
+        return self.unattributed_gpu_j / self.gpu_j
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    generated: float
+    """Wall-clock time (UTC epoch seconds) the report was computed."""
+    since: float | None
+    """Requests that ended at or after this time (UTC epoch seconds); None: all stored."""
+    model: str | None
+    """The model the report was restricted to, if any."""
+    models: tuple[ModelReport, ...]
+    node_totals: NodeTotals | None = None
+
+
+@dataclass(slots=True)
+class _ModelAccumulator:
+    joules: dict[Boundary, list[float]] = field(
+        default_factory=lambda: {boundary: [] for boundary in BOUNDARIES}
+    )
+    statuses: Counter[str] = field(default_factory=Counter)
+    token_requests: int = 0
+    token_it_j: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, record: StoredRequest) -> None:
+        gpu = record.gpu_dynamic_j + record.gpu_static_j
+        it = gpu + record.host_j
+        for boundary, value in zip(
+            BOUNDARIES, (record.gpu_dynamic_j, gpu, it, it + record.facility_j), strict=True
+        ):
+            self.joules[boundary].append(value)
+        self.statuses[record.status] += 1
+        if record.prompt_tokens is not None and record.completion_tokens is not None:
+            self.token_requests += 1
+            self.token_it_j.append(it)
+            self.prompt_tokens += record.prompt_tokens
+            self.completion_tokens += record.completion_tokens
+
+    def finish(self, model: str) -> ModelReport:
+        it_j = math.fsum(self.token_it_j)
+        all_tokens = self.prompt_tokens + self.completion_tokens
+        return ModelReport(
+            model=model,
+            requests=sum(self.statuses.values()),
+            by_status={status: self.statuses[status] for status in STATUSES},
+            wh_per_query={
+                boundary: Distribution.of(j / JOULES_PER_WH for j in values)
+                for boundary, values in self.joules.items()
+            },
+            requests_with_tokens=self.token_requests,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            it_j_per_completion_token=(
+                it_j / self.completion_tokens if self.completion_tokens else None
+            ),
+            it_j_per_token_all=it_j / all_tokens if all_tokens else None,
+        )
+
+
+def build_report(
+    records: Iterable[StoredRequest],
+    *,
+    generated: float,
+    since: float | None = None,
+    model: str | None = None,
+    node_totals: NodeTotals | None = None,
+) -> Report:
+    """The report over `records` (already selected by `since` and `model`), models by name.
+
+    Memory grows with the number of records (four floats each, for the percentiles).
+    """
+    accumulators: dict[str, _ModelAccumulator] = {}
+    for record in records:
+        accumulators.setdefault(record.model, _ModelAccumulator()).add(record)
+    models = tuple(accumulators[name].finish(name) for name in sorted(accumulators))
+    return Report(generated, since, model, models, node_totals)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhdw])")
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_since(text: str, now: float) -> float:
+    """`--since` as UTC epoch seconds: a duration back from `now` ("90s", "30m", "1h",
+    "2d", "1w"; "m" is minutes) or an ISO 8601 time ("2025-06-01", "2025-06-01T12:00:00Z",
+    "2025-06-01T14:00+02:00"). A time without an offset is taken as UTC, like every time
+    this report shows.
+    """
+    value = text.strip()
+    duration = _DURATION.fullmatch(value)
+    if duration:
+        seconds = float(duration.group(1)) * _UNIT_SECONDS[duration.group(2)]
+        if seconds <= 0:
+            raise ValueError(f"--since: the duration must be longer than 0, got {text!r}")
+        return now - seconds
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"--since: expected a duration (30m, 1h, 2d) or an ISO 8601 time "
+            f"(2025-06-01T12:00:00Z), got {text!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    since = moment.timestamp()
+    if since > now:
+        raise ValueError(f"--since: {text!r} is in the future")
+    return since
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _model_json(model: ModelReport) -> dict[str, Any]:
+    return {
+        "model": model.model,
+        "requests": model.requests,
+        "requests_by_status": dict(model.by_status),
+        "wh_per_query": {
+            boundary: {
+                "mean": dist.mean, "median": dist.median, "p90": dist.p90, "p99": dist.p99,
+            }
+            for boundary, dist in model.wh_per_query.items()
+        },
+        "requests_with_tokens": model.requests_with_tokens,
+        "prompt_tokens": model.prompt_tokens,
+        "completion_tokens": model.completion_tokens,
+        "it_j_per_completion_token": model.it_j_per_completion_token,
+        "it_j_per_token_all": model.it_j_per_token_all,
+    }
+
+
+def _definitions() -> dict[str, Any]:
+    return {
+        "boundaries": dict(BOUNDARY_DEFINITIONS),
+        "percentiles": PERCENTILE_METHOD,
+        "tokens": dict(TOKEN_DEFINITIONS),
+        "statuses_included": list(STATUSES),
+    }
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """The whole report as JSON-ready data (energy in Wh per query, J per token)."""
+    totals = report.node_totals
+    return {
+        "generated": _iso(report.generated),
+        "since": _iso(report.since) if report.since is not None else None,
+        "model": report.model,
+        "definitions": _definitions(),
+        "unattributed_share": totals.unattributed_share if totals else None,
+        "node_gpu_j": totals.gpu_j if totals else None,
+        "models": [_model_json(model) for model in report.models],
+    }
+
+
+def summary(report: Report, window_s: float) -> dict[str, Any]:
+    """The compact per-model figures of GET /api/v1/summary: count, mean Wh per query at
+    each boundary, J per token."""
+    return {
+        "window_s": window_s,
+        "since": _iso(report.since) if report.since is not None else None,
+        "models": {
+            model.model: {
+                "requests": model.requests,
+                "wh_per_query_mean": {
+                    boundary: dist.mean for boundary, dist in model.wh_per_query.items()
+                },
+                "it_j_per_completion_token": model.it_j_per_completion_token,
+                "it_j_per_token_all": model.it_j_per_token_all,
+            }
+            for model in report.models
+        },
+    }
+
+
+def _csv_header() -> list[str]:
+    header = ["model", "requests", *(f"requests_{status}" for status in STATUSES)]
+    for boundary in BOUNDARIES:
+        header += [f"{boundary}_wh_{stat}" for stat in ("mean", "median", "p90", "p99")]
+    return [
+        *header, "requests_with_tokens", "prompt_tokens", "completion_tokens",
+        "it_j_per_completion_token", "it_j_per_token_all", "unattributed_share",
+    ]
+
+
+def _render_csv(report: Report) -> str:
+    """One row per model; `unattributed_share` is the node's, repeated, empty when unknown."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(_csv_header())
+    share = report.node_totals.unattributed_share if report.node_totals else None
+    for model in report.models:
+        row: list[object] = [
+            model.model, model.requests, *(model.by_status[status] for status in STATUSES)
+        ]
+        for boundary in BOUNDARIES:
+            dist = model.wh_per_query[boundary]
+            row += [repr(dist.mean), repr(dist.median), repr(dist.p90), repr(dist.p99)]
+        row += [
+            model.requests_with_tokens, model.prompt_tokens, model.completion_tokens,
+            *(_csv_number(value) for value in (
+                model.it_j_per_completion_token, model.it_j_per_token_all, share,
+            )),
+        ]
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def _csv_number(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def _formatter(values: Iterable[float | None]) -> Callable[[float | None], str]:
+    """Fixed-point with one number of decimals for a whole column group, enough to give
+    the smallest non-zero value four significant digits (so that columns line up)."""
+    smallest = min((abs(v) for v in values if v), default=1.0)
+    decimals = min(max(3 - math.floor(math.log10(smallest)), 0), 12)
+    return lambda value: "-" if value is None else f"{value:.{decimals}f}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> list[str]:
+    """Fixed-width columns: the first `left` left-aligned (names), the rest right-aligned."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = []
+    for cells in (headers, *rows):
+        padded = [
+            cell.ljust(width) if index < left else cell.rjust(width)
+            for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        lines.append("  ".join(padded).rstrip())
+    return lines
+
+
+def _period(report: Report) -> str:
+    scope = f"model {report.model}, " if report.model else ""
+    if report.since is None:
+        return f"{scope}all stored requests (report at {_iso(report.generated)})"
+    return f"{scope}requests that ended {_iso(report.since)} … {_iso(report.generated)}"
+
+
+def _render_table(report: Report) -> str:
+    lines = [f"jouleprobe report: {_period(report)}", ""]
+    if not report.models:
+        lines.append("no requests in the record store for this period")
+        return "\n".join(lines) + "\n"
+    per_token = _formatter(
+        value for m in report.models
+        for value in (m.it_j_per_completion_token, m.it_j_per_token_all)
+    )
+    lines.append("Requests, and energy per token at the IT boundary")
+    lines += _table(
+        ["model", "requests", *STATUSES, "with tokens", "prompt tokens", "completion tokens",
+         "J/completion token", "J/token (all)"],
+        [
+            [model.model, str(model.requests), *(str(model.by_status[s]) for s in STATUSES),
+             str(model.requests_with_tokens), str(model.prompt_tokens),
+             str(model.completion_tokens), per_token(model.it_j_per_completion_token),
+             per_token(model.it_j_per_token_all)]
+            for model in report.models
+        ],
+        left=1,
+    )
+    wh = _formatter(
+        value for m in report.models for d in m.wh_per_query.values()
+        for value in (d.mean, d.median, d.p90, d.p99)
+    )
+    lines += ["", "Energy per query"]
+    rows = []
+    for model in report.models:
+        for index, boundary in enumerate(BOUNDARIES):
+            dist = model.wh_per_query[boundary]
+            rows.append([
+                model.model if index == 0 else "", boundary,
+                *(wh(value) for value in (dist.mean, dist.median, dist.p90, dist.p99)),
+            ])
+    lines += _table(["model", "boundary", "mean Wh", "median Wh", "p90 Wh", "p99 Wh"], rows, 2)
+    lines += [
+        "",
+        *(f"{b:<12} = {d}" for b, d in BOUNDARY_DEFINITIONS.items()),
+        f"Percentiles: {PERCENTILE_METHOD}; all statuses counted.",
+        "J/completion token = " + TOKEN_DEFINITIONS["it_j_per_completion_token"] + ",",
+        "J/token (all) = " + TOKEN_DEFINITIONS["it_j_per_token_all"] + ",",
+        "both over the requests that reported their tokens (column: with tokens).",
+    ]
+    if report.node_totals is not None:
+        totals = report.node_totals
+        lines.append(
+            f"Unattributed GPU energy (node): {totals.unattributed_share:.1%} of "
+            f"{totals.gpu_j / JOULES_PER_WH:.4g} Wh."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render(report: Report, fmt: str) -> str:
+    """The report as `table` (fixed-width text), `json` or `csv` (one row per model)."""
+    if fmt == "table":
+        return _render_table(report)
+    if fmt == "json":
+        return json.dumps(to_json(report), indent=2, ensure_ascii=False) + "\n"
+    if fmt == "csv":
+        return _render_csv(report)
+    raise ValueError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def run_report(
+    store_path: str,
+    since: str | None,
+    fmt: str,
+    model: str | None,
+    *,
+    node_totals: NodeTotals | None = None,
+) -> str:
+    """`jouleprobe report`: the rendered report of the store at `store_path`.
+
+    Raises ValueError naming the bad argument (--store, --since, --format).
+    """
+    # Imported here, not at the top: agent.records imports this module for its summary.
+    from agent.records import RecordReader, RecordStoreError
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    now = datetime.now(UTC).timestamp()
+    since_s = parse_since(since, now) if since is not None else None
+    try:
+        reader = RecordReader(store_path)
+        report = build_report(
+            reader.query(since=since_s, model=model),
+            generated=now, since=since_s, model=model, node_totals=node_totals,
+        )
+    except RecordStoreError as exc:
+        raise ValueError(f"--store: {exc}") from None
+    return render(report, fmt)

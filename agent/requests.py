@@ -1,0 +1,79 @@
+"""The request model that every intake path (proxy, ingest API, ...) hands to attribution.
+
+Times are `time.monotonic()` seconds, the clock the sampler stamps energy readings with, so
+that a request's lifetime and the energy timeline can be compared directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+RequestStatus = Literal["ok", "cancelled", "failed"]
+
+
+@dataclass(slots=True)
+class Request:
+    """One inference request: when it ran, on which GPUs, and what it processed.
+
+    `end` is None while the request is running. Token counts and `first_token` are None
+    where the intake path could not learn them; attribution then falls back to weighting
+    by time (see `agent.attribution`).
+    """
+
+    id: str
+    model: str
+    source: str
+    """Which intake path reported it, e.g. "ingest" or "proxy:vllm"."""
+    gpus: tuple[int, ...]
+    """Indices of the GPUs that served it; never empty."""
+    start: float
+    end: float | None = None
+    first_token: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    status: RequestStatus = "ok"
+
+    def __post_init__(self) -> None:
+        if not self.gpus:
+            raise ValueError(f"request {self.id!r}: its GPU set is empty (unknown GPUs)")
+        if len(set(self.gpus)) != len(self.gpus):
+            raise ValueError(f"request {self.id!r}: GPU set {self.gpus} names a GPU twice")
+        if self.status not in get_args(RequestStatus):
+            raise ValueError(f"request {self.id!r}: unknown status {self.status!r}")
+        if self.end is not None and self.end < self.start:
+            raise ValueError(f"request {self.id!r}: ends ({self.end}) before it starts")
+        latest = self.end if self.end is not None else math.inf
+        if self.first_token is not None and not self.start <= self.first_token <= latest:
+            raise ValueError(f"request {self.id!r}: first token outside its lifetime")
+        for name in ("prompt_tokens", "completion_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"request {self.id!r}: negative {name}")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEnergy:
+    """The final energy figures of one request, in joules, at the boundaries of DESIGN.md §2."""
+
+    request: Request
+    gpu_dynamic_j: float
+    gpu_static_j: float
+    host_j: float
+    facility_j: float
+    """Facility overhead: `it_j × (PUE − 1)`."""
+    late: bool = False
+    """Reported after some of its lifetime had already been attributed to others: the
+    figures cover only the part that was still unprocessed."""
+    expired: bool = False
+    """Still running at the maximum age: the figures cover its first `max_age_s` seconds
+    and `request.end` stays None."""
+
+    @property
+    def gpu_j(self) -> float:
+        return self.gpu_dynamic_j + self.gpu_static_j
+
+    @property
+    def it_j(self) -> float:
+        return self.gpu_dynamic_j + self.gpu_static_j + self.host_j

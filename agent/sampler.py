@@ -1,0 +1,359 @@
+"""The sampler: reads every energy source on a fixed period and keeps per-GPU timelines.
+
+Each GPU is its own APScheduler job (at most one instance running), so a GPU whose read
+hangs or fails only ever delays itself. Each read becomes an `EnergyPoint` through the
+GPU's `EnergyAccumulator`, which is where counter resets, implausible jumps and power
+integration are handled, once for every kind of source.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from agent.sources.base import GpuInfo, GpuReading, GpuSource, HostReading, HostSource
+from agent.timeline import EnergyPoint, Timeline
+
+log = logging.getLogger(__name__)
+
+SAMPLE_DURATION_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)
+"""Upper bounds (seconds) of the read-duration histogram; +Inf is implied."""
+
+FALLBACK_MAX_POWER_W = 3000.0
+"""Ceiling on plausible board power where the power limit is unknown."""
+
+
+class EnergyAccumulator:
+    """Turns one GPU's raw readings into measured cumulative energy.
+
+    - counter: the difference of two counter reads is exact, however far apart they are,
+      so a failed read only lengthens the next interval. A counter that goes backwards
+      has been reset (driver reload, GPU reset): that interval is a gap, never negative
+      energy. A forward jump implying more than twice the power limit is a gap too.
+    - power integration: trapezoids between power readings; an interval longer than
+      `max_integration_gap_s` is a gap, because nothing is known about power inside it.
+    """
+
+    def __init__(self, info: GpuInfo, max_integration_gap_s: float) -> None:
+        self.info = info
+        self.max_integration_gap_s = max_integration_gap_s
+        self._last_time: float | None = None
+        self._last_raw_j: float | None = None
+        self._last_power_w: float | None = None
+        self._energy_j = 0.0
+        self._power_limit_w: float | None = None
+
+    def update(self, reading: GpuReading) -> EnergyPoint | None:
+        """The point this reading adds to the timeline, or None if it measured no energy."""
+        if reading.power_limit_w:
+            self._power_limit_w = reading.power_limit_w
+        if self.info.energy_source == "counter":
+            return self._from_counter(reading)
+        return self._from_power(reading)
+
+    def _plausible(self, joules: float, seconds: float) -> bool:
+        ceiling = 2 * self._power_limit_w if self._power_limit_w else FALLBACK_MAX_POWER_W
+        return joules <= ceiling * seconds
+
+    def _from_counter(self, reading: GpuReading) -> EnergyPoint | None:
+        raw = reading.energy_j
+        if raw is None:
+            return None
+        gap = False
+        if self._last_raw_j is not None and self._last_time is not None:
+            delta = raw - self._last_raw_j
+            if delta < 0 or not self._plausible(delta, reading.time - self._last_time):
+                gap = True
+            else:
+                self._energy_j += delta
+        self._last_raw_j, self._last_time = raw, reading.time
+        return EnergyPoint(reading.time, self._energy_j, reading.power_w, gap)
+
+    def _from_power(self, reading: GpuReading) -> EnergyPoint | None:
+        power = reading.power_w
+        if power is None:
+            return None
+        gap = False
+        if self._last_time is not None and self._last_power_w is not None:
+            seconds = reading.time - self._last_time
+            if seconds > self.max_integration_gap_s:
+                gap = True
+            else:
+                self._energy_j += (self._last_power_w + power) / 2 * seconds
+        self._last_power_w, self._last_time = power, reading.time
+        return EnergyPoint(reading.time, self._energy_j, power, gap)
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramSnapshot:
+    bucket_counts: tuple[int, ...]
+    """Cumulative counts, one per bound in SAMPLE_DURATION_BUCKETS, then +Inf."""
+    sum: float
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSnapshot:
+    info: GpuInfo
+    reading: GpuReading | None
+    """The latest reading, successful or not."""
+    energy_j: float
+    """Measured cumulative energy since the agent started."""
+    power_w: float | None
+    samples_total: int
+    gaps_total: int
+    skipped_total: int
+    """Scheduled reads skipped because the previous read of this GPU was still running."""
+    errors: dict[tuple[str, str], int]
+    """Failed calls by (call, kind) since start."""
+    last_energy_time: float | None
+    """Monotonic time of the latest reading that measured energy."""
+    durations: HistogramSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class HostSnapshot:
+    reading: HostReading | None
+    errors_total: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSnapshot:
+    """Everything the exporters show, taken at one instant under one lock."""
+
+    time: float
+    gpus: tuple[GpuSnapshot, ...]
+    host: HostSnapshot | None
+    sample_interval_s: float
+
+
+@dataclass(slots=True)
+class _GpuState:
+    info: GpuInfo
+    accumulator: EnergyAccumulator
+    timeline: Timeline
+    reading: GpuReading | None = None
+    energy_j: float = 0.0
+    power_w: float | None = None
+    samples_total: int = 0
+    gaps_total: int = 0
+    skipped_total: int = 0
+    errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    last_energy_time: float | None = None
+    bucket_counts: list[int] = field(
+        default_factory=lambda: [0] * (len(SAMPLE_DURATION_BUCKETS) + 1)
+    )
+    duration_sum: float = 0.0
+
+
+class Sampler:
+    """Reads each GPU (and the host) every `interval_s` seconds into bounded timelines."""
+
+    def __init__(
+        self,
+        gpu_source: GpuSource,
+        host_source: HostSource | None = None,
+        *,
+        interval_s: float = 0.1,
+        timeline_seconds: float = 600.0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError("sample interval must be positive")
+        self.gpu_source = gpu_source
+        self.host_source = host_source
+        self.interval_s = interval_s
+        self._clock = clock
+        """Measures how long a read took; the reading's own time comes from the source."""
+        max_points = max(2, int(timeline_seconds / interval_s) + 1)
+        max_gap = max(3 * interval_s, 0.5)
+        self._gpus: dict[int, _GpuState] = {
+            info.index: _GpuState(info, EnergyAccumulator(info, max_gap), Timeline(max_points))
+            for info in gpu_source.gpus()
+        }
+        self.host_timeline = Timeline(max_points)
+        """Host energy since the first host reading, for attribution of host energy."""
+        self._host_origin_j: float | None = None
+        self._host_reading: HostReading | None = None
+        self._host_errors = 0
+        self._host_last_error: str | None = None
+        self._lock = threading.Lock()
+        self._scheduler: BackgroundScheduler | None = None
+        self._workers: dict[int, _Worker] = {}
+
+    @property
+    def timelines(self) -> dict[int, Timeline]:
+        return {index: state.timeline for index, state in self._gpus.items()}
+
+    def gpus(self) -> list[GpuInfo]:
+        return [state.info for state in self._gpus.values()]
+
+    def sample_gpu(self, index: int) -> None:
+        """Read one GPU once and record the result. Never raises for a device fault."""
+        state = self._gpus[index]
+        started = self._clock()
+        try:
+            reading = self.gpu_source.read(index)
+        except Exception as exc:  # a source must not raise, but one bug must not stop sampling
+            log.exception("reading GPU %d failed unexpectedly", index)
+            reading = GpuReading(time=time.monotonic(), errors=(("read", type(exc).__name__),))
+        elapsed = self._clock() - started
+        point = state.accumulator.update(reading)
+        if point is not None:
+            state.timeline.append(point)
+        with self._lock:
+            state.reading = reading
+            state.samples_total += 1
+            state.errors.update(reading.errors)
+            if reading.power_w is not None:
+                state.power_w = reading.power_w
+            if point is not None:
+                state.energy_j = point.energy_j
+                state.last_energy_time = point.time
+                state.gaps_total += point.gap
+            state.bucket_counts[bisect_left(SAMPLE_DURATION_BUCKETS, elapsed)] += 1
+            state.duration_sum += elapsed
+
+    def sample_host(self) -> None:
+        if self.host_source is None:
+            return
+        try:
+            reading = self.host_source.read()
+        except OSError as exc:
+            with self._lock:
+                self._host_errors += 1
+                self._host_last_error = f"{type(exc).__name__}: {exc}"
+            return
+        if self._host_origin_j is None:
+            self._host_origin_j = reading.energy_j
+        latest = self.host_timeline.latest()
+        if latest is None or reading.time > latest.time:
+            self.host_timeline.append(
+                EnergyPoint(reading.time, reading.energy_j - self._host_origin_j, reading.power_w)
+            )
+        with self._lock:
+            self._host_reading = reading
+
+    def sample_all(self) -> None:
+        """One read of every source, in turn: for tests and benchmarks."""
+        for index in self._gpus:
+            self.sample_gpu(index)
+        self.sample_host()
+
+    def snapshot(self) -> NodeSnapshot:
+        with self._lock:
+            gpus = tuple(
+                GpuSnapshot(
+                    info=s.info,
+                    reading=s.reading,
+                    energy_j=s.energy_j,
+                    power_w=s.power_w,
+                    samples_total=s.samples_total,
+                    gaps_total=s.gaps_total,
+                    skipped_total=s.skipped_total,
+                    errors=dict(s.errors),
+                    last_energy_time=s.last_energy_time,
+                    durations=HistogramSnapshot(_cumulative(s.bucket_counts), s.duration_sum),
+                )
+                for s in self._gpus.values()
+            )
+            host = (
+                HostSnapshot(self._host_reading, self._host_errors, self._host_last_error)
+                if self.host_source is not None
+                else None
+            )
+        return NodeSnapshot(time.monotonic(), gpus, host, self.interval_s)
+
+    def start(self) -> None:
+        """One APScheduler job ticks every `interval_s`; each tick wakes one worker thread
+        per GPU. A GPU whose previous read is still running (hung) is skipped and counted,
+        so it only ever delays itself; one job per tick rather than one per GPU keeps the
+        scheduler's own cost small (bench/sampler.py)."""
+        if self._scheduler is not None:
+            return
+        self._workers = {index: _Worker(index, self.sample_gpu) for index in self._gpus}
+        scheduler = BackgroundScheduler(
+            job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
+        )
+        scheduler.add_job(
+            self._tick, "interval", seconds=self.interval_s, id="tick", next_run_time=_now()
+        )
+        scheduler.start()
+        self._scheduler = scheduler
+
+    def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        for worker in self._workers.values():
+            worker.stop()
+        self._workers = {}
+
+    def _tick(self) -> None:
+        for index, worker in self._workers.items():
+            if not worker.wake():
+                with self._lock:
+                    self._gpus[index].skipped_total += 1
+        self.sample_host()
+
+
+class _Worker:
+    """A thread that reads one GPU each time it is woken, if it is not still reading."""
+
+    def __init__(self, index: int, sample: Callable[[int], None]) -> None:
+        self._index = index
+        self._sample = sample
+        self._wake = threading.Event()
+        self._busy = False
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"jouleprobe-gpu-{index}", daemon=True
+        )
+        self._thread.start()
+
+    def wake(self) -> bool:
+        """Ask for one read; False when the previous one has not finished."""
+        if self._busy:
+            return False
+        self._busy = True
+        self._wake.set()
+        return True
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=1.0)  # a read hung in the driver cannot be interrupted
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self._sample(self._index)
+            finally:
+                self._busy = False
+
+
+def _cumulative(counts: list[int]) -> tuple[int, ...]:
+    total, out = 0, []
+    for count in counts:
+        total += count
+        out.append(total)
+    return tuple(out)
+
+
+def _now() -> datetime:
+    """APScheduler wants a timezone-aware wall-clock time for a job's first run."""
+    return datetime.now(UTC)

@@ -1,0 +1,1 @@
+"""Energy sources: where joules come from (NVML, RAPL, a stated host model, simulated GPUs)."""

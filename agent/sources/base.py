@@ -1,0 +1,99 @@
+"""The one small interface that every energy source offers the sampler.
+
+A GPU source describes its devices once (`GpuInfo`) and then answers `read(index)` with one
+`GpuReading`: what the device reported at that moment, each field `None` where that one
+call failed or is unsupported. Sources report *raw* facts (the hardware counter as read,
+or no counter at all); turning them into a monotonic energy series, handling counter
+resets and integrating power where no counter exists, is the sampler's job, so that it
+is done one way for every kind of source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+EnergySource = Literal["counter", "power_integration"]
+"""How a GPU's energy is obtained: the hardware counter, or power integrated over time."""
+
+PowerField = Literal["instant", "average", "power_usage", "none"]
+"""Which NVML power reading is used: NVML_FI_DEV_POWER_INSTANT (186),
+NVML_FI_DEV_POWER_AVERAGE (185), nvmlDeviceGetPowerUsage (a 1 s average on
+Ampere/Ada/Hopper), or nothing readable."""
+
+
+class SourceUnavailable(Exception):
+    """The source cannot be opened at all on this node (no driver, no library, no GPU).
+
+    The message says why, in words an operator can act on.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    """What a GPU is and how it will be measured; fixed for the life of a source."""
+
+    index: int
+    uuid: str
+    name: str
+    energy_source: EnergySource
+    power_field: PowerField
+    simulated: bool = False
+    mig_enabled: bool = False
+    module_power: bool = False
+    """True where the board reports module power (Grace Hopper: CPU + GPU together)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    """One read of one GPU. `time` is `time.monotonic()` taken at the read.
+
+    `energy_j` is the hardware counter as read (joules since driver load), `None` when the
+    counter is unsupported or the call failed. `errors` names the calls that failed and
+    how, as `(call, kind)` pairs such as `("energy", "GpuIsLost")`.
+    """
+
+    time: float
+    energy_j: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    utilization: float | None = None
+    """GPU utilisation as a ratio in [0, 1]."""
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    temperature_c: float | None = None
+    sm_clock_hz: float | None = None
+    errors: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+
+class GpuSource(Protocol):
+    """A set of GPUs that can be read one at a time, from any thread."""
+
+    def gpus(self) -> list[GpuInfo]: ...
+
+    def read(self, index: int) -> GpuReading: ...
+
+    def close(self) -> None: ...
+
+
+HostEnergySource = Literal["rapl", "estimated"]
+
+
+@dataclass(frozen=True, slots=True)
+class HostReading:
+    """Host CPU + DRAM energy. `energy_j` is cumulative and never goes backwards (RAPL
+    wrap-around is handled by the source); `source` says whether it was measured."""
+
+    time: float
+    energy_j: float
+    power_w: float | None
+    source: HostEnergySource
+    domains: tuple[str, ...] = ()
+
+
+class HostSource(Protocol):
+    """Host (CPU package + DRAM) energy."""
+
+    source: HostEnergySource
+
+    def read(self) -> HostReading: ...

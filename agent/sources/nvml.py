@@ -1,0 +1,417 @@
+"""GPU energy and telemetry through NVML (the `pynvml` module of nvidia-ml-py).
+
+What each board can report is probed once, at open: the hardware energy counter
+(Volta and newer) is preferred; power is read from the explicit instant or average field
+where the driver has them, because `nvmlDeviceGetPowerUsage` is a one-second average on
+Ampere and newer. MIG boards are read as the one physical board they are: power exists
+only per board, so MIG instances are never enumerated. Grace Hopper boards that report
+module power (CPU + GPU) are detected and labelled.
+
+Every NVML call can fail at any time (a GPU falls off the bus, the driver times out). A
+failed call leaves one field of one reading empty and is reported as `(call, kind)`;
+`read()` never raises. A call that answers NotSupported is not made again for that GPU:
+support does not appear later, and skipping it keeps each sample cheap.
+
+`pynvml` is imported when a source is opened, not when this module is imported, so that
+a node without nvidia-ml-py gets an actionable message and tests can substitute a fake.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, TypeVar
+
+from agent.sources.base import EnergySource, GpuInfo, GpuReading, PowerField, SourceUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FI_DEV_POWER_AVERAGE = 185
+FI_DEV_POWER_INSTANT = 186
+"""NVML field ids, fixed by the NVML ABI (also `pynvml.NVML_FI_DEV_POWER_*`)."""
+POWER_SCOPE_MODULE = 1
+"""`NVML_POWER_SCOPE_MODULE`: power of the whole module (Grace Hopper: CPU + GPU)."""
+MODULE_POWER_NAMES = ("GH200", "GB200")
+"""Board names of Grace Hopper / Grace Blackwell modules, which report module power."""
+
+PROBE_ATTEMPTS = 3
+"""Tries of one capability probe before a transient error settles it as unusable."""
+DEFINITIVE_KINDS = frozenset({"NotSupported", "FunctionNotFound", "NoPermission"})
+"""Error kinds that answer a probe at once: retrying them cannot succeed."""
+
+_OPEN_FAILURES = {
+    "LibraryNotFound": (
+        "NVML library libnvidia-ml.so.1 not found: no NVIDIA driver is installed on this node, "
+        "or it is not visible here (in a container, run with the NVIDIA Container Toolkit)"
+    ),
+    "DriverNotLoaded": (
+        "the NVIDIA kernel driver is not loaded: check `nvidia-smi` and `lsmod | grep nvidia`"
+    ),
+    "NoPermission": (
+        "no permission to use NVML: give the agent's user access to /dev/nvidiactl and "
+        "/dev/nvidia* (usually through the group that owns them)"
+    ),
+    "LibRmVersionMismatch": (
+        "the NVML library and the loaded NVIDIA kernel driver differ in version (driver "
+        "upgraded without a reboot?): reboot or reload the nvidia kernel modules"
+    ),
+}
+NO_GPU = "NVML found no GPU on this node"
+
+
+@dataclass(frozen=True, slots=True)
+class NvmlGpuReport:
+    """What one GPU can report through NVML, and why not where it cannot."""
+
+    index: int
+    uuid: str | None
+    name: str | None
+    energy_counter: bool
+    instant_field: bool
+    average_field: bool
+    power_usage: bool
+    mig_enabled: bool
+    module_power: bool
+    power_limit_w: float | None
+    reasons: tuple[str, ...] = ()
+    """One line per missing capability or failed probe."""
+
+    @property
+    def energy_source(self) -> EnergySource:
+        return "counter" if self.energy_counter else "power_integration"
+
+    @property
+    def power_field(self) -> PowerField:
+        if self.instant_field:
+            return "instant"
+        if self.average_field:
+            return "average"
+        if self.power_usage:
+            return "power_usage"
+        return "none"
+
+
+@dataclass(frozen=True, slots=True)
+class NvmlReport:
+    """What `jouleprobe doctor` shows about NVML on this node."""
+
+    available: bool
+    reason: str | None = None
+    """Why NVML cannot be used, when it cannot."""
+    driver_version: str | None = None
+    nvml_version: str | None = None
+    gpus: tuple[NvmlGpuReport, ...] = ()
+
+
+@dataclass(slots=True)
+class _GpuState:
+    """Per-GPU state. Only the GPU's own reads touch it, so reads of different GPUs
+    share nothing mutable and need no lock."""
+
+    info: GpuInfo
+    handle: Any
+    read_power_mw: Callable[[Any], int] | None
+    unsupported: set[str] = field(default_factory=set)
+    """Calls that answered NotSupported: never made again."""
+    logged: set[tuple[str, str]] = field(default_factory=set)
+    """(call, kind) already logged once, so a failing GPU does not flood the log."""
+
+
+class NvmlGpuSource:
+    """The physical GPUs of this node, read through NVML. Build it with `open()`."""
+
+    def __init__(
+        self, nvml: ModuleType, gpus: dict[int, _GpuState], clock: Callable[[], float]
+    ) -> None:
+        self._nvml = nvml
+        self._gpus = gpus
+        self._clock = clock
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        nvml_module: ModuleType | None = None,
+    ) -> NvmlGpuSource:
+        """Initialise NVML and probe every GPU; raises SourceUnavailable saying why not.
+
+        `clock` stamps each reading; it must be `time.monotonic` in production (tests pass
+        the fake NVML's clock). `nvml_module` defaults to `import pynvml`.
+        """
+        nvml = nvml_module if nvml_module is not None else _import_nvml()
+        _init(nvml)
+        try:
+            states: dict[int, _GpuState] = {}
+            for handle, report in _probe_gpus(nvml):
+                if handle is None or report.uuid is None:
+                    log.warning("GPU %d cannot be read and is left out: %s",
+                                report.index, "; ".join(report.reasons))
+                    continue
+                states[report.index] = _state(nvml, handle, report)
+            if not states:
+                raise SourceUnavailable("NVML lists GPUs but none could be identified")
+        except BaseException:
+            _shutdown(nvml)
+            raise
+        return cls(nvml, states, clock)
+
+    def gpus(self) -> list[GpuInfo]:
+        return [state.info for state in self._gpus.values()]
+
+    def read(self, index: int) -> GpuReading:
+        """One reading of GPU `index`; a field is None where its call failed. Each call,
+        unit conversion included, fails alone, so this never raises."""
+        gpu = self._gpus[index]
+        nvml = self._nvml
+        errors: list[tuple[str, str]] = []
+
+        def call(name: str, read: Callable[[Any], T]) -> T | None:
+            return self._call(gpu, errors, name, read)
+
+        when: float | None = None
+        energy_j = None
+        if gpu.info.energy_source == "counter" and "energy" not in gpu.unsupported:
+            energy_j = call("energy", lambda h: nvml.nvmlDeviceGetTotalEnergyConsumption(h) / 1000)
+            when = self._clock()
+        read_power_mw = gpu.read_power_mw
+        power_w = call("power", lambda h: read_power_mw(h) / 1000) if read_power_mw else None
+        if when is None:
+            when = self._clock()
+        limit_w = call("power_limit", lambda h: nvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000)
+        utilization = call(
+            "utilization", lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100
+        )
+        memory = call("memory", lambda h: _used_total(nvml.nvmlDeviceGetMemoryInfo(h)))
+        temperature_c = call(
+            "temperature",
+            lambda h: float(nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU)),
+        )
+        sm_clock_hz = call(
+            "clock", lambda h: nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM) * 1e6
+        )
+        return GpuReading(
+            time=when,
+            energy_j=energy_j,
+            power_w=power_w,
+            power_limit_w=limit_w,
+            utilization=utilization,
+            memory_used_bytes=memory[0] if memory is not None else None,
+            memory_total_bytes=memory[1] if memory is not None else None,
+            temperature_c=temperature_c,
+            sm_clock_hz=sm_clock_hz,
+            errors=tuple(errors),
+        )
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _shutdown(self._nvml)
+
+    def _call(
+        self,
+        gpu: _GpuState,
+        errors: list[tuple[str, str]],
+        name: str,
+        read: Callable[[Any], T],
+    ) -> T | None:
+        if name in gpu.unsupported:
+            return None
+        try:
+            return read(gpu.handle)
+        except Exception as exc:
+            kind = _kind(exc)
+            if kind == "NotSupported":
+                gpu.unsupported.add(name)
+            errors.append((name, kind))
+            if (name, kind) not in gpu.logged:
+                gpu.logged.add((name, kind))
+                is_nvml = isinstance(exc, self._nvml.NVMLError)
+                log.warning("GPU %d: NVML %s read failed: %s (%s)%s", gpu.info.index, name,
+                            kind, exc, "" if is_nvml else ", which is not an NVML error",
+                            exc_info=not is_nvml)
+            return None
+
+
+def probe(nvml_module: ModuleType | None = None) -> NvmlReport:
+    """What NVML on this node can measure, GPU by GPU, and why not where it cannot."""
+    try:
+        nvml = nvml_module if nvml_module is not None else _import_nvml()
+        _init(nvml)
+    except SourceUnavailable as exc:
+        return NvmlReport(available=False, reason=str(exc))
+    try:
+        driver, _ = _attempt(lambda: _text(nvml.nvmlSystemGetDriverVersion()))
+        version, _ = _attempt(lambda: _text(nvml.nvmlSystemGetNVMLVersion()))
+        try:
+            gpus = tuple(report for _, report in _probe_gpus(nvml))
+        except SourceUnavailable as exc:
+            return NvmlReport(False, str(exc), driver, version)
+        return NvmlReport(True, None, driver, version, gpus)
+    finally:
+        _shutdown(nvml)
+
+
+def _import_nvml() -> ModuleType:
+    try:
+        import pynvml
+    except ImportError as exc:
+        raise SourceUnavailable(
+            "the pynvml module is missing: install nvidia-ml-py (pip install nvidia-ml-py)"
+        ) from exc
+    return pynvml
+
+
+def _init(nvml: ModuleType) -> None:
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:
+        kind = _kind(exc)
+        message = _OPEN_FAILURES.get(kind, f"NVML initialisation failed ({kind}): {exc}")
+        raise SourceUnavailable(message) from exc
+
+
+def _shutdown(nvml: ModuleType) -> None:
+    try:
+        nvml.nvmlShutdown()
+    except Exception as exc:  # nothing more to release; say so and carry on
+        log.debug("nvmlShutdown failed: %s", _kind(exc))
+
+
+def _probe_gpus(nvml: ModuleType) -> list[tuple[Any | None, NvmlGpuReport]]:
+    count, kind = _attempt(nvml.nvmlDeviceGetCount)
+    if count is None:
+        raise SourceUnavailable(f"NVML could not count the GPUs ({kind})")
+    if count == 0:
+        raise SourceUnavailable(NO_GPU)
+    return [_probe_gpu(nvml, index) for index in range(count)]
+
+
+def _probe_gpu(nvml: ModuleType, index: int) -> tuple[Any | None, NvmlGpuReport]:
+    """A physical board's identity and capabilities. nvmlDeviceGetCount counts boards
+    only, and MIG instances are deliberately never looked at."""
+    reasons: list[str] = []
+
+    def capability(what: str, read: Callable[[], object]) -> bool:
+        value, kind = _attempt(read)
+        if kind is not None:
+            reasons.append(f"{what}: {kind}")
+        return value is not None
+
+    handle, kind = _attempt(lambda: nvml.nvmlDeviceGetHandleByIndex(index))
+    if handle is None:
+        return None, NvmlGpuReport(index, None, None, False, False, False, False, False, False,
+                                   None, (f"no device handle: {kind}",))
+    uuid, kind = _attempt(lambda: _text(nvml.nvmlDeviceGetUUID(handle)))
+    if uuid is None:
+        reasons.append(f"UUID unreadable: {kind}")
+    name, kind = _attempt(lambda: _text(nvml.nvmlDeviceGetName(handle)))
+    if name is None:
+        reasons.append(f"name unreadable: {kind}")
+
+    counter = capability(
+        "energy counter (nvmlDeviceGetTotalEnergyConsumption; energy is integrated from "
+        "power samples instead)",
+        lambda: nvml.nvmlDeviceGetTotalEnergyConsumption(handle),
+    )
+    instant = capability("power field POWER_INSTANT",
+                         lambda: _field_mw(nvml, handle, FI_DEV_POWER_INSTANT))
+    average = capability("power field POWER_AVERAGE",
+                         lambda: _field_mw(nvml, handle, FI_DEV_POWER_AVERAGE))
+    power_usage = capability("nvmlDeviceGetPowerUsage",
+                             lambda: nvml.nvmlDeviceGetPowerUsage(handle))
+    if not (counter or instant or average or power_usage):
+        reasons.append("no energy or power reading: this GPU's energy cannot be measured")
+
+    mig_mode, kind = _attempt(lambda: nvml.nvmlDeviceGetMigMode(handle))
+    if mig_mode is None and kind != "NotSupported":  # NotSupported: a board without MIG
+        reasons.append(f"MIG mode unreadable: {kind}")
+    mig_enabled = mig_mode is not None and mig_mode[0] == nvml.NVML_DEVICE_MIG_ENABLE
+
+    module_power = _reports_module_power(nvml, handle, name)
+    limit_mw, kind = _attempt(lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle))
+    if limit_mw is None:
+        reasons.append(f"power limit: {kind}")
+
+    report = NvmlGpuReport(
+        index=index, uuid=uuid, name=name, energy_counter=counter, instant_field=instant,
+        average_field=average, power_usage=power_usage, mig_enabled=mig_enabled,
+        module_power=module_power,
+        power_limit_w=limit_mw / 1000 if limit_mw is not None else None,
+        reasons=tuple(reasons),
+    )
+    return handle, report
+
+
+def _reports_module_power(nvml: ModuleType, handle: Any, name: str | None) -> bool:
+    """Grace Hopper / Grace Blackwell: known by name, or by a power field that answers
+    at module scope (drivers that know power scopes answer NotSupported elsewhere)."""
+    if name is not None and any(model in name for model in MODULE_POWER_NAMES):
+        return True
+    for field_id in (FI_DEV_POWER_INSTANT, FI_DEV_POWER_AVERAGE):
+        scoped = (field_id, POWER_SCOPE_MODULE)
+        if _attempt(lambda f=scoped: _field_mw(nvml, handle, f))[0] is not None:
+            return True
+    return False
+
+
+def _state(nvml: ModuleType, handle: Any, report: NvmlGpuReport) -> _GpuState:
+    assert report.uuid is not None
+    readers: dict[PowerField, Callable[[Any], int]] = {
+        "instant": lambda h: _field_mw(nvml, h, FI_DEV_POWER_INSTANT),
+        "average": lambda h: _field_mw(nvml, h, FI_DEV_POWER_AVERAGE),
+        "power_usage": nvml.nvmlDeviceGetPowerUsage,
+    }
+    info = GpuInfo(
+        index=report.index,
+        uuid=report.uuid,
+        name=report.name or "unknown",
+        energy_source=report.energy_source,
+        power_field=report.power_field,
+        mig_enabled=report.mig_enabled,
+        module_power=report.module_power,
+    )
+    return _GpuState(info, handle, readers.get(report.power_field))
+
+
+def _field_mw(nvml: ModuleType, handle: Any, field_id: int | tuple[int, int]) -> int:
+    """One power field in milliwatts. `field_id` may be (field id, scope id). A field has
+    its own return code even when the call succeeds; it is raised like a call's."""
+    value = nvml.nvmlDeviceGetFieldValues(handle, [field_id])[0]
+    if value.nvmlReturn != nvml.NVML_SUCCESS:
+        raise nvml.NVMLError(value.nvmlReturn)
+    return int(value.value.uiVal)
+
+
+def _used_total(memory: Any) -> tuple[int, int]:
+    return int(memory.used), int(memory.total)
+
+
+def _attempt(read: Callable[[], T]) -> tuple[T | None, str | None]:
+    """(value, None), or (None, error kind) after PROBE_ATTEMPTS tries; a definitive
+    answer such as NotSupported is not retried."""
+    kind = "Unknown"
+    for _ in range(PROBE_ATTEMPTS):
+        try:
+            return read(), None
+        except Exception as exc:
+            kind = _kind(exc)
+            if kind in DEFINITIVE_KINDS:
+                break
+    return None, kind
+
+
+def _kind(exc: BaseException) -> str:
+    """`NVMLError_GpuIsLost` -> "GpuIsLost"; another exception's class name as it is."""
+    return type(exc).__name__.removeprefix("NVMLError_")
+
+
+def _text(value: str | bytes) -> str:
+    """Names and versions are bytes in nvidia-ml-py before 11.515, str since."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value

@@ -1,0 +1,1 @@
+"""Everything that carries the agent's results out of the process."""

@@ -1,0 +1,477 @@
+"""Attribution rules (DESIGN.md §4), one test per rule, then property-based conservation."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.attribution import AttributionEngine, CapacityExceeded, Policy
+from agent.requests import Request, RequestEnergy
+from agent.timeline import EnergyPoint, Timeline
+
+LATER = 1_000.0
+"""A time when every interval of the small timelines below has settled."""
+
+
+def timeline(*points: tuple[float, float] | tuple[float, float, bool]) -> Timeline:
+    """(time, cumulative energy[, gap]) points."""
+    line = Timeline(max_points=10_000)
+    for point in points:
+        line.append(EnergyPoint(point[0], point[1], gap=len(point) > 2 and bool(point[2])))
+    return line
+
+
+def steady(watts: float, until: float, step: float = 1.0, start: float = 0.0) -> Timeline:
+    count = round((until - start) / step)
+    return timeline(*((start + i * step, watts * i * step) for i in range(count + 1)))
+
+
+def req(rid: str, start: float, end: float | None, gpus: tuple[int, ...] = (0,), **kw) -> Request:
+    return Request(id=rid, model="m", source="test", gpus=gpus, start=start, end=end, **kw)
+
+
+def engine(timelines: dict[int, Timeline], **kw) -> AttributionEngine:
+    kw.setdefault("max_age_s", 10_000.0)
+    return AttributionEngine(timelines, **kw)
+
+
+def run(eng: AttributionEngine, *requests: Request, now: float = LATER) -> dict[str, RequestEnergy]:
+    for request in requests:
+        eng.add(request)
+    return {energy.request.id: energy for energy in eng.advance(now)}
+
+
+def test_a_request_alone_gets_all_energy_split_at_the_idle_baseline() -> None:
+    eng = engine({0: steady(200.0, 10.0)}, idle_power_w={0: 50.0})
+    out = run(eng, req("a", 0.0, 10.0))
+    assert out["a"].gpu_static_j == pytest.approx(500.0)
+    assert out["a"].gpu_dynamic_j == pytest.approx(1500.0)
+    assert out["a"].it_j == pytest.approx(2000.0)
+    gpu = eng.totals().gpus[0]
+    assert gpu.unattributed_j == 0.0
+    assert gpu.measured_j == pytest.approx(2000.0)
+
+
+def test_static_part_never_exceeds_the_interval_energy() -> None:
+    eng = engine({0: steady(30.0, 4.0)}, idle_power_w={0: 50.0})
+    out = run(eng, req("a", 0.0, 4.0))
+    assert out["a"].gpu_static_j == pytest.approx(120.0)
+    assert out["a"].gpu_dynamic_j == 0.0
+
+
+def test_two_equal_overlapping_requests_share_equally() -> None:
+    eng = engine({0: steady(100.0, 10.0)})
+    out = run(eng, req("a", 0.0, 10.0), req("b", 0.0, 10.0))
+    assert out["a"].gpu_j == pytest.approx(500.0)
+    assert out["b"].gpu_j == pytest.approx(500.0)
+
+
+def test_requests_starting_and_ending_inside_one_interval_weigh_their_overlap() -> None:
+    eng = engine({0: timeline((0.0, 0.0), (10.0, 1000.0))})
+    out = run(eng, req("a", 2.0, 4.0), req("b", 3.0, 9.0))
+    assert out["a"].gpu_j == pytest.approx(250.0)
+    assert out["b"].gpu_j == pytest.approx(750.0)
+    assert eng.totals().gpus[0].unattributed_j == 0.0
+
+
+def test_a_request_spanning_many_intervals_gets_each_one_it_overlaps() -> None:
+    energies = [0.0, 10.0, 40.0, 45.0, 145.0, 150.0, 350.0, 351.0, 400.0]
+    eng = engine({0: timeline(*((float(t), e) for t, e in enumerate(energies)))})
+    out = run(eng, req("a", 1.5, 6.25))  # overlaps intervals [1, 2) … [6, 7)
+    assert out["a"].gpu_j == pytest.approx(351.0 - 10.0)
+    totals = eng.totals().gpus[0]
+    assert totals.unattributed_j == pytest.approx(10.0 + 49.0)
+
+
+def test_interval_with_no_request_is_unattributed_and_teaches_the_idle_power() -> None:
+    eng = engine({0: steady(60.0, 10.0)})
+    assert run(eng) == {}
+    totals = eng.totals().gpus[0]
+    assert totals.unattributed_j == pytest.approx(600.0)
+    assert eng.idle_power_w(0) == pytest.approx(60.0)
+
+
+@pytest.mark.parametrize(("prefill_weight", "share_a"), [(0.5, 0.5), (2.0, 0.8)])
+def test_tokens_policy_weighs_prompt_tokens_by_the_prefill_weight(
+    prefill_weight: float, share_a: float
+) -> None:
+    # [0, 4): A is in prefill (40 prompt tokens), B decodes 20 tokens; [4, 8): A decodes alone.
+    eng = engine({0: timeline((0.0, 0.0), (4.0, 400.0), (8.0, 500.0))},
+                 policy="tokens", prefill_weight=prefill_weight)
+    out = run(
+        eng,
+        req("a", 0.0, 8.0, first_token=4.0, prompt_tokens=40, completion_tokens=10),
+        req("b", 0.0, 4.0, prompt_tokens=0, completion_tokens=20),
+    )
+    assert out["a"].gpu_j == pytest.approx(400.0 * share_a + 100.0)
+    assert out["b"].gpu_j == pytest.approx(400.0 * (1 - share_a))
+
+
+def test_tokens_policy_unknown_tokens_weigh_as_the_mean_known_rate() -> None:
+    eng = engine({0: timeline((0.0, 0.0), (10.0, 600.0))}, policy="tokens")
+    out = run(
+        eng,
+        req("fast", 0.0, 10.0, prompt_tokens=10, completion_tokens=20),  # 3 tokens/s
+        req("slow", 0.0, 10.0, prompt_tokens=0, completion_tokens=10),  # 1 token/s
+        req("unknown", 0.0, 10.0),  # weighs like 2 tokens/s, the mean of the two
+    )
+    assert out["fast"].gpu_j == pytest.approx(300.0)
+    assert out["slow"].gpu_j == pytest.approx(100.0)
+    assert out["unknown"].gpu_j == pytest.approx(200.0)
+
+
+def test_tokens_policy_splits_by_time_where_every_weight_is_zero() -> None:
+    eng = engine({0: timeline((0.0, 0.0), (10.0, 300.0))}, policy="tokens")
+    out = run(
+        eng,
+        req("a", 0.0, 10.0, prompt_tokens=0, completion_tokens=0),
+        req("b", 5.0, 10.0, prompt_tokens=0, completion_tokens=0),
+    )
+    assert out["a"].gpu_j == pytest.approx(200.0)
+    assert out["b"].gpu_j == pytest.approx(100.0)
+
+
+def test_gap_intervals_are_neither_attributed_nor_counted() -> None:
+    line = timeline((0.0, 0.0), (1.0, 100.0), (2.0, 100.0, True), (3.0, 200.0))
+    eng = engine({0: line})
+    out = run(eng, req("a", 0.0, 3.0), req("inside_gap", 1.2, 1.8))
+    assert out["a"].gpu_j == pytest.approx(200.0)
+    assert out["inside_gap"].it_j == 0.0
+    totals = eng.totals().gpus[0]
+    assert totals.measured_j == pytest.approx(200.0)
+    assert totals.unattributed_j == 0.0
+
+
+def test_a_late_request_gets_only_the_unprocessed_part() -> None:
+    eng = engine({0: steady(100.0, 10.0)}, settle_s=2.0)
+    assert eng.advance(7.0) == []  # processes [0, 5)
+    out = run(eng, req("late", 3.0, 9.0))
+    assert out["late"].gpu_j == pytest.approx(400.0)  # [5, 9) only
+    assert out["late"].late
+    totals = eng.totals()
+    assert totals.late_requests == 1
+    assert totals.gpus[0].unattributed_j == pytest.approx(600.0)
+
+
+def test_a_request_before_the_first_measurement_is_not_late() -> None:
+    eng = engine({0: steady(100.0, 10.0, start=5.0)})
+    eng.advance(LATER)
+    out = run(eng, req("early", 0.0, 4.0))
+    assert out["early"].it_j == 0.0
+    assert not out["early"].late
+
+
+def test_settling_waits_for_batched_reports() -> None:
+    eng = engine({0: steady(100.0, 10.0)}, settle_s=2.0)
+    eng.add(req("a", 0.0, 3.0))
+    assert eng.advance(4.0) == []  # [0, 2) is processed, [2, 3) has not settled yet
+    eng.add(req("reported_late_but_in_time", 2.0, 3.0))
+    out = {e.request.id: e for e in eng.advance(5.0)}
+    assert out["a"].gpu_j == pytest.approx(250.0)
+    assert out["reported_late_but_in_time"].gpu_j == pytest.approx(50.0)
+    assert not out["reported_late_but_in_time"].late
+
+
+def test_an_open_request_holds_back_the_intervals_it_overlaps() -> None:
+    eng = engine({0: steady(100.0, 10.0)}, settle_s=0.0)
+    eng.add(req("short", 0.0, 2.0))
+    eng.add(req("long", 1.0, None))
+    assert eng.advance(8.0) == []
+    assert eng.totals().gpus[0].measured_j == pytest.approx(100.0)  # only [0, 1)
+    assert eng.end("long", 6.0)
+    out = {e.request.id: e for e in eng.advance(8.0)}
+    assert out["short"].gpu_j == pytest.approx(150.0)
+    assert out["long"].gpu_j == pytest.approx(450.0)
+
+
+def test_end_fills_in_what_the_start_did_not_know() -> None:
+    eng = engine({0: timeline((0.0, 0.0), (10.0, 300.0))}, policy="tokens")
+    eng.add(req("a", 0.0, None))
+    eng.add(req("b", 0.0, 10.0, prompt_tokens=5, completion_tokens=5))
+    assert eng.end("a", 10.0, first_token=1.0, prompt_tokens=10, completion_tokens=10,
+                   status="cancelled")
+    out = {e.request.id: e for e in eng.advance(LATER)}
+    assert out["a"].request.status == "cancelled"
+    assert out["a"].request.completion_tokens == 10
+    assert out["a"].gpu_j == pytest.approx(200.0)
+
+
+def test_unknown_gpu_is_rejected_and_counted() -> None:
+    eng = engine({0: steady(100.0, 10.0)})
+    with pytest.raises(ValueError, match=r"GPU\(s\) \[3\]"):
+        eng.add(req("a", 0.0, 1.0, gpus=(0, 3)))
+    with pytest.raises(ValueError, match="empty"):
+        req("b", 0.0, 1.0, gpus=())
+    assert eng.totals().unknown_gpu_requests == 1
+    assert eng.totals().pending_requests == 0
+
+
+def test_invalid_requests_are_rejected() -> None:
+    eng = engine({0: steady(100.0, 10.0)})
+    eng.add(req("a", 5.0, None))
+    with pytest.raises(ValueError, match="already pending"):
+        eng.add(req("a", 5.0, None))
+    with pytest.raises(ValueError, match="before it starts"):
+        eng.end("a", 4.0)
+    with pytest.raises(ValueError, match="twice"):
+        req("b", 0.0, 1.0, gpus=(0, 0))
+    assert not eng.end("never-started", 6.0)
+    assert eng.totals().unmatched_ends == 1
+
+
+def test_host_energy_is_split_over_the_requests_of_every_gpu() -> None:
+    host = timeline((0.0, 0.0), (10.0, 300.0), (20.0, 400.0))
+    eng = engine({0: steady(100.0, 20.0), 1: steady(100.0, 20.0)}, host_timeline=host)
+    out = run(eng, req("a", 0.0, 10.0, gpus=(0,)), req("b", 0.0, 10.0, gpus=(1,)))
+    assert out["a"].host_j == pytest.approx(150.0)
+    assert out["b"].host_j == pytest.approx(150.0)
+    host_totals = eng.totals().host
+    assert host_totals is not None
+    assert host_totals.unattributed_j == pytest.approx(100.0)
+    assert host_totals.attributed_j == pytest.approx(300.0)
+
+
+def test_facility_energy_is_it_energy_times_pue_minus_one() -> None:
+    host = steady(20.0, 10.0)
+    eng = engine({0: steady(100.0, 10.0)}, host_timeline=host, pue=1.25,
+                 idle_power_w={0: 40.0})
+    energy = run(eng, req("a", 0.0, 10.0))["a"]
+    assert energy.it_j == pytest.approx(1200.0)
+    assert energy.gpu_j == pytest.approx(1000.0)
+    assert energy.facility_j == pytest.approx(300.0)
+
+
+def test_a_request_still_open_at_max_age_is_finalised_with_what_is_known() -> None:
+    eng = engine({0: steady(100.0, 100.0)}, max_age_s=30.0, settle_s=1.0)
+    eng.add(req("stuck", 10.0, None))
+    assert eng.advance(39.0) == []
+    (energy,) = eng.advance(45.0)
+    assert energy.expired
+    assert energy.request.end is None
+    assert energy.gpu_j == pytest.approx(3000.0)  # [10, 40)
+    assert not eng.end("stuck", 50.0)
+    totals = eng.totals()
+    assert totals.expired_requests == 1
+    assert totals.unmatched_ends == 1
+
+
+def test_a_stalled_timeline_finalises_its_requests_with_what_was_measured() -> None:
+    eng = engine({0: steady(100.0, 10.0)}, max_age_s=30.0)
+    eng.add(req("a", 5.0, 20.0))  # the GPU stopped reporting at t=10
+    assert eng.advance(25.0) == []
+    (energy,) = eng.advance(45.0)
+    assert energy.gpu_j == pytest.approx(500.0)
+
+
+def test_idle_power_is_learned_from_pooled_idle_stretches() -> None:
+    # The counter steps every 200 ms while sampled at 10 Hz: single intervals read 0 or
+    # 120 W, which must not drag the baseline to 0.
+    points, energy = [(0.0, 0.0)], 0.0
+    for i in range(1, 301):
+        energy += 12.0 * (i % 2 == 0) if i <= 200 else 30.0
+        points.append((i / 10, energy))
+    eng = engine({0: timeline(*points)})
+    assert eng.idle_power_w(0) is None
+    out = run(eng, req("a", 20.0, 30.0))
+    assert eng.idle_power_w(0) == pytest.approx(60.0)
+    assert out["a"].gpu_static_j == pytest.approx(600.0)
+    assert out["a"].gpu_dynamic_j == pytest.approx(2400.0)
+
+
+def test_before_any_idle_power_is_known_all_gpu_energy_is_dynamic() -> None:
+    eng = engine({0: steady(100.0, 10.0)})
+    energy = run(eng, req("a", 0.0, 10.0))["a"]
+    assert energy.gpu_static_j == 0.0
+    assert energy.gpu_dynamic_j == pytest.approx(1000.0)
+    assert eng.totals().gpus[0].idle_power_w is None
+
+
+def test_pending_requests_are_capped() -> None:
+    eng = engine({0: steady(100.0, 10.0)}, max_pending=2)
+    eng.add(req("a", 0.0, None))
+    eng.add(req("b", 0.0, 1.0))
+    with pytest.raises(CapacityExceeded):
+        eng.add(req("c", 0.0, None))
+    assert eng.totals().over_capacity_requests == 1
+
+
+def test_finished_requests_and_processed_intervals_are_dropped() -> None:
+    eng = engine({0: steady(100.0, 100.0, step=0.1)}, settle_s=0.0)
+    for i in range(50):
+        eng.add(req(f"r{i}", i * 2.0, i * 2.0 + 1.5))
+    assert len(eng.advance(LATER)) == 50
+    assert eng.totals().pending_requests == 0
+    assert eng.advance(LATER) == []
+
+
+# --- property-based: random timelines, random requests ------------------------------------
+
+TICK = 0.125
+"""Times are multiples of an exact binary fraction, offset like a real monotonic clock."""
+
+
+@st.composite
+def timelines_st(draw: st.DrawFn, base: float) -> list[EnergyPoint]:
+    ticks = sorted(draw(st.sets(st.integers(0, 120), min_size=2, max_size=25)))
+    points, energy = [], 0.0
+    for i, tick in enumerate(ticks):
+        gap = i > 0 and draw(st.integers(0, 5)) == 0
+        if not gap:
+            energy += draw(st.one_of(st.just(0.0), st.floats(0.001, 1000.0)))
+        points.append(EnergyPoint(base + tick * TICK, energy, gap=gap))
+    return points
+
+
+@st.composite
+def requests_st(draw: st.DrawFn, base: float, gpus: int, policy: Policy) -> list[Request]:
+    out = []
+    for i in range(draw(st.integers(0, 12))):
+        start = draw(st.integers(-10, 125))
+        end = start + draw(st.integers(0, 60))
+        subset = draw(st.sets(st.integers(0, gpus - 1), min_size=1))
+        tokens: dict[str, object] = {}
+        if policy == "tokens" and draw(st.booleans()):
+            tokens = {"prompt_tokens": draw(st.integers(1, 5000)),
+                      "completion_tokens": draw(st.integers(1, 5000))}
+            if draw(st.booleans()):
+                tokens["first_token"] = base + draw(st.integers(start, end)) * TICK
+        out.append(Request(id=f"r{i}", model="m", source="test", gpus=tuple(sorted(subset)),
+                           start=base + start * TICK, end=base + end * TICK, **tokens))
+    return out
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> dict[str, object]:
+    base = draw(st.sampled_from([0.0, 1_000_000.0]))
+    gpus = draw(st.integers(1, 3))
+    policy: Policy = draw(st.sampled_from(["equal", "tokens"]))
+    return {
+        "base": base,
+        "policy": policy,
+        "gpu_points": [draw(timelines_st(base)) for _ in range(gpus)],
+        "host_points": draw(st.one_of(st.none(), timelines_st(base))),
+        "requests": draw(requests_st(base, gpus, policy)),
+        "idle": {g: draw(st.floats(0.0, 2000.0)) for g in range(gpus) if draw(st.booleans())},
+        "prefill_weight": draw(st.sampled_from([0.25, 1.0, 3.0])),
+    }
+
+
+def measured(points: Sequence[EnergyPoint]) -> float:
+    return sum(b.energy_j - a.energy_j for a, b in itertools.pairwise(points)
+               if not b.gap)
+
+
+def overlaps_measured_energy(points: Sequence[EnergyPoint], request: Request) -> bool:
+    assert request.end is not None
+    return any(
+        not b.gap and b.energy_j > a.energy_j
+        and max(a.time, request.start) < min(b.time, request.end)
+        for a, b in itertools.pairwise(points)
+    )
+
+
+def build(scenario: dict, *, fill: bool = True) -> tuple[AttributionEngine, list[Timeline],
+                                                          Timeline | None]:
+    lines = [Timeline(10_000) for _ in scenario["gpu_points"]]
+    host = None if scenario["host_points"] is None else Timeline(10_000)
+    if fill:
+        for line, points in zip(lines, scenario["gpu_points"], strict=True):
+            for point in points:
+                line.append(point)
+        for point in scenario["host_points"] or ():
+            host.append(point)
+    eng = AttributionEngine(
+        dict(enumerate(lines)), host, policy=scenario["policy"],
+        prefill_weight=scenario["prefill_weight"], idle_power_w=scenario["idle"],
+        pue=1.5, settle_s=1.0, max_age_s=100.0, idle_sample_s=0.5,
+    )
+    return eng, lines, host
+
+
+def check_conservation(eng: AttributionEngine, scenario: dict,
+                       results: Sequence[RequestEnergy]) -> None:
+    totals = eng.totals()
+    assert totals.pending_requests == 0
+    for gpu, points in enumerate(scenario["gpu_points"]):
+        t = totals.gpus[gpu]
+        assert math.isclose(t.gpu_dynamic_j + t.gpu_static_j + t.unattributed_j,
+                             measured(points), rel_tol=1e-9, abs_tol=1e-9)
+        assert min(t.gpu_dynamic_j, t.gpu_static_j, t.unattributed_j) >= 0
+    attributed = sum(t.gpu_dynamic_j + t.gpu_static_j for t in totals.gpus.values())
+    assert math.isclose(sum(r.gpu_j for r in results), attributed, rel_tol=1e-9, abs_tol=1e-9)
+    if scenario["host_points"] is not None:
+        assert totals.host is not None
+        assert math.isclose(totals.host.attributed_j + totals.host.unattributed_j,
+                            measured(scenario["host_points"]), rel_tol=1e-9, abs_tol=1e-9)
+        assert math.isclose(sum(r.host_j for r in results), totals.host.attributed_j,
+                            rel_tol=1e-9, abs_tol=1e-9)
+    for r in results:
+        assert min(r.gpu_dynamic_j, r.gpu_static_j, r.host_j, r.facility_j) >= 0
+        assert r.facility_j == pytest.approx(r.it_j * 0.5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+def test_property_conservation_and_fair_shares(scenario: dict) -> None:
+    eng, _, _ = build(scenario)
+    for request in scenario["requests"]:
+        eng.add(request)
+    results = eng.advance(scenario["base"] + 1_000.0)
+    assert sorted(r.request.id for r in results) == sorted(r.id for r in scenario["requests"])
+    check_conservation(eng, scenario, results)
+    for r in results:
+        lines = [scenario["gpu_points"][g] for g in r.request.gpus]
+        if scenario["host_points"] is not None:
+            lines.append(scenario["host_points"])
+        assert (r.it_j > 0) == any(overlaps_measured_energy(p, r.request) for p in lines)
+        assert not r.late
+
+
+@settings(max_examples=120, deadline=None)
+@given(scenarios(), st.data())
+def test_property_conservation_with_live_traffic(scenario: dict, data: st.DataObject) -> None:
+    """Points arrive over time; requests are reported open or complete, on time or late."""
+    eng, lines, host = build(scenario, fill=False)
+    base = scenario["base"]
+    arrivals: list[tuple[float, int, object]] = []
+    for i, request in enumerate(scenario["requests"]):
+        if data.draw(st.booleans()):
+            arrivals.append((request.start, i, ("open", request)))
+            arrivals.append((request.end, i, ("end", request)))
+        else:
+            delay = data.draw(st.sampled_from([0.0, 0.5, 3.0]))
+            arrivals.append((request.end + delay, i, ("complete", request)))
+    feeds = [(p.time, g, p) for g, pts in enumerate(scenario["gpu_points"]) for p in pts]
+    feeds += [(p.time, -1, p) for p in scenario["host_points"] or ()]
+    steps = sorted({t for t, _, _ in arrivals} | {t for t, _, _ in feeds})
+    arrivals.sort(key=lambda a: (a[0], a[1], a[2][0] != "open"))
+    feeds.sort(key=lambda f: f[0])
+    results: list[RequestEnergy] = []
+    for now in steps:
+        while feeds and feeds[0][0] <= now:
+            _, gpu, point = feeds.pop(0)
+            (host if gpu < 0 else lines[gpu]).append(point)
+        while arrivals and arrivals[0][0] <= now:
+            _, _, (kind, request) = arrivals.pop(0)
+            if kind == "end":
+                assert eng.end(request.id, request.end, first_token=request.first_token,
+                               prompt_tokens=request.prompt_tokens,
+                               completion_tokens=request.completion_tokens)
+            else:
+                eng.add(_opened(request) if kind == "open" else request)
+        results += eng.advance(now)
+    results += eng.advance(base + 10_000.0)
+    assert sorted(r.request.id for r in results) == sorted(r.id for r in scenario["requests"])
+    check_conservation(eng, scenario, results)
+    assert eng.totals().late_requests == sum(r.late for r in results)
+
+
+def _opened(request: Request) -> Request:
+    """The request as its start event reports it: no end, no counts yet."""
+    return Request(id=request.id, model=request.model, source=request.source,
+                   gpus=request.gpus, start=request.start)

@@ -1,0 +1,78 @@
+"""The config loader: file, then environment, then flags; every bad key or value is named."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigError, load, parse_listen, reference
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "jouleprobe.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file_or_environment() -> None:
+    config = load(environ={})
+    assert config.agent.listen == "0.0.0.0:29400"
+    assert config.agent.sample_interval == 0.1
+    assert config.site.pue == 1.2
+
+
+def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
+    text = '[agent]\nsample_interval = 0.5\nlisten = "127.0.0.1:1"\n[site]\npue = 1\n'
+    path = write(tmp_path, text)
+    config = load(path, environ={"JOULEPROBE_AGENT_SAMPLE_INTERVAL": "0.25"},
+                  overrides={"agent.listen": "127.0.0.1:2"})
+    assert config.agent.sample_interval == 0.25
+    assert config.agent.listen == "127.0.0.1:2"
+    assert config.site.pue == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[agent]\nsample_intervall = 1\n", "agent.sample_intervall"),
+        ("[agent]\nsample_interval = -1\n", "agent.sample_interval: expected a number > 0"),
+        ('[agent]\nsample_interval = "fast"\n', "agent.sample_interval: expected float"),
+        ("[agent]\nsample_interval = true\n", "agent.sample_interval: expected float"),
+        ('[agent]\nlisten = "29400"\n', "agent.listen: expected HOST:PORT"),
+        ('[agent]\nlog_level = "loud"\n', "agent.log_level: expected one of"),
+        ("[site]\npue = 0.9\n", "site.pue: expected a number >= 1"),
+        ("[nodes]\nx = 1\n", "unknown section [nodes]"),
+        ("[agent\n", "not valid TOML"),
+    ],
+)
+def test_bad_file_names_the_key(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load(write(tmp_path, text), environ={})
+
+
+def test_bad_environment_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="JOULEPROBE_NOPE_X"):
+        load(environ={"JOULEPROBE_NOPE_X": "1"})
+    with pytest.raises(ConfigError, match=re.escape("agent.sample_interval: expected float")):
+        load(environ={"JOULEPROBE_AGENT_SAMPLE_INTERVAL": "soon"})
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load(tmp_path / "absent.toml", environ={})
+
+
+def test_parse_listen_handles_ipv6() -> None:
+    assert parse_listen("[::1]:29400") == ("::1", 29400)
+    assert parse_listen("127.0.0.1:0") == ("127.0.0.1", 0)
+
+
+def test_example_config_in_deploy_loads() -> None:
+    example = Path(__file__).parent.parent / "deploy" / "jouleprobe.toml"
+    load(example, environ={})
+
+
+def test_reference_lists_every_key() -> None:
+    table = reference()
+    for key in ("agent.listen", "agent.sample_interval", "host.rapl_path", "site.pue"):
+        assert f"`{key}`" in table

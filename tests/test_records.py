@@ -1,0 +1,326 @@
+"""The record store: a real SQLite file, its writer thread, retention and crash safety."""
+
+from __future__ import annotations
+
+import math
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from agent import records
+from agent.records import RecordReader, RecordStore, RecordStoreError, StoredRequest
+from agent.requests import Request, RequestEnergy
+
+OFFSET = 1_750_000_000.0
+"""Wall-clock offset used throughout: monotonic time t is UTC epoch OFFSET + t."""
+REPO = Path(__file__).resolve().parent.parent
+
+
+def energy(
+    request_id: str, *, model: str = "llama", start: float = 10.0, end: float | None = 12.5,
+    first_token: float | None = 0.25, prompt: int | None = 100, completion: int | None = 40,
+    status: str = "ok", gpus: tuple[int, ...] = (0, 1), dynamic: float = 300.0,
+    static: float = 60.0, host: float = 40.0, facility: float = 80.0, late: bool = False,
+) -> RequestEnergy:
+    """`first_token` is relative to `start`."""
+    first = start + first_token if first_token is not None else None
+    request = Request(request_id, model, "proxy:vllm", gpus, start, end, first, prompt,
+                      completion, status)  # type: ignore[arg-type]
+    return RequestEnergy(request, dynamic, static, host, facility, late=late,
+                         expired=end is None)
+
+
+def wait_until(condition: Callable[[], bool], deadline_s: float = 10.0) -> bool:
+    """Polls `condition`; the deadline only bounds a failing test, it is never asserted."""
+    give_up = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > give_up:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "records.db"
+
+
+@pytest.fixture
+def open_store(path: Path) -> Iterator[Callable[..., RecordStore]]:
+    """Opens stores on `path` and closes them. Defaults: PUE 1.2, OFFSET, no timed flush
+    (an hour away), no retention (OFFSET may be older than the default 30 days)."""
+    opened: list[RecordStore] = []
+
+    def make(**kwargs: object) -> RecordStore:
+        options: dict[str, object] = {"pue": 1.2, "wall_offset": OFFSET,
+                                      "flush_interval_s": 3600.0, "retention_days": None}
+        options.update(kwargs)
+        store = RecordStore(path, **options)  # type: ignore[arg-type]
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+def test_round_trip_of_every_field(path: Path, open_store: Callable[..., RecordStore]) -> None:
+    store = open_store()
+    store.submit([
+        energy("a", gpus=(2, 3), status="cancelled", late=True),
+        energy("expired", end=None, first_token=None, prompt=None, completion=None, gpus=(0,)),
+    ])
+    store.close()
+
+    record = RecordReader(path).get("a")
+    assert record == {
+        "id": "a", "model": "llama", "source": "proxy:vllm", "gpus": [2, 3],
+        "status": "cancelled",
+        "start": OFFSET + 10.0, "end": OFFSET + 12.5, "first_token": OFFSET + 10.25,
+        "duration_s": 2.5, "time_to_first_token_s": 0.25,
+        "prompt_tokens": 100, "completion_tokens": 40, "pue": 1.2,
+        "late": True, "expired": False,
+        "energy_j": {"gpu_dynamic": 300.0, "gpu_static": 60.0, "host": 40.0,
+                     "facility": 80.0, "gpu": 360.0, "it": 400.0},
+        "energy_wh": {"gpu_dynamic": 300 / 3600, "gpu_static": 60 / 3600, "host": 40 / 3600,
+                      "facility": 80 / 3600, "gpu": 360 / 3600, "it": 400 / 3600},
+    }
+    expired = RecordReader(path).get("expired")
+    assert expired is not None
+    assert expired["end"] is None and expired["expired"] is True
+    assert expired["duration_s"] is None and expired["time_to_first_token_s"] is None
+    assert expired["prompt_tokens"] is None and expired["gpus"] == [0]
+    assert list(RecordReader(path).query()) == [StoredRequest(
+        "a", "llama", "proxy:vllm", (2, 3), "cancelled", OFFSET + 10.0, OFFSET + 12.5,
+        OFFSET + 10.25, 100, 40, 300.0, 60.0, 40.0, 80.0, 1.2, late=True,
+    )], "query() yields finished records only"
+
+
+def test_file_is_in_wal_mode_with_schema_version(path: Path,
+                                                 open_store: Callable[..., RecordStore]) -> None:
+    open_store()
+    with closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == records.SCHEMA_VERSION
+        indexed = {row[1] for row in connection.execute("PRAGMA index_list(requests)")}
+    assert {"requests_by_end", "requests_by_model"} <= indexed
+
+
+def test_writer_thread_flushes_without_close(open_store: Callable[..., RecordStore]) -> None:
+    store = open_store(flush_interval_s=0.01)
+    store.submit([energy("a")])
+    store.submit([energy("b"), energy("c")])
+    assert wait_until(lambda: store.stats().written_total == 3)
+    assert [r.id for r in store.query()] == ["a", "b", "c"]
+    assert store.stats().pending == 0
+
+
+def test_close_commits_every_queued_record(path: Path,
+                                           open_store: Callable[..., RecordStore]) -> None:
+    store = open_store()  # the timed flush is an hour away: only close() can write these
+    for batch in range(3):
+        store.submit([energy(f"r{batch}-{i}", end=12.5 + batch) for i in range(50)])
+    assert store.get("r0-0") is None
+    store.close()
+    store.close()  # idempotent
+    assert sum(1 for _ in RecordReader(path).query()) == 150
+    assert store.stats().written_total == 150
+
+
+def test_resubmitted_id_replaces_the_record(open_store: Callable[..., RecordStore]) -> None:
+    store = open_store(flush_interval_s=0.01)
+    store.submit([energy("a", dynamic=1.0)])
+    assert wait_until(lambda: store.get("a") is not None)
+    store.submit([energy("a", dynamic=2.0, model="other")])
+    assert wait_until(lambda: store.stats().written_total == 2)
+    rows = list(store.query())
+    assert len(rows) == 1
+    assert (rows[0].gpu_dynamic_j, rows[0].model) == (2.0, "other")
+
+
+def test_retention_removes_only_old_records(path: Path,
+                                            open_store: Callable[..., RecordStore]) -> None:
+    day = 86400.0
+    now = OFFSET + 10 * day
+    writer = open_store()
+    writer.submit([
+        energy("old", start=7 * day, end=7 * day + 5),  # ended 3 days before `now`
+        energy("old-expired", start=7 * day, end=None),
+        energy("recent", start=10 * day - 65, end=10 * day - 60),
+        energy("recent-expired", start=10 * day - 600, end=None),
+        energy("started-old-ended-recently", start=7 * day, end=9 * day),
+    ])
+    writer.close()
+
+    # The first pass of the writer (here the one close() forces) applies retention.
+    pruner = open_store(retention_days=2, clock=lambda: now)
+    pruner.close()
+
+    assert sorted(r.id for r in RecordReader(path).query()) == [
+        "recent", "started-old-ended-recently",
+    ]
+    assert RecordReader(path).get("recent-expired") is not None
+    assert RecordReader(path).get("old-expired") is None
+    assert pruner.stats().pruned_total == 2
+
+
+def test_get_of_an_unknown_id_is_none(open_store: Callable[..., RecordStore]) -> None:
+    assert open_store().get("nope") is None
+
+
+def test_full_queue_refuses_new_records_and_counts_them(
+    path: Path, open_store: Callable[..., RecordStore]
+) -> None:
+    store = open_store(max_pending=3)
+    store.submit([energy("a"), energy("b")])
+    store.submit([energy("c"), energy("d"), energy("e")])
+    stats = store.stats()
+    assert (stats.pending, stats.dropped_total) == (3, 2)
+    store.close()
+    assert [r.id for r in RecordReader(path).query()] == ["a", "b", "c"], "oldest kept"
+
+
+def test_failed_write_is_kept_and_retried(monkeypatch: pytest.MonkeyPatch, path: Path,
+                                          open_store: Callable[..., RecordStore]) -> None:
+    monkeypatch.setattr(records, "BUSY_TIMEOUT_S", 0.01)
+    store = open_store(flush_interval_s=0.01)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: the writer's commit fails
+    try:
+        store.submit([energy("a")])
+        assert wait_until(lambda: store.stats().write_errors_total >= 1)
+        assert store.stats().written_total == 0
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert wait_until(lambda: store.get("a") is not None)
+    assert store.stats().dropped_total == 0
+
+
+def test_records_close_cannot_write_are_counted_as_dropped(
+    monkeypatch: pytest.MonkeyPatch, path: Path, open_store: Callable[..., RecordStore]
+) -> None:
+    monkeypatch.setattr(records, "BUSY_TIMEOUT_S", 0.01)
+    store = open_store()
+    with closing(sqlite3.connect(path, isolation_level=None)) as blocker:
+        blocker.execute("BEGIN IMMEDIATE")
+        store.submit([energy("a"), energy("b")])
+        store.close()
+        blocker.execute("ROLLBACK")
+    stats = store.stats()
+    assert (stats.written_total, stats.dropped_total, stats.pending) == (0, 2, 0)
+
+
+def test_records_that_could_never_be_stored_are_refused_at_submit(
+    open_store: Callable[..., RecordStore]
+) -> None:
+    store = open_store()
+    with pytest.raises(ValueError, match="non-finite"):
+        store.submit([energy("a", host=math.nan)])
+    bad = energy("b")
+    bad.request.status = "weird"  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="unknown status"):
+        store.submit([bad])
+    store.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        store.submit([energy("c")])
+
+
+def test_unclosed_store_leaves_a_database_a_second_store_opens(
+    path: Path, open_store: Callable[..., RecordStore]
+) -> None:
+    first = open_store(flush_interval_s=0.01)
+    first.submit([energy("a")])
+    assert wait_until(lambda: first.get("a") is not None)
+    # `first` is never closed before the second store opens, as after a killed writer.
+    second = open_store(flush_interval_s=0.01)
+    with closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert second.get("a") is not None
+    second.submit([energy("b")])
+    second.close()
+    assert RecordReader(path).get("b") is not None
+
+
+def test_database_of_a_sigkilled_writer_opens_intact(path: Path) -> None:
+    child = textwrap.dedent(f"""
+        import itertools, sys
+        from agent.records import RecordStore
+        from agent.requests import Request, RequestEnergy
+        store = RecordStore({str(path)!r}, pue=1.2, flush_interval_s=0.001)
+        for n in itertools.count():
+            batch = [RequestEnergy(Request(f"{{n}}-{{i}}", "m", "s", (0,), 1.0, 2.0), 1, 1, 1, 1)
+                     for i in range(50)]
+            store.submit(batch)
+            if n == 5:
+                print("writing", flush=True)
+    """)
+    with subprocess.Popen([sys.executable, "-c", child], cwd=REPO, stdout=subprocess.PIPE,
+                          text=True) as process:
+        try:
+            assert process.stdout is not None and process.stdout.readline() == "writing\n"
+            assert wait_until(lambda: path.exists() and _count(path) > 0)
+        finally:
+            process.send_signal(signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL, "killed while it was still writing"
+
+    with closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store = RecordStore(path, pue=1.2)
+    try:
+        store.submit([energy("after")])
+    finally:
+        store.close()
+    assert RecordReader(path).get("after") is not None
+
+
+def _count(path: Path) -> int:
+    return sum(1 for _ in RecordReader(path).query())
+
+
+def test_reader_refuses_what_is_not_a_store(tmp_path: Path) -> None:
+    with pytest.raises(RecordStoreError, match="no record store"):
+        RecordReader(tmp_path / "missing.db")
+    foreign = tmp_path / "foreign.db"
+    with closing(sqlite3.connect(foreign)) as connection:
+        connection.execute("CREATE TABLE t (x)")
+    with pytest.raises(RecordStoreError, match="not a jouleprobe record store"):
+        RecordStore(foreign, pue=1.2)
+    newer = tmp_path / "newer.db"
+    with closing(sqlite3.connect(newer)) as connection:
+        connection.execute(f"PRAGMA user_version = {records.SCHEMA_VERSION + 1}")
+    with pytest.raises(RecordStoreError, match="newer jouleprobe"):
+        RecordReader(newer)
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(RecordStoreError, match="cannot read"):
+        RecordReader(garbage)
+
+
+def test_summary_covers_only_its_window(open_store: Callable[..., RecordStore]) -> None:
+    now = OFFSET + 1000.0
+    store = open_store(clock=lambda: now)
+    store.submit([
+        energy("old", model="a", start=100.0, end=200.0, dynamic=3600.0),
+        energy("in", model="a", start=900.0, end=950.0, dynamic=7200.0, static=0.0, host=0.0,
+               facility=720.0, prompt=10, completion=90),
+    ])
+    store.close()
+    summary = store.summary(window_s=300.0)
+    assert summary["window_s"] == 300.0
+    assert summary["models"] == {"a": {
+        "requests": 1,
+        "wh_per_query_mean": {"gpu_dynamic": 2.0, "gpu": 2.0, "it": 2.0, "facility": 2.2},
+        "it_j_per_completion_token": 80.0,
+        "it_j_per_token_all": 72.0,
+    }}
+    with pytest.raises(ValueError, match="window_s"):
+        store.summary(window_s=0)

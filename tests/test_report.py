@@ -1,0 +1,232 @@
+"""The per-model report: statistics against hand-computed values, formats, --since, run_report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.records import RecordStore, StoredRequest
+from agent.report import (
+    BOUNDARIES,
+    NodeTotals,
+    Report,
+    build_report,
+    parse_since,
+    percentile,
+    render,
+    run_report,
+)
+from agent.requests import Request, RequestEnergy
+
+NOW = 1_750_000_000.0
+
+
+def stored(request_id: str, model: str, dynamic: float, static: float, host: float,
+           facility: float, prompt: int | None = None, completion: int | None = None,
+           status: str = "ok") -> StoredRequest:
+    return StoredRequest(request_id, model, "ingest", (0,), status, NOW - 10, NOW - 5,  # type: ignore[arg-type]
+                         None, prompt, completion, dynamic, static, host, facility, 1.1,
+                         late=False)
+
+
+# Model "a", in joules chosen so that Wh are round: per request (gpu_dynamic, gpu, it,
+# facility) in Wh = r1 (1, 1.5, 2, 2.2), r2 (2, 3, 4, 4.4), r3 (0, 1, 1, 1.1).
+RECORDS = [
+    stored("r1", "a", 3600, 1800, 1800, 720, prompt=100, completion=200),
+    stored("r2", "a", 7200, 3600, 3600, 1440, status="cancelled"),  # no token counts
+    stored("r3", "a", 0, 3600, 0, 360, prompt=10, completion=0, status="failed"),
+    stored("b1", "b", 360, 0, 0, 0, prompt=0, completion=0),
+]
+
+
+def report(**kwargs: object) -> Report:
+    return build_report(RECORDS, generated=NOW, **kwargs)  # type: ignore[arg-type]
+
+
+def test_percentile_by_linear_interpolation_against_hand_computed_values() -> None:
+    values = [1.0, 2.0, 3.0, 4.0]
+    assert percentile(values, 0.0) == 1.0
+    assert percentile(values, 0.5) == 2.5  # h = 1.5
+    assert percentile(values, 0.9) == pytest.approx(3.7)  # h = 2.7: 3 + 0.7 × (4 − 3)
+    assert percentile(values, 0.99) == pytest.approx(3.97)  # h = 2.97
+    assert percentile(values, 1.0) == 4.0
+    assert percentile([10.0, 20.0], 0.25) == 12.5
+    assert percentile([5.0], 0.99) == 5.0
+    with pytest.raises(ValueError):
+        percentile([], 0.5)
+    with pytest.raises(ValueError):
+        percentile(values, 1.5)
+
+
+def test_percentile_agrees_with_the_standard_librarys_inclusive_method() -> None:
+    rng = random.Random(7)
+    for size in (2, 3, 10, 101):
+        values = sorted(rng.uniform(0, 5) for _ in range(size))
+        cuts = statistics.quantiles(values, n=100, method="inclusive")
+        for k in (10, 50, 90, 99):
+            assert percentile(values, k / 100) == pytest.approx(cuts[k - 1], rel=1e-12)
+
+
+def test_statistics_per_model_and_boundary_against_hand_computed_values() -> None:
+    a, b = report().models
+    assert (a.model, b.model) == ("a", "b")
+    assert a.requests == 3
+    assert dict(a.by_status) == {"ok": 1, "cancelled": 1, "failed": 1}
+    expected = {  # sorted values → mean, median, p90 = x1 + 0.8(x2 − x1), p99 = x1 + 0.98(…)
+        "gpu_dynamic": (1.0, 1.0, 1.8, 1.98),  # [0, 1, 2]
+        "gpu": (5.5 / 3, 1.5, 2.7, 2.97),  # [1, 1.5, 3]
+        "it": (7 / 3, 2.0, 3.6, 3.96),  # [1, 2, 4]
+        "facility": (7.7 / 3, 2.2, 3.96, 4.356),  # [1.1, 2.2, 4.4]: it × PUE 1.1
+    }
+    for boundary, (mean, median, p90, p99) in expected.items():
+        dist = a.wh_per_query[boundary]  # type: ignore[index]
+        assert (dist.mean, dist.median, dist.p90, dist.p99) == pytest.approx(
+            (mean, median, p90, p99), rel=1e-12), boundary
+    # Tokens: r1 and r3 reported them; IT energy 7200 + 3600 J over 200 completion tokens,
+    # and over 110 + 200 tokens in all. r2 (no counts) is in neither ratio.
+    assert (a.requests_with_tokens, a.prompt_tokens, a.completion_tokens) == (2, 110, 200)
+    assert a.it_j_per_completion_token == pytest.approx(54.0)
+    assert a.it_j_per_token_all == pytest.approx(10800 / 310)
+    assert b.requests_with_tokens == 1
+    assert b.it_j_per_completion_token is None and b.it_j_per_token_all is None
+
+
+def test_json_parses_back_with_every_figure() -> None:
+    data = json.loads(render(report(since=NOW - 3600), "json"))
+    assert data["since"] == "2025-06-15T14:06:40Z" and data["generated"] == "2025-06-15T15:06:40Z"
+    assert data["unattributed_share"] is None
+    a = data["models"][0]
+    assert a["requests_by_status"] == {"ok": 1, "cancelled": 1, "failed": 1}
+    assert set(a["wh_per_query"]) == set(BOUNDARIES)
+    assert a["wh_per_query"]["it"]["p90"] == pytest.approx(3.6)
+    assert a["it_j_per_completion_token"] == pytest.approx(54.0)
+    assert data["models"][1]["it_j_per_token_all"] is None
+
+
+def test_csv_parses_back_one_row_per_model() -> None:
+    rows = list(csv.DictReader(io.StringIO(render(report(), "csv"))))
+    assert [row["model"] for row in rows] == ["a", "b"]
+    a = rows[0]
+    assert (a["requests"], a["requests_cancelled"], a["prompt_tokens"]) == ("3", "1", "110")
+    assert float(a["facility_wh_p99"]) == pytest.approx(4.356)
+    assert float(a["gpu_wh_mean"]) == pytest.approx(5.5 / 3)
+    assert float(a["it_j_per_token_all"]) == pytest.approx(10800 / 310)
+    assert a["unattributed_share"] == "" and rows[1]["it_j_per_completion_token"] == ""
+
+
+def test_table_has_units_in_headers_and_aligned_columns() -> None:
+    text = render(report(), "table")
+    lines = text.splitlines()
+    for header in ("mean Wh", "median Wh", "p90 Wh", "p99 Wh", "J/completion token",
+                   "J/token (all)"):
+        assert header in text
+    start = next(i for i, line in enumerate(lines) if line.startswith("model") and "p99 Wh" in line)
+    energy = lines[start:start + 1 + 4 * 2]  # header, then four boundaries for each model
+    assert [line.split()[-5] for line in energy[1:5]] == list(BOUNDARIES)
+    assert energy[1].split()[:2] == ["a", "gpu_dynamic"]
+    assert len({len(line) for line in energy}) == 1, "right-aligned numbers line up"
+    assert energy[3].split()[-4:] == ["2.3333", "2.0000", "3.6000", "3.9600"]  # it of model a
+    assert "Unattributed" not in text
+
+
+def test_node_totals_give_the_unattributed_share() -> None:
+    totals = NodeTotals(gpu_j=36000.0, unattributed_gpu_j=9000.0)
+    with_totals = report(node_totals=totals)
+    assert json.loads(render(with_totals, "json"))["unattributed_share"] == 0.25
+    assert "Unattributed GPU energy (node): 25.0% of 10 Wh" in render(with_totals, "table")
+    rows = list(csv.DictReader(io.StringIO(render(with_totals, "csv"))))
+    assert {row["unattributed_share"] for row in rows} == {"0.25"}
+    with pytest.raises(ValueError, match="GPU energy"):
+        NodeTotals(gpu_j=0.0, unattributed_gpu_j=0.0)
+    with pytest.raises(ValueError, match="unattributed"):
+        NodeTotals(gpu_j=10.0, unattributed_gpu_j=11.0)
+
+
+def test_render_refuses_an_unknown_format() -> None:
+    with pytest.raises(ValueError, match="--format"):
+        render(report(), "xml")
+
+
+@pytest.mark.parametrize(("text", "seconds_back"), [
+    ("90s", 90), ("30m", 1800), ("1h", 3600), ("1.5h", 5400), ("2d", 172800), ("1w", 604800),
+    (" 2d ", 172800),
+])
+def test_since_as_a_duration(text: str, seconds_back: float) -> None:
+    assert parse_since(text, NOW) == NOW - seconds_back
+
+
+@pytest.mark.parametrize("text", [
+    "2025-06-01T12:00:00Z", "2025-06-01T12:00:00", "2025-06-01 12:00", "2025-06-01T14:00+02:00",
+])
+def test_since_as_an_iso_time_naive_meaning_utc(text: str, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")  # a local time zone that is not UTC
+    time.tzset()
+    try:
+        assert parse_since(text, NOW) == 1_748_779_200.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("", "expected a duration"), ("abc", "expected a duration"), ("1y", "expected a duration"),
+    ("-1h", "expected a duration"), ("1H", "expected a duration"), ("0h", "longer than 0"),
+    ("2999-01-01", "in the future"),
+])
+def test_since_errors_name_the_argument(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=f"^--since: .*{reason}"):
+        parse_since(text, NOW)
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    """A store with requests of model "a" that ended 2 h and 10 min ago, and "b" 5 min ago."""
+    path = tmp_path / "records.db"
+    now = time.monotonic()
+    store = RecordStore(path, pue=1.2, flush_interval_s=3600.0)
+    try:
+        store.submit([
+            RequestEnergy(Request(rid, model, "ingest", (0,), now - ago - 1, now - ago),
+                          3600.0, 0.0, 0.0, 720.0)
+            for rid, model, ago in (("old", "a", 7200), ("new", "a", 600), ("b", "b", 300))
+        ])
+    finally:
+        store.close()
+    return path
+
+
+def test_run_report_selects_by_since_and_model(store_path: Path) -> None:
+    everything = json.loads(run_report(str(store_path), None, "json", None))
+    assert [(m["model"], m["requests"]) for m in everything["models"]] == [("a", 2), ("b", 1)]
+    last_hour = json.loads(run_report(str(store_path), "1h", "json", None))
+    assert [(m["model"], m["requests"]) for m in last_hour["models"]] == [("a", 1), ("b", 1)]
+    only_b = list(csv.DictReader(io.StringIO(run_report(str(store_path), "1h", "csv", "b"))))
+    assert [row["model"] for row in only_b] == ["b"]
+    assert float(only_b[0]["facility_wh_mean"]) == pytest.approx(1.2)
+    assert "model b," in run_report(str(store_path), "1h", "table", "b")
+
+
+def test_empty_store_says_no_requests(tmp_path: Path, store_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    RecordStore(empty, pue=1.2).close()
+    assert "no requests" in run_report(str(empty), None, "table", None)
+    assert json.loads(run_report(str(empty), "1h", "json", None))["models"] == []
+    assert list(csv.DictReader(io.StringIO(run_report(str(empty), None, "csv", None)))) == []
+    assert "no requests" in run_report(str(store_path), "1h", "table", "unknown-model")
+
+
+def test_run_report_errors_name_the_argument(tmp_path: Path, store_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^--store: no record store at"):
+        run_report(str(tmp_path / "missing.db"), None, "table", None)
+    with pytest.raises(ValueError, match=r"^--format:"):
+        run_report(str(store_path), None, "yaml", None)
+    with pytest.raises(ValueError, match=r"^--since:"):
+        run_report(str(store_path), "yesterday", "table", None)
