@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from agent import __version__
-from agent.config import ConfigError, load
+from agent.config import Config, ConfigError, load
+from agent.records import RecordStoreError
 from agent.sources.base import SourceUnavailable
 
 
@@ -31,6 +32,23 @@ def _parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="what this node can measure, and why not")
     doctor.add_argument("--config", metavar="FILE", help="TOML config file")
     doctor.add_argument("--simulate", metavar="SPEC", help="describe simulated GPUs instead")
+
+    demo = commands.add_parser(
+        "demo", help="the whole pipeline on simulated GPUs with a synthetic inference load"
+    )
+    demo.add_argument("--seconds", type=float, default=20.0, help="length of the load (20)")
+    demo.add_argument("--simulate", metavar="SPEC", default="2xH100", help="GPUs (2xH100)")
+    demo.add_argument("--store", metavar="PATH", default="jouleprobe-demo.db",
+                      help="SQLite file for the demo's records (jouleprobe-demo.db, replaced)")
+    demo.add_argument("--queries-per-day", type=float, default=1e9,
+                      help="volume for the closing fleet figure (1e9)")
+
+    report = commands.add_parser("report", help="per-model Wh/query and J/token from the records")
+    report.add_argument("--config", metavar="FILE", help="TOML config file (for records.path)")
+    report.add_argument("--store", metavar="PATH", help="SQLite records (default records.path)")
+    report.add_argument("--since", metavar="WHEN", help="30m, 6h, 2d or an ISO time (default all)")
+    report.add_argument("--model", help="only this model")
+    report.add_argument("--format", default="table", choices=("table", "json", "csv"))
     return parser
 
 
@@ -52,10 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.agent.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.command == "doctor":
-        from agent.doctor import doctor
+    try:
+        return COMMANDS[args.command](args, config)
+    except (ValueError, OSError, RecordStoreError) as exc:
+        print(f"jouleprobe {args.command}: {exc}", file=sys.stderr)
+        return 2
 
-        return doctor(config)
+
+def _run(args: argparse.Namespace, config: Config) -> int:
     from agent.daemon import open_gpu_source, serve
 
     try:
@@ -65,13 +87,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("jouleprobe: run `jouleprobe doctor` for details, or `--simulate 2xH100` for a "
               "simulated node (demo only).", file=sys.stderr)
         return 2
-    try:
-        asyncio.run(serve(config, gpu_source))
-    except OSError as exc:
-        print(f"jouleprobe: cannot listen on {config.agent.listen}: {exc.strerror}",
-              file=sys.stderr)
-        return 2
+    asyncio.run(serve(config, gpu_source))
     return 0
+
+
+def _doctor(args: argparse.Namespace, config: Config) -> int:
+    from agent.doctor import doctor
+
+    return doctor(config)
+
+
+def _demo(args: argparse.Namespace, config: Config) -> int:
+    from agent.demo import run_demo
+
+    return run_demo(args.simulate, seconds=args.seconds, store=args.store,
+                    queries_per_day=args.queries_per_day)
+
+
+def _report(args: argparse.Namespace, config: Config) -> int:
+    from agent.report import run_report
+
+    print(run_report(args.store or config.records.path, args.since, args.format, args.model),
+          end="")
+    return 0
+
+
+COMMANDS = {"run": _run, "doctor": _doctor, "demo": _demo, "report": _report}
 
 
 if __name__ == "__main__":

@@ -1,26 +1,28 @@
-"""`jouleprobe run`: wires sources → sampler → exporters and serves until SIGTERM/SIGINT."""
+"""`jouleprobe run`: builds the node's pipeline, serves its listeners until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
 
 from aiohttp import web
 
-from agent import __version__
 from agent.config import Config, parse_listen
 from agent.health import assess
-from agent.sampler import Sampler
+from agent.ingest import check_listen_access, ingest_app, load_token
+from agent.node import Node
 from agent.sources.base import GpuSource
 from agent.sources.host import open_host_source
 from agent.sources.nvml import NvmlGpuSource
 from agent.sources.simulated import SimulatedGpuSource
 from exporters.http import metrics_app
-from exporters.prometheus import NodeCollector, build_registry
 
 log = logging.getLogger(__name__)
+
+ATTRIBUTION_PERIOD_S = 0.5
 
 
 def open_gpu_source(config: Config) -> GpuSource:
@@ -39,35 +41,64 @@ def bind(listen: str) -> socket.socket:
     return socket.create_server((host, port), family=family)
 
 
+async def start_site(app: web.Application, listen: str, what: str) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = bind(listen)
+    await web.SockSite(runner, sock).start()
+    log.info("serving %s on http://%s:%d", what, *sock.getsockname()[:2])
+    return runner
+
+
+async def attribute_periodically(node: Node) -> None:
+    """Runs the attribution off the event loop, so the listeners stay responsive."""
+    while True:
+        await asyncio.sleep(ATTRIBUTION_PERIOD_S)
+        try:
+            await asyncio.to_thread(node.attribute)
+        except Exception:  # one bad round must not end attribution for good
+            log.exception("attribution round failed")
+
+
+def build_apps(node: Node, token: str | None) -> tuple[web.Application, web.Application]:
+    config = node.config
+    metrics = metrics_app(
+        node.registry,
+        lambda: assess(node.sampler.snapshot(), config.agent.stale_after),
+        records=node.store,
+    )
+    ingest = ingest_app(
+        node.engine, node.sampler.gpus(), token=token, max_body_bytes=config.ingest.max_body_bytes
+    )
+    return metrics, ingest
+
+
 async def serve(config: Config, gpu_source: GpuSource) -> None:
+    token = load_token(config.ingest.token_file) if config.ingest.token_file else None
+    check_listen_access(config.ingest.listen, token)
     host_source = open_host_source(
         config.host.rapl_path, config.host.idle_watts, config.host.max_watts
     )
-    sampler = Sampler(
-        gpu_source,
-        host_source,
-        interval_s=config.agent.sample_interval,
-        timeline_seconds=config.agent.timeline_seconds,
-    )
-    collector = NodeCollector(sampler.snapshot, pue=config.site.pue, version=__version__)
-    app = metrics_app(
-        build_registry(collector), lambda: assess(sampler.snapshot(), config.agent.stale_after)
-    )
-    runner = web.AppRunner(app, access_log=None)
+    node = Node(config, gpu_source, host_source)
+    metrics, ingest = build_apps(node, token)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    sampler.start()
+    runners: list[web.AppRunner] = []
+    node.start()
+    attribution = asyncio.create_task(attribute_periodically(node))
     try:
-        await runner.setup()
-        sock = bind(config.agent.listen)
-        await web.SockSite(runner, sock).start()
-        log.info("serving /metrics and /healthz on http://%s:%d", *sock.getsockname()[:2])
-        log.info("sampling %d GPU(s) every %.3g s", len(sampler.gpus()), sampler.interval_s)
+        runners.append(await start_site(metrics, config.agent.listen, "/metrics and /api/v1"))
+        runners.append(await start_site(ingest, config.ingest.listen, "the ingest API"))
+        log.info("sampling %d GPU(s) every %.3g s; records in %s",
+                 len(node.sampler.gpus()), config.agent.sample_interval, config.records.path)
         await stop.wait()
-        log.info("stopping")
+        log.info("stopping: attributing what was measured and flushing records")
     finally:
-        sampler.stop()
-        await runner.cleanup()
-        gpu_source.close()
+        attribution.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await attribution
+        for runner in reversed(runners):
+            await runner.cleanup()
+        await asyncio.to_thread(node.drain)

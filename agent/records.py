@@ -68,10 +68,15 @@ _SCHEMA = (
     "CREATE INDEX requests_by_end ON requests (end_time)",
     "CREATE INDEX requests_by_model ON requests (model, end_time)",
 )
-_UPSERT = (
-    f"INSERT OR REPLACE INTO requests ({', '.join(_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(_COLUMNS))})"
-)
+_UPSERT = f"INSERT OR REPLACE INTO requests ({', '.join(_COLUMNS)}) VALUES "
+_ROW_VALUES = f"({', '.join('?' * len(_COLUMNS))})"
+ROWS_PER_STATEMENT = 1000
+"""Rows inserted by one statement (fewer where SQLite allows fewer bound variables).
+
+The sqlite3 module lets go of the GIL for every step of a statement; with one row per
+statement, each of those hand-overs can wait a whole switch interval (5 ms) for a busy
+thread to let the GIL go, so a batch of many rows would crawl while the agent is busy.
+Many rows per statement keep the hand-overs few."""
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM requests"
 
 Row = tuple[Any, ...]
@@ -250,11 +255,13 @@ class RecordStore(RecordReader):
     `submit` never waits on the disk: it is called on the attribution path, which must not
     stall behind a slow or locked file. The queue holds at most `max_pending` records; past
     that, new records are refused, counted in `dropped_total` (for the exporter) and logged,
-    while everything already queued is kept. A failed write keeps its batch queued and is
-    retried at the next flush.
+    while everything already queued is kept. A write that fails for a passing reason
+    (file locked, disk full: `sqlite3.OperationalError`) keeps its batch queued for the
+    next flush; any other failure cannot succeed on retry, so that batch is counted as
+    dropped rather than blocking every later record behind it.
 
     Retention: the writer deletes records whose end (for an expired request, its start)
-    is older than `retention_days`, once at start and every `prune_interval_s` after.
+    is older than `retention_days`, on its first pass and every `prune_interval_s` after.
     """
 
     def __init__(
@@ -272,8 +279,9 @@ class RecordStore(RecordReader):
         """`pue`: the site PUE that attribution used for `facility_j`, stored with each
         record. `wall_offset`: `wall_clock_offset()` taken at agent start (taken now if
         None). `retention_days`: records whose end is older are deleted every
-        `prune_interval_s` by the writer (None keeps everything). `clock`: the wall clock,
-        for retention and the summary's window."""
+        `prune_interval_s` by the writer (None keeps everything). `max_pending`: the
+        queue's bound, in records. `clock`: the wall clock, for retention and the summary's
+        window."""
         if pue < 1:
             raise ValueError(f"pue must be >= 1, got {pue}")
         if flush_interval_s <= 0 or prune_interval_s <= 0:
@@ -289,12 +297,18 @@ class RecordStore(RecordReader):
         self.prune_interval_s = prune_interval_s
         self.max_pending = max_pending
         self._writer = _open_writer(os.fspath(path))
-        super().__init__(path, clock=clock)
+        try:
+            super().__init__(path, clock=clock)
+        except RecordStoreError:
+            self._writer.close()
+            raise
         self._lock = threading.Lock()
         self._pending: list[Row] = []
         self._closed = False
         self._wake = threading.Event()
         self._written = self._dropped = self._write_errors = self._pruned = 0
+        self._dropping = False
+        """Records were refused since the last successful write (one warning per episode)."""
         self._thread = threading.Thread(target=self._run, name="jouleprobe-records", daemon=True)
         self._thread.start()
 
@@ -310,27 +324,34 @@ class RecordStore(RecordReader):
             self._pending.extend(rows[:room])
             refused = len(rows) - min(room, len(rows))
             self._dropped += refused
-        if refused:
-            log.warning("record queue full (%d): %d request records dropped",
-                        self.max_pending, refused)
+            warn = refused > 0 and not self._dropping
+            self._dropping = self._dropping or refused > 0
+        if warn:
+            log.warning("record queue full (%d records): new request records are dropped, and "
+                        "counted, until the writer catches up", self.max_pending)
 
     def _row(self, energy: RequestEnergy) -> Row:
-        """Converts now, so that the queued row cannot change with the caller's objects."""
+        """Converts now, to plain Python types (numpy numbers included), so that the queued
+        row cannot change with the caller's objects and cannot fail to bind later."""
         request = energy.request
         if request.status not in report.STATUSES:
             raise ValueError(f"request {request.id}: unknown status {request.status!r}")
-        joules = (energy.gpu_dynamic_j, energy.gpu_static_j, energy.host_j, energy.facility_j)
+        joules = tuple(float(j) for j in (
+            energy.gpu_dynamic_j, energy.gpu_static_j, energy.host_j, energy.facility_j
+        ))
         if not all(math.isfinite(j) for j in joules):
             raise ValueError(f"request {request.id}: non-finite energy {joules}")
-        offset = self.wall_offset
         return (
-            request.id, request.model, request.source, ",".join(map(str, request.gpus)),
-            request.status, request.start + offset,
-            request.end + offset if request.end is not None else None,
-            request.first_token + offset if request.first_token is not None else None,
-            request.prompt_tokens, request.completion_tokens, *joules, self.pue,
-            int(energy.late),
+            str(request.id), str(request.model), str(request.source),
+            ",".join(str(int(gpu)) for gpu in request.gpus), request.status,
+            self._wall(request.start), _optional(self._wall, request.end),
+            _optional(self._wall, request.first_token),
+            _optional(int, request.prompt_tokens), _optional(int, request.completion_tokens),
+            *joules, self.pue, int(energy.late),
         )
+
+    def _wall(self, monotonic: float) -> float:
+        return float(monotonic) + self.wall_offset
 
     def stats(self) -> StoreStats:
         with self._lock:
@@ -365,19 +386,21 @@ class RecordStore(RecordReader):
             return
         try:
             with _transaction(self._writer):
-                self._writer.executemany(_UPSERT, batch)
-        except sqlite3.Error:
+                _insert(self._writer, batch)
+        except sqlite3.Error as exc:
+            retry = isinstance(exc, sqlite3.OperationalError) and not final
             with self._lock:
                 self._write_errors += 1
-                if final:
-                    self._dropped += len(batch)
-                else:
+                if retry:
                     self._pending[:0] = batch
+                else:
+                    self._dropped += len(batch)
             log.exception("writing %d request records to %s failed%s", len(batch), self.path,
-                          "; they are lost" if final else "; will retry")
+                          "; will retry" if retry else "; they are lost")
             return
         with self._lock:
             self._written += len(batch)
+            self._dropping = False
 
     def _prune(self, retention_days: float) -> None:
         cutoff = self._clock() - retention_days * 86400.0
@@ -393,6 +416,22 @@ class RecordStore(RecordReader):
             return
         with self._lock:
             self._pruned += deleted
+
+
+def _optional(convert: Callable[[Any], Any], value: Any) -> Any:
+    return None if value is None else convert(value)
+
+
+def _insert(connection: sqlite3.Connection, rows: list[Row]) -> None:
+    """Upserts `rows`, many per statement (see ROWS_PER_STATEMENT)."""
+    variables = connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    per_statement = max(1, min(ROWS_PER_STATEMENT, variables // len(_COLUMNS)))
+    for first in range(0, len(rows), per_statement):
+        chunk = rows[first:first + per_statement]
+        connection.execute(
+            _UPSERT + ", ".join([_ROW_VALUES] * len(chunk)),
+            [value for row in chunk for value in row],
+        )
 
 
 class _transaction:

@@ -11,7 +11,8 @@ endpoint):
   their status: a cancelled or failed request still spent the energy, and leaving it out
   would make the fleet look cheaper than it is. The status counts are shown next to it.
   Requests still running at the agent's maximum age (stored without an end) are not
-  finished and not counted.
+  finished and not counted; late-reported ones (figures for only part of their lifetime,
+  flagged `late` in their record) are.
 - **Percentiles** use linear interpolation between closest ranks (Hyndman & Fan type 7,
   the default of numpy and of spreadsheets' PERCENTILE.INC): for sorted x₀…xₙ₋₁ and
   q in [0, 1], h = (n − 1)·q and the value is x⌊h⌋ + (h − ⌊h⌋)(x⌊h⌋₊₁ − x⌊h⌋). It is
@@ -232,6 +233,8 @@ def parse_since(text: str, now: float) -> float:
         seconds = float(duration.group(1)) * _UNIT_SECONDS[duration.group(2)]
         if seconds <= 0:
             raise ValueError(f"--since: the duration must be longer than 0, got {text!r}")
+        if seconds > now:
+            raise ValueError(f"--since: {text!r} reaches back before 1970")
         return now - seconds
     try:
         moment = datetime.fromisoformat(value)

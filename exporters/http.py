@@ -1,4 +1,5 @@
-"""The agent's HTTP listener: `/metrics` for Prometheus and `/healthz` for probes.
+"""The agent's HTTP listener: `/metrics` for Prometheus, `/healthz` for probes, and the
+per-request records (`/api/v1/requests/{id}`, `/api/v1/summary`).
 
 Other parts of the agent add their routes (`/api/v1/...`) to the Application that
 `metrics_app` returns, so that the node has one port to open and to scrape.
@@ -8,19 +9,54 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
+import re
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from agent.health import Health
+from agent.records import RecordStoreError
+
+DEFAULT_SUMMARY_WINDOW = "1h"
+
+_WINDOW = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)", re.ASCII)
+_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+class Records(Protocol):
+    """What the API reads from the record store (`agent.records.RecordReader` offers it).
+    Both may raise `RecordStoreError`."""
+
+    def get(self, request_id: str) -> dict[str, Any] | None: ...
+
+    def summary(self, window_s: float) -> dict[str, Any]: ...
+
+
+def parse_window(text: str) -> float:
+    """A summary window in seconds: "30s", "15m", "1h", "2d", "1w" or plain seconds ("90").
+    Raises ValueError, naming the parameter, for anything else or a window of 0."""
+    match = _WINDOW.fullmatch(text.strip())
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)] if match else math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(
+            f"window: expected a duration longer than 0 such as 30s, 15m, 1h, 2d, or a "
+            f"number of seconds; got {text!r}"
+        )
+    return seconds
 
 
 def metrics_app(
-    registry: CollectorRegistry, health: Callable[[], Health]
+    registry: CollectorRegistry,
+    health: Callable[[], Health],
+    records: Records | None = None,
 ) -> web.Application:
-    """GET /metrics renders `registry`; GET /healthz answers 200 or 503 from `health()`."""
+    """GET /metrics renders `registry`; GET /healthz answers 200 or 503 from `health()`;
+    GET /api/v1/requests/{id} and GET /api/v1/summary?window=1h read `records` (JSON 404
+    on both when the agent keeps no records)."""
 
     async def metrics(request: web.Request) -> web.Response:
         # OpenMetrics when the scraper asks for it (Prometheus does), else text 0.0.4.
@@ -42,10 +78,50 @@ def metrics_app(
             status=200 if report.ok else 503,
         )
 
+    async def request_record(request: web.Request) -> web.Response:
+        if records is None:
+            return _no_records()
+        request_id = request.match_info["id"]
+        try:
+            # SQLite reads block: off the event loop, like the scrape.
+            record = await asyncio.to_thread(records.get, request_id)
+        except RecordStoreError as exc:
+            return _error(503, str(exc))
+        if record is None:
+            return _error(
+                404,
+                f"no record of request {request_id!r}: records appear once a request is "
+                f"final (it has ended and its energy has been attributed, a few seconds "
+                f"later) and are kept until retention deletes them",
+            )
+        return web.json_response(record)
+
+    async def summary(request: web.Request) -> web.Response:
+        if records is None:
+            return _no_records()
+        try:
+            window_s = parse_window(request.query.get("window", DEFAULT_SUMMARY_WINDOW))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        try:
+            return web.json_response(await asyncio.to_thread(records.summary, window_s))
+        except RecordStoreError as exc:
+            return _error(503, str(exc))
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/v1/requests/{id}", request_record)
+    app.router.add_get("/api/v1/summary", summary)
     return app
+
+
+def _error(status: int, reason: str) -> web.Response:
+    return web.json_response({"error": reason}, status=status)
+
+
+def _no_records() -> web.Response:
+    return _error(404, "this agent keeps no per-request records (no record store configured)")
 
 
 async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:

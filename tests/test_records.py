@@ -126,13 +126,13 @@ def test_writer_thread_flushes_without_close(open_store: Callable[..., RecordSto
 def test_close_commits_every_queued_record(path: Path,
                                            open_store: Callable[..., RecordStore]) -> None:
     store = open_store()  # the timed flush is an hour away: only close() can write these
-    for batch in range(3):
-        store.submit([energy(f"r{batch}-{i}", end=12.5 + batch) for i in range(50)])
+    for batch in range(3):  # 2,700 rows: more than one statement's ROWS_PER_STATEMENT
+        store.submit([energy(f"r{batch}-{i}", end=12.5 + batch) for i in range(900)])
     assert store.get("r0-0") is None
     store.close()
     store.close()  # idempotent
-    assert sum(1 for _ in RecordReader(path).query()) == 150
-    assert store.stats().written_total == 150
+    assert sum(1 for _ in RecordReader(path).query()) == 2700 > records.ROWS_PER_STATEMENT
+    assert store.stats().written_total == 2700
 
 
 def test_resubmitted_id_replaces_the_record(open_store: Callable[..., RecordStore]) -> None:
@@ -140,10 +140,11 @@ def test_resubmitted_id_replaces_the_record(open_store: Callable[..., RecordStor
     store.submit([energy("a", dynamic=1.0)])
     assert wait_until(lambda: store.get("a") is not None)
     store.submit([energy("a", dynamic=2.0, model="other")])
-    assert wait_until(lambda: store.stats().written_total == 2)
-    rows = list(store.query())
-    assert len(rows) == 1
-    assert (rows[0].gpu_dynamic_j, rows[0].model) == (2.0, "other")
+    store.submit([energy("b", dynamic=1.0), energy("b", dynamic=3.0)])  # within one batch
+    assert wait_until(lambda: store.stats().written_total == 4)
+    assert sorted((r.id, r.gpu_dynamic_j, r.model) for r in store.query()) == [
+        ("a", 2.0, "other"), ("b", 3.0, "llama"),
+    ]
 
 
 def test_retention_removes_only_old_records(path: Path,
@@ -205,6 +206,25 @@ def test_failed_write_is_kept_and_retried(monkeypatch: pytest.MonkeyPatch, path:
     assert store.stats().dropped_total == 0
 
 
+def test_a_batch_that_can_never_be_written_does_not_block_later_ones(
+    monkeypatch: pytest.MonkeyPatch, open_store: Callable[..., RecordStore]
+) -> None:
+    real_insert = records._insert
+
+    def insert(connection: sqlite3.Connection, rows: list[records.Row]) -> None:
+        if any(row[0] == "poison" for row in rows):
+            raise sqlite3.IntegrityError("CHECK constraint failed")
+        real_insert(connection, rows)
+
+    monkeypatch.setattr(records, "_insert", insert)
+    store = open_store(flush_interval_s=0.01)
+    store.submit([energy("poison")])
+    assert wait_until(lambda: store.stats().dropped_total == 1)
+    store.submit([energy("after")])
+    assert wait_until(lambda: store.get("after") is not None)
+    assert store.get("poison") is None and store.stats().write_errors_total == 1
+
+
 def test_records_close_cannot_write_are_counted_as_dropped(
     monkeypatch: pytest.MonkeyPatch, path: Path, open_store: Callable[..., RecordStore]
 ) -> None:
@@ -252,7 +272,7 @@ def test_unclosed_store_leaves_a_database_a_second_store_opens(
 
 def test_database_of_a_sigkilled_writer_opens_intact(path: Path) -> None:
     child = textwrap.dedent(f"""
-        import itertools, sys
+        import itertools, time
         from agent.records import RecordStore
         from agent.requests import Request, RequestEnergy
         store = RecordStore({str(path)!r}, pue=1.2, flush_interval_s=0.001)
@@ -262,6 +282,7 @@ def test_database_of_a_sigkilled_writer_opens_intact(path: Path) -> None:
             store.submit(batch)
             if n == 5:
                 print("writing", flush=True)
+            time.sleep(0.001)
     """)
     with subprocess.Popen([sys.executable, "-c", child], cwd=REPO, stdout=subprocess.PIPE,
                           text=True) as process:

@@ -179,7 +179,7 @@ def test_since_as_an_iso_time_naive_meaning_utc(text: str, monkeypatch: pytest.M
 @pytest.mark.parametrize(("text", "reason"), [
     ("", "expected a duration"), ("abc", "expected a duration"), ("1y", "expected a duration"),
     ("-1h", "expected a duration"), ("1H", "expected a duration"), ("0h", "longer than 0"),
-    ("2999-01-01", "in the future"),
+    ("2999-01-01", "in the future"), ("99999999w", "before 1970"),
 ])
 def test_since_errors_name_the_argument(text: str, reason: str) -> None:
     with pytest.raises(ValueError, match=f"^--since: .*{reason}"):

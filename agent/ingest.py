@@ -1,0 +1,394 @@
+"""The ingest API: custom inference servers report their own requests (DESIGN.md §5 item 2).
+
+`POST /api/v1/events` takes a batch of events as JSON:
+
+    {"clock": "monotonic" | "wall",          # optional, "monotonic" by default
+     "events": [
+       {"type": "start", "id": "r1", "model": "llama-8b", "gpus": [0, 1], "time": 812.5},
+       {"type": "end", "id": "r1", "time": 814.0, "first_token_time": 812.9,
+        "prompt_tokens": 12, "completion_tokens": 80, "status": "ok"},
+       {"type": "request", "id": "r2", "model": "llama-8b", "gpus": ["GPU-5d1f..."],
+        "start": 812.0, "end": 813.1, ...}]}
+
+Times are `time.monotonic()` seconds of this host: CLOCK_MONOTONIC is shared by every
+process of one Linux host, so a server on the node sends its own monotonic times and no
+clock is converted. A client elsewhere sends epoch seconds with `"clock": "wall"`; they are
+converted with the offset between the two clocks at the time of the POST.
+
+Every event is checked on its own: a bad one gets an error entry naming its index and the
+field, and the good events of the same batch are still taken (answer 400 with the count),
+so that a client never has to guess which part of a batch landed. A report whose time is far
+from this host's clock is refused instead of attributed: it is almost always a server
+sending wall-clock seconds as monotonic ones, or the reverse.
+
+Events are applied on the event loop: each is one short engine call under the engine's
+lock, and the cap on events per POST bounds how long one batch holds the loop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import os
+import stat
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from agent.attribution import AttributionEngine, CapacityExceeded
+from agent.client import EVENTS_PATH
+from agent.config import parse_listen
+from agent.requests import Request
+from agent.sources.base import GpuInfo
+
+log = logging.getLogger(__name__)
+
+SOURCE = "ingest"
+"""`Request.source` of every request reported through this API."""
+
+MAX_EVENTS = 10_000
+"""Events per POST at most."""
+MAX_ID_LENGTH = 128
+MAX_STRING_LENGTH = 256
+"""Longest model name accepted; it becomes a Prometheus label value."""
+MAX_TOKENS = 2**53
+"""Largest token count accepted: every count up to it is exact as a float."""
+MAX_AHEAD_S = 60.0
+MAX_BEHIND_S = 86_400.0
+"""Accepted window of event times around this host's clock at the time of the POST."""
+
+STATUSES = ("ok", "cancelled", "failed")
+CLOCKS = ("monotonic", "wall")
+
+_REQUIRED = {
+    "start": ("id", "model", "gpus", "time"),
+    "end": ("id", "time"),
+    "request": ("id", "model", "gpus", "start", "end"),
+}
+_OPTIONAL_END = ("first_token_time", "prompt_tokens", "completion_tokens", "status")
+_FIELDS = {
+    "start": frozenset(("type", *_REQUIRED["start"])),
+    "end": frozenset(("type", *_REQUIRED["end"], *_OPTIONAL_END)),
+    "request": frozenset(("type", *_REQUIRED["request"], *_OPTIONAL_END)),
+}
+_NUMBER = (int, float)
+
+
+class _Invalid(Exception):
+    """One event's field is not acceptable."""
+
+    def __init__(self, field: str, error: str) -> None:
+        super().__init__(error)
+        self.field = field
+        self.error = error
+
+
+def _show(value: Any) -> str:
+    """A client's value in an error message, cut short: it may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _uuid_key(uuid: str) -> str:
+    """NVML writes `GPU-5d1f...`, PyTorch's device properties `5d1f...`: both are accepted."""
+    uuid = uuid.strip().lower()
+    return uuid.removeprefix("gpu-")
+
+
+class _Intake:
+    """Validates batches of events and applies them to the engine."""
+
+    def __init__(
+        self,
+        engine: AttributionEngine,
+        gpus: list[GpuInfo],
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+    ) -> None:
+        measured = set(engine.totals().gpus)
+        if missing := sorted(info.index for info in gpus if info.index not in measured):
+            raise ValueError(f"GPU(s) {missing} have no timeline in the attribution engine")
+        self._engine = engine
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._indices = frozenset(info.index for info in gpus)
+        self._uuids = {_uuid_key(info.uuid): info.index for info in gpus}
+        self._listing = ", ".join(str(info.index) for info in gpus)
+        self._uuid_listing = ", ".join(f"{info.index} = {info.uuid}" for info in gpus)
+        self.retry_after_s = max(1, math.ceil(engine.settle_s))
+        """Pending requests become final only after `settle_s`: sooner, a retry fails too."""
+
+    def take(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        """The HTTP status and JSON answer for one POST body."""
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            return 400, _refusal("body", f"not valid JSON: {exc}")
+        if type(document) is not dict:
+            return 400, _refusal("body", 'expected a JSON object {"events": [...]}')
+        if unknown := sorted(set(document) - {"clock", "events"}):
+            return 400, _refusal(unknown[0], "unknown field (known: clock, events)")
+        clock = document.get("clock", "monotonic")
+        if clock not in CLOCKS:
+            return 400, _refusal("clock", f"expected monotonic or wall, got {_show(clock)}")
+        events = document.get("events")
+        if type(events) is not list:
+            return 400, _refusal("events", f"expected a list of events, got {_show(events)}")
+        if len(events) > MAX_EVENTS:
+            return 400, _refusal(
+                "events", f"{len(events)} events in one POST; at most {MAX_EVENTS}"
+            )
+        now = self._clock()
+        offset = self._wall_clock() - now if clock == "wall" else 0.0
+        return self._apply(events, offset, now)
+
+    def _apply(self, events: list[Any], offset: float, now: float) -> tuple[int, dict[str, Any]]:
+        accepted = 0
+        errors: list[dict[str, Any]] = []
+        for index, event in enumerate(events):
+            try:
+                self._event(event, offset, now)
+            except _Invalid as exc:
+                errors.append({"index": index, "field": exc.field, "error": exc.error})
+            except CapacityExceeded as exc:
+                errors.append({"index": index, "field": None, "error": str(exc)})
+                return 429, {"accepted": accepted, "errors": errors, "retry_from": index}
+            else:
+                accepted += 1
+        return (400 if errors else 200), {"accepted": accepted, "errors": errors}
+
+    def _event(self, event: Any, offset: float, now: float) -> None:
+        if type(event) is not dict:
+            raise _Invalid("event", f"expected a JSON object, got {_show(event)}")
+        kind = event.get("type")
+        allowed = _FIELDS.get(kind) if type(kind) is str else None
+        if allowed is None:
+            raise _Invalid("type", f"expected start, end or request, got {_show(kind)}")
+        if not allowed.issuperset(event):
+            unknown = sorted(set(event) - allowed)[0]
+            raise _Invalid(unknown, f"unknown field for a {kind} event "
+                                    f"(known: {', '.join(sorted(allowed))})")
+        for name in _REQUIRED[kind]:
+            if event.get(name) is None:
+                raise _Invalid(name, f"required for a {kind} event")
+        request_id = _string(event, "id", MAX_ID_LENGTH)
+        if kind == "end":
+            self._end(event, request_id, offset, now)
+            return
+        model = _string(event, "model", MAX_STRING_LENGTH)
+        gpus = self._gpus(event["gpus"])
+        if kind == "start":
+            start = self._time(event, "time", offset, now)
+            request = Request(request_id, model, SOURCE, gpus, start)
+        else:
+            start = self._time(event, "start", offset, now)
+            end = self._time(event, "end", offset, now)
+            if end < start:
+                raise _Invalid("end", "the request ends before it starts")
+            first_token = self._first_token(event, start, end, offset, now)
+            request = Request(
+                request_id, model, SOURCE, gpus, start, end, first_token,
+                _tokens(event, "prompt_tokens"), _tokens(event, "completion_tokens"),
+                _status(event),
+            )
+        try:
+            self._engine.add(request)
+        except ValueError as exc:  # GPUs and times are checked above: a duplicate id
+            raise _Invalid("id", str(exc)) from None
+
+    def _end(self, event: dict[str, Any], request_id: str, offset: float, now: float) -> None:
+        end = self._time(event, "time", offset, now)
+        first_token = self._first_token(event, -math.inf, end, offset, now)
+        try:
+            found = self._engine.end(
+                request_id, end, first_token=first_token,
+                prompt_tokens=_tokens(event, "prompt_tokens"),
+                completion_tokens=_tokens(event, "completion_tokens"),
+                status=_status(event),
+            )
+        except ValueError as exc:
+            # Only the engine knows the start, and its message says what precedes it.
+            field = "first_token_time" if "first token" in str(exc) else "time"
+            raise _Invalid(field, str(exc)) from None
+        if not found:
+            raise _Invalid("id", f"no open request {_show(request_id)}: never started, "
+                                 "already ended, or closed at the maximum age")
+
+    def _first_token(
+        self, event: dict[str, Any], start: float, end: float, offset: float, now: float
+    ) -> float | None:
+        if event.get("first_token_time") is None:
+            return None
+        first = self._time(event, "first_token_time", offset, now)
+        if not start <= first <= end:
+            raise _Invalid("first_token_time", "outside the request's lifetime [start, end]")
+        return first
+
+    def _time(self, event: dict[str, Any], name: str, offset: float, now: float) -> float:
+        value = event[name]
+        if type(value) not in _NUMBER or not math.isfinite(value):
+            raise _Invalid(name, f"expected a finite number of seconds, got {_show(value)}")
+        seconds = value - offset
+        if seconds > now + MAX_AHEAD_S or seconds < now - MAX_BEHIND_S:
+            raise _Invalid(name, (
+                f"{seconds - now:+.0f} s away from this host's clock: monotonic times must "
+                'come from time.monotonic() on this host; send epoch seconds with "clock": '
+                '"wall"'
+            ))
+        return float(seconds)
+
+    def _gpus(self, value: Any) -> tuple[int, ...]:
+        if type(value) is not list or not value:
+            raise _Invalid("gpus", f"expected a non-empty list of GPU indices or UUIDs, "
+                                   f"got {_show(value)}")
+        indices = tuple(self._gpu(gpu) for gpu in value)
+        if len(set(indices)) != len(indices):
+            raise _Invalid("gpus", f"names a GPU twice: {_show(value)}")
+        return indices
+
+    def _gpu(self, gpu: Any) -> int:
+        if type(gpu) is int:
+            if gpu in self._indices:
+                return gpu
+            raise _Invalid("gpus", f"GPU {gpu} is not on this node (GPUs: {self._listing})")
+        if type(gpu) is str:
+            index = self._uuids.get(_uuid_key(gpu))
+            if index is not None:
+                return index
+            raise _Invalid("gpus", f"GPU {_show(gpu)} is not on this node "
+                                   f"(GPUs: {self._uuid_listing})")
+        raise _Invalid("gpus", f"expected a GPU index or UUID, got {_show(gpu)}")
+
+
+def _string(event: dict[str, Any], name: str, limit: int) -> str:
+    value = event[name]
+    if type(value) is not str or not value or len(value) > limit:
+        raise _Invalid(name, f"expected a non-empty string of at most {limit} characters, "
+                             f"got {_show(value)}")
+    return value
+
+
+def _tokens(event: dict[str, Any], name: str) -> int | None:
+    value = event.get(name)
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value <= MAX_TOKENS:
+        raise _Invalid(name, f"expected an integer in [0, 2**53], got {_show(value)}")
+    return value
+
+
+def _status(event: dict[str, Any]) -> Any:
+    value = event.get("status", "ok")
+    if value not in STATUSES:  # a list or dict is simply not among them
+        raise _Invalid("status", f"expected one of {', '.join(STATUSES)}, got {_show(value)}")
+    return value
+
+
+def _refusal(field: str, error: str) -> dict[str, Any]:
+    """The answer to a POST refused as a whole: same shape as per-event errors, no index."""
+    return {"accepted": 0, "errors": [{"field": field, "error": error}]}
+
+
+def _bearer(header: str) -> bytes | None:
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return credentials.strip().encode("utf-8", "replace")
+
+
+def ingest_app(
+    engine: AttributionEngine,
+    gpus: list[GpuInfo],
+    *,
+    token: str | None,
+    max_body_bytes: int,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """`POST /api/v1/events` into `engine`; see the module docstring for the protocol.
+
+    `gpus` are the GPUs that a request may name, by index or UUID. With `token` set, every
+    POST must carry `Authorization: Bearer <token>`.
+    """
+    intake = _Intake(engine, gpus, clock, wall_clock)
+    expected = None if token is None else token.encode()
+
+    async def events(request: web.Request) -> web.Response:
+        if expected is not None:
+            given = _bearer(request.headers.get("Authorization", ""))
+            # compare_digest takes the same time wherever the first difference lies.
+            if given is None or not hmac.compare_digest(given, expected):
+                challenge = 'Bearer realm="jouleprobe"'
+                if given is not None:
+                    challenge += ', error="invalid_token"'
+                return web.json_response(
+                    _refusal("Authorization", "a valid bearer token is required"),
+                    status=401, headers={"WWW-Authenticate": challenge},
+                )
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return web.json_response(_refusal(
+                "body", f"larger than {max_body_bytes} bytes (ingest.max_body_bytes); "
+                        "send smaller batches"), status=413)
+        status, answer = intake.take(body)
+        headers = {"Retry-After": str(intake.retry_after_s)} if status == 429 else None
+        return web.json_response(answer, status=status, headers=headers)
+
+    app = web.Application(client_max_size=max_body_bytes)
+    app.router.add_post(EVENTS_PATH, events)
+    return app
+
+
+def load_token(path: str) -> str | None:
+    """The bearer token held in `path` (surrounding whitespace removed); None for no path.
+
+    Raises ValueError if the file cannot be read or holds no token: an agent configured
+    for a token must never fall back to running without one.
+    """
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+            mode = os.fstat(f.fileno()).st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read ingest.token_file {path}: {exc}") from None
+    if not token:
+        raise ValueError(f"ingest.token_file {path} is empty")
+    if mode & stat.S_IROTH:
+        log.warning("ingest.token_file %s is readable by every user of this host", path)
+    return token
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a host name: where it resolves to cannot be vouched for
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def check_listen_access(listen: str, token: str | None) -> None:
+    """Refuses a listener reachable from other hosts unless a bearer token protects it.
+
+    Anyone who can POST events can skew every per-request figure of the node; on loopback
+    that is only local processes, which is the trust boundary of the node itself.
+    """
+    host, _ = parse_listen(listen)
+    if token is None and not _loopback(host):
+        raise ValueError(
+            f"the ingest API listens off loopback ({listen}) without a token_file: anyone who "
+            "can reach it could report requests; set ingest.token_file or listen on "
+            "127.0.0.1"
+        )
+
