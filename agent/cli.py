@@ -62,7 +62,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config = load(args.config, overrides=_overrides(args))
+        config = load(getattr(args, "config", None), overrides=_overrides(args))
     except ConfigError as exc:
         print(f"jouleprobe: config: {exc}", file=sys.stderr)
         return 2

@@ -283,7 +283,9 @@ def _tokens(event: dict[str, Any], name: str) -> int | None:
 
 
 def _status(event: dict[str, Any]) -> Any:
-    value = event.get("status", "ok")
+    value = event.get("status")
+    if value is None:
+        return "ok"
     if value not in STATUSES:  # a list or dict is simply not among them
         raise _Invalid("status", f"expected one of {', '.join(STATUSES)}, got {_show(value)}")
     return value
@@ -387,8 +389,8 @@ def check_listen_access(listen: str, token: str | None) -> None:
     host, _ = parse_listen(listen)
     if token is None and not _loopback(host):
         raise ValueError(
-            f"the ingest API listens off loopback ({listen}) without a token_file: anyone who "
-            "can reach it could report requests; set ingest.token_file or listen on "
+            f"the ingest API on {listen} listens off loopback without a token_file: anyone "
+            "who can reach it could report requests; set ingest.token_file or listen on "
             "127.0.0.1"
         )
 

@@ -281,6 +281,7 @@ class Sampler:
         scheduler's own cost small (bench/sampler.py)."""
         if self._scheduler is not None:
             return
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)  # not a line per tick
         self._workers = {index: _Worker(index, self.sample_gpu) for index in self._gpus}
         scheduler = BackgroundScheduler(
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},

@@ -122,16 +122,3 @@ def _error(status: int, reason: str) -> web.Response:
 
 def _no_records() -> web.Response:
     return _error(404, "this agent keeps no per-request records (no record store configured)")
-
-
-async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Start serving `app` on host:port; `runner.addresses` holds the bound addresses
-    (the real port where `port` was 0). Stop with `await runner.cleanup()`."""
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner

@@ -116,7 +116,9 @@ def agent(tmp_path: Path) -> Iterator[str]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--simulate", "2xH100",
              "--listen", address, "--sample-interval", "0.1"],
-            cwd=ROOT, env=_agent_env(), stdout=out, stderr=subprocess.STDOUT,
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            env={**_agent_env(), "JOULEPROBE_RECORDS_PATH": str(tmp_path / "records.db"),
+                 "JOULEPROBE_INGEST_LISTEN": "127.0.0.1:0"},
         )
     try:
         _wait_for("the agent", lambda: _get(f"http://{address}/healthz")[0] == 200,
