@@ -100,6 +100,32 @@ def _uuid_key(uuid: str) -> str:
     return uuid.removeprefix("gpu-")
 
 
+class _Window:
+    """The accepted range of one batch's event times, in the sender's clock, and their
+    conversion to this host's monotonic clock."""
+
+    __slots__ = ("high", "low", "now", "offset")
+
+    def __init__(self, now: float, offset: float) -> None:
+        self.now = now
+        self.offset = offset
+        self.low = now + offset - MAX_BEHIND_S
+        self.high = now + offset + MAX_AHEAD_S
+
+    def time(self, event: dict[str, Any], name: str) -> float:
+        value = event.get(name)
+        # The range check also refuses NaN and infinities.
+        if type(value) in _NUMBER and self.low <= value <= self.high:
+            return value - self.offset
+        if type(value) not in _NUMBER or not math.isfinite(value):
+            raise _Invalid(name, f"expected a finite number of seconds, got {_show(value)}")
+        raise _Invalid(name, (
+            f"{value - self.offset - self.now:+.0f} s away from this host's clock: monotonic "
+            'times must come from time.monotonic() on this host; send epoch seconds with '
+            '"clock": "wall"'
+        ))
+
+
 class _Intake:
     """Validates batches of events and applies them to the engine."""
 
@@ -144,15 +170,15 @@ class _Intake:
                 "events", f"{len(events)} events in one POST; at most {MAX_EVENTS}"
             )
         now = self._clock()
-        offset = self._wall_clock() - now if clock == "wall" else 0.0
-        return self._apply(events, offset, now)
+        return self._apply(events, _Window(now, self._wall_clock() - now if clock == "wall"
+                                           else 0.0))
 
-    def _apply(self, events: list[Any], offset: float, now: float) -> tuple[int, dict[str, Any]]:
+    def _apply(self, events: list[Any], window: _Window) -> tuple[int, dict[str, Any]]:
         accepted = 0
         errors: list[dict[str, Any]] = []
         for index, event in enumerate(events):
             try:
-                self._event(event, offset, now)
+                self._event(event, window)
             except _Invalid as exc:
                 errors.append({"index": index, "field": exc.field, "error": exc.error})
             except CapacityExceeded as exc:
@@ -162,7 +188,7 @@ class _Intake:
                 accepted += 1
         return (400 if errors else 200), {"accepted": accepted, "errors": errors}
 
-    def _event(self, event: Any, offset: float, now: float) -> None:
+    def _event(self, event: Any, window: _Window) -> None:
         if type(event) is not dict:
             raise _Invalid("event", f"expected a JSON object, got {_show(event)}")
         kind = event.get("type")
@@ -178,19 +204,18 @@ class _Intake:
                 raise _Invalid(name, f"required for a {kind} event")
         request_id = _string(event, "id", MAX_ID_LENGTH)
         if kind == "end":
-            self._end(event, request_id, offset, now)
+            self._end(event, request_id, window)
             return
         model = _string(event, "model", MAX_STRING_LENGTH)
         gpus = self._gpus(event["gpus"])
         if kind == "start":
-            start = self._time(event, "time", offset, now)
-            request = Request(request_id, model, SOURCE, gpus, start)
+            request = Request(request_id, model, SOURCE, gpus, window.time(event, "time"))
         else:
-            start = self._time(event, "start", offset, now)
-            end = self._time(event, "end", offset, now)
+            start = window.time(event, "start")
+            end = window.time(event, "end")
             if end < start:
                 raise _Invalid("end", "the request ends before it starts")
-            first_token = self._first_token(event, start, end, offset, now)
+            first_token = _first_token(event, start, end, window)
             request = Request(
                 request_id, model, SOURCE, gpus, start, end, first_token,
                 _tokens(event, "prompt_tokens"), _tokens(event, "completion_tokens"),
@@ -201,9 +226,9 @@ class _Intake:
         except ValueError as exc:  # GPUs and times are checked above: a duplicate id
             raise _Invalid("id", str(exc)) from None
 
-    def _end(self, event: dict[str, Any], request_id: str, offset: float, now: float) -> None:
-        end = self._time(event, "time", offset, now)
-        first_token = self._first_token(event, -math.inf, end, offset, now)
+    def _end(self, event: dict[str, Any], request_id: str, window: _Window) -> None:
+        end = window.time(event, "time")
+        first_token = _first_token(event, -math.inf, end, window)
         try:
             found = self._engine.end(
                 request_id, end, first_token=first_token,
@@ -219,34 +244,13 @@ class _Intake:
             raise _Invalid("id", f"no open request {_show(request_id)}: never started, "
                                  "already ended, or closed at the maximum age")
 
-    def _first_token(
-        self, event: dict[str, Any], start: float, end: float, offset: float, now: float
-    ) -> float | None:
-        if event.get("first_token_time") is None:
-            return None
-        first = self._time(event, "first_token_time", offset, now)
-        if not start <= first <= end:
-            raise _Invalid("first_token_time", "outside the request's lifetime [start, end]")
-        return first
-
-    def _time(self, event: dict[str, Any], name: str, offset: float, now: float) -> float:
-        value = event[name]
-        if type(value) not in _NUMBER or not math.isfinite(value):
-            raise _Invalid(name, f"expected a finite number of seconds, got {_show(value)}")
-        seconds = value - offset
-        if seconds > now + MAX_AHEAD_S or seconds < now - MAX_BEHIND_S:
-            raise _Invalid(name, (
-                f"{seconds - now:+.0f} s away from this host's clock: monotonic times must "
-                'come from time.monotonic() on this host; send epoch seconds with "clock": '
-                '"wall"'
-            ))
-        return float(seconds)
-
     def _gpus(self, value: Any) -> tuple[int, ...]:
         if type(value) is not list or not value:
             raise _Invalid("gpus", f"expected a non-empty list of GPU indices or UUIDs, "
                                    f"got {_show(value)}")
-        indices = tuple(self._gpu(gpu) for gpu in value)
+        if len(value) == 1:
+            return (self._gpu(value[0]),)
+        indices = tuple([self._gpu(gpu) for gpu in value])
         if len(set(indices)) != len(indices):
             raise _Invalid("gpus", f"names a GPU twice: {_show(value)}")
         return indices
@@ -271,6 +275,17 @@ def _string(event: dict[str, Any], name: str, limit: int) -> str:
         raise _Invalid(name, f"expected a non-empty string of at most {limit} characters, "
                              f"got {_show(value)}")
     return value
+
+
+def _first_token(
+    event: dict[str, Any], start: float, end: float, window: _Window
+) -> float | None:
+    if event.get("first_token_time") is None:
+        return None
+    first = window.time(event, "first_token_time")
+    if not start <= first <= end:
+        raise _Invalid("first_token_time", "outside the request's lifetime [start, end]")
+    return first
 
 
 def _tokens(event: dict[str, Any], name: str) -> int | None:

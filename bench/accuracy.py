@@ -212,10 +212,10 @@ def main() -> None:
               f"{', '.join(f'{c:.1f}' for c in level.in_flight)}, learned idle {idle} W, "
               f"late {level.late}, conservation {level.conservation:.1e}, simulation "
               f"{level.simulation_error:.1e}, {time.process_time() - started:.1f} s CPU")
-        print(f"  {'method':<16}{'median':>9}{'p95':>9}{'bias':>9}")
+        print(f"  {'method':<16}{'median':>10}{'p95':>10}{'bias':>10}")
         for method in METHODS:
             median, p95, bias = summarise(level.errors[method])
-            print(f"  {method:<16}{median:>9.2%}{p95:>9.2%}{bias:>+9.2%}")
+            print(f"  {method:<16}{median:>10.2%}{p95:>10.2%}{bias:>+10.2%}")
             results.append({"concurrency": concurrency, "method": method,
                             "median_error": median, "p95_error": p95})
             target = TARGETS.get((method, concurrency))

@@ -21,10 +21,10 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from fake_pynvml import FakeNvml  # noqa: E402  (the scripted fake used by the tests)
+from fake_pynvml import FakeNvml  # the scripted fake that the tests use
 
-from agent.sampler import Sampler  # noqa: E402
-from agent.sources.nvml import NvmlGpuSource  # noqa: E402
+from agent.sampler import Sampler
+from agent.sources.nvml import NvmlGpuSource
 
 
 def main() -> None:

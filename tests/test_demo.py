@@ -1,0 +1,32 @@
+"""`jouleprobe demo` end to end: simulated GPUs, real sampler, ingest API, engine, records."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from agent.report import run_report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_runs_the_whole_pipeline_and_conserves_energy(tmp_path: Path) -> None:
+    store = tmp_path / "demo.db"
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "demo", "--seconds", "6", "--store", str(store)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "SIMULATED" in out
+    assert "Energy per query" in out and "small-8b" in out and "large-70b" in out
+    conservation = [line for line in out.splitlines() if "attributed + unattributed" in line]
+    assert len(conservation) == 2  # one line per simulated GPU, read back from /metrics
+    assert "queries/day" in out
+
+    report = json.loads(run_report(str(store), None, "json", None))
+    models = {model["model"]: model for model in report["models"]}
+    assert set(models) == {"small-8b", "large-70b"}
+    assert all(model["requests"] > 0 for model in models.values())
