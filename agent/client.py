@@ -22,10 +22,12 @@ ends before its start has been sent goes out as one "request" event instead of t
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import itertools
 import json
 import logging
+import operator
 import threading
 import time
 import urllib.error
@@ -175,6 +177,7 @@ class Tracker:
         self._accepted = self._rejected = self._dropped = 0
         self._thread = threading.Thread(target=self._run, name="jouleprobe-tracker", daemon=True)
         self._thread.start()
+        atexit.register(self.close)  # what is queued at exit is sent, not lost
 
     def request(
         self, *, model: str, gpus: Sequence[int | str], request_id: str | None = None
@@ -206,6 +209,7 @@ class Tracker:
 
     def close(self, timeout: float = 10.0) -> None:
         """Sends what is queued (waiting at most `timeout` seconds), then stops the thread."""
+        atexit.unregister(self.close)
         with self._lock:
             self._closing = True
         self._wake.set()
@@ -260,7 +264,7 @@ class Tracker:
     def _send(self, batch: list[dict[str, Any]]) -> None:
         """Sends one batch with bounded retries; never raises (it runs on our own thread)."""
         try:
-            body = json.dumps({"clock": self._clock, "events": batch}).encode()
+            body = self._encode(batch)
         except (TypeError, ValueError) as exc:
             log.warning("jouleprobe: %d events could not be encoded, dropped: %s", len(batch), exc)
             self._count(dropped=len(batch))
@@ -279,7 +283,7 @@ class Tracker:
                 retry_from = answer.get("retry_from", accepted)
                 self._count(accepted=accepted, rejected=retry_from - accepted)
                 batch = batch[retry_from:]
-                body = json.dumps({"clock": self._clock, "events": batch}).encode()
+                body = self._encode(batch)
                 time.sleep(min(retry_after, 5.0))
                 continue
             if status in (200, 400) and "accepted" in answer:
@@ -293,24 +297,42 @@ class Tracker:
         log.warning("jouleprobe: %d events dropped after failed sends", len(batch))
         self._count(dropped=len(batch))
 
+    def _encode(self, batch: list[dict[str, Any]]) -> bytes:
+        return json.dumps({"clock": self._clock, "events": batch}, default=_plain).encode()
+
     def _post(self, body: bytes) -> tuple[int, dict[str, Any], float]:
         request = urllib.request.Request(self.url, data=body, headers=self._headers,
                                          method="POST")
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
-                return response.status, json.load(response), 0.0
+                return response.status, _answer(response.read()), 0.0
         except urllib.error.HTTPError as error:
-            try:
-                answer = json.loads(error.read())
-            except ValueError:
-                answer = {}
-            finally:
-                error.close()
+            with error:
+                body = error.read()
             retry_after = error.headers.get("Retry-After", "1")
-            return error.code, answer, float(retry_after) if retry_after.isdigit() else 1.0
+            return (error.code, _answer(body),
+                    float(retry_after) if retry_after.isdigit() else 1.0)
 
     def _count(self, *, accepted: int = 0, rejected: int = 0, dropped: int = 0) -> None:
         with self._lock:
             self._accepted += accepted
             self._rejected += rejected
             self._dropped += dropped
+
+
+def _answer(body: bytes) -> dict[str, Any]:
+    """The agent's JSON answer; empty where something else answered."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what servers commonly pass: numpy or torch integers as ints; anything else
+    as its text, which the agent then refuses with a message naming the field."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return str(value)

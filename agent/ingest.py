@@ -117,7 +117,9 @@ class _Window:
         # The range check also refuses NaN and infinities.
         if type(value) in _NUMBER and self.low <= value <= self.high:
             return value - self.offset
-        if type(value) not in _NUMBER or not math.isfinite(value):
+        if type(value) is int:
+            value = float(value) if abs(value) < 1e300 else math.inf  # float() may overflow
+        if type(value) is not float or not math.isfinite(value):
             raise _Invalid(name, f"expected a finite number of seconds, got {_show(value)}")
         raise _Invalid(name, (
             f"{value - self.offset - self.now:+.0f} s away from this host's clock: monotonic "
@@ -159,7 +161,7 @@ class _Intake:
             return 400, _refusal("body", 'expected a JSON object {"events": [...]}')
         if unknown := sorted(set(document) - {"clock", "events"}):
             return 400, _refusal(unknown[0], "unknown field (known: clock, events)")
-        clock = document.get("clock", "monotonic")
+        clock = document.get("clock") or "monotonic"
         if clock not in CLOCKS:
             return 400, _refusal("clock", f"expected monotonic or wall, got {_show(clock)}")
         events = document.get("events")
@@ -170,8 +172,8 @@ class _Intake:
                 "events", f"{len(events)} events in one POST; at most {MAX_EVENTS}"
             )
         now = self._clock()
-        return self._apply(events, _Window(now, self._wall_clock() - now if clock == "wall"
-                                           else 0.0))
+        offset = self._wall_clock() - now if clock == "wall" else 0.0
+        return self._apply(events, _Window(now, offset))
 
     def _apply(self, events: list[Any], window: _Window) -> tuple[int, dict[str, Any]]:
         accepted = 0

@@ -10,11 +10,8 @@ import asyncio
 import dataclasses
 import itertools
 import json
-import os
-import shutil
 import subprocess
 import sys
-from collections import deque
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -24,6 +21,7 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from scripted import ScriptedGpuSource, ScriptedHostSource, require_binary
 
 from agent.health import assess
 from agent.sampler import SAMPLE_DURATION_BUCKETS, NodeSnapshot, Sampler
@@ -44,33 +42,6 @@ GPUS = [
     GpuInfo(0, "GPU-aaaa", "NVIDIA H100 80GB HBM3", "counter", "instant"),
     GpuInfo(1, "GPU-bbbb", "Tesla T4", "power_integration", "power_usage", simulated=True),
 ]
-
-
-class ScriptedGpuSource:
-    """Answers each read with the next reading queued for that GPU."""
-
-    def __init__(self, infos: list[GpuInfo]) -> None:
-        self._infos = infos
-        self.queued: dict[int, deque[GpuReading]] = {info.index: deque() for info in infos}
-
-    def gpus(self) -> list[GpuInfo]:
-        return list(self._infos)
-
-    def read(self, index: int) -> GpuReading:
-        return self.queued[index].popleft()
-
-    def close(self) -> None:
-        pass
-
-
-class ScriptedHostSource:
-    source = "rapl"
-
-    def __init__(self) -> None:
-        self.queued: deque[HostReading] = deque()
-
-    def read(self) -> HostReading:
-        return self.queued.popleft()
 
 
 def _h100(t: float, energy_j: float) -> GpuReading:
@@ -244,19 +215,8 @@ def test_added_producers_render_from_the_same_snapshot(node: Node) -> None:
     assert len(seen) == 1 and seen[0].time == node.now
 
 
-def _require(binary: str) -> str:
-    """The binary's path; skip where it is missing, except under CI where that fails."""
-    path = shutil.which(binary)
-    if path is None:
-        reason = f"{binary} is not installed (Debian/Ubuntu: apt-get install prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true: {reason}")
-        pytest.skip(reason)
-    return path
-
-
 def test_promtool_finds_nothing_to_lint(node: Node) -> None:
-    promtool = _require("promtool")
+    promtool = require_binary("promtool")
     node.gpu_source.queued[0].append(_lost(T0 + 0.3))  # an error series too
     node.sampler.sample_gpu(0)
     result = subprocess.run(

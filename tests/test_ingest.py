@@ -178,6 +178,7 @@ BAD_EVENTS: list[tuple[dict[str, Any] | list[Any], str]] = [
     ({**start("x", NOW), "time": True}, "time"),
     ({**start("x", NOW), "time": float("inf")}, "time"),
     ({**start("x", NOW), "time": float("nan")}, "time"),
+    ({**start("x", NOW), "time": 10**400}, "time"),
     (start("x", NOW + WALL_OFFSET), "time"),  # wall-clock seconds sent as monotonic
     (start("x", NOW - 100_000), "time"),  # monotonic seconds sent as wall-clock ones
     ({**start("x", NOW), "first_token_time": NOW}, "first_token_time"),  # not a start field
@@ -391,6 +392,16 @@ def wait_for(condition: Any, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+class NumpyLikeInt:
+    """An integer that is not an int, as numpy and torch hand them out."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
 def test_tracker_reports_requests_end_to_end() -> None:
     engine, app = real_time_engine()
     with serving(app) as url:
@@ -400,7 +411,7 @@ def test_tracker_reports_requests_end_to_end() -> None:
         wait_for(lambda: engine.totals().pending_requests == 1)  # its start went out alone
         with tracker.request(model="llama-8b", gpus=[0]) as r:
             r.first_token()
-            r.tokens(prompt=12, completion=80)
+            r.tokens(prompt=NumpyLikeInt(12), completion=80)
         with pytest.raises(RuntimeError), tracker.request(model="llama-8b", gpus=[UUID1]):
             raise RuntimeError("the model server failed")
         early.end()
@@ -457,3 +468,19 @@ def test_tracker_never_raises_when_the_agent_is_unreachable_or_refuses_it() -> N
         tracker.close()
     assert (tracker.stats().accepted, tracker.stats().dropped) == (0, 1)
     assert engine.totals().pending_requests == 0
+
+
+def test_tracker_resends_what_the_agent_refused_for_capacity() -> None:
+    engine = make_engine(start=time.monotonic() - 1, max_pending=1)
+    app = ingest_app(engine, GPUS, token=None, max_body_bytes=1 << 20)
+    with serving(app) as url:
+        tracker = Tracker(url, flush_interval=60.0, retries=2)
+        for _ in range(2):
+            with tracker.request(model="m", gpus=[0]):
+                pass
+        tracker.flush()
+        wait_for(lambda: engine.totals().over_capacity_requests == 1)
+        assert len(engine.advance(time.monotonic() + 1_000)) == 1  # room for one more
+        tracker.close()
+    assert (tracker.stats().accepted, tracker.stats().dropped) == (2, 0)
+    assert engine.totals().pending_requests == 1

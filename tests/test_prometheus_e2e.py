@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scripted import free_port, require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,23 +39,6 @@ WINDOW = "10s"
 TOLERANCE = 0.08
 """Relative; above the worst sampling error measured (6.3 %), far below any real fault
 (power in mW or mJ, energy counted twice, a stuck counter)."""
-
-
-def _require(binary: str) -> str:
-    """The binary's path; skip where it is missing, except under CI where that fails."""
-    path = shutil.which(binary)
-    if path is None:
-        reason = f"{binary} is not installed (Debian/Ubuntu: apt-get install prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true: {reason}")
-        pytest.skip(reason)
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _agent_env() -> dict[str, str]:
@@ -104,13 +86,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture
 def prometheus_binary() -> str:
-    return _require("prometheus")
+    return require_binary("prometheus")
 
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[str]:
     """A running agent on two simulated H100s; yields its host:port once /healthz is 200."""
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     log = tmp_path / "agent.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -141,7 +123,7 @@ def prometheus(prometheus_binary: str, agent: str, tmp_path: Path) -> Iterator[s
         "  - job_name: jouleprobe\n"
         f"    static_configs: [{{targets: ['{agent}']}}]\n"
     )
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     log = tmp_path / "prometheus.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(

@@ -18,11 +18,8 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import re
-import shutil
 import subprocess
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
+from scripted import ScriptedGpuSource, ScriptedHostSource, require_binary
 
 from agent.attribution import (
     AttributionEngine,
@@ -61,31 +59,6 @@ GPUS = [
 ]
 POWER_W = {0: 100.0, 1: 200.0}
 HOST_W = 50.0
-
-
-class ScriptedGpuSource:
-    def __init__(self, infos: list[GpuInfo]) -> None:
-        self._infos = infos
-        self.queued: dict[int, deque[GpuReading]] = {info.index: deque() for info in infos}
-
-    def gpus(self) -> list[GpuInfo]:
-        return list(self._infos)
-
-    def read(self, index: int) -> GpuReading:
-        return self.queued[index].popleft()
-
-    def close(self) -> None:
-        pass
-
-
-class ScriptedHostSource:
-    source = "rapl"
-
-    def __init__(self) -> None:
-        self.queued: deque[HostReading] = deque()
-
-    def read(self) -> HostReading:
-        return self.queued.popleft()
 
 
 def _sampled_node() -> Sampler:
@@ -350,20 +323,8 @@ def test_models_past_the_cap_are_folded_into_other(caplog: pytest.LogCaptureFixt
         RequestMetrics(_totals, max_models=0)
 
 
-def _require(binary: str) -> str:
-    """The binary's path; skip where it is missing, except under CI where that fails."""
-    path = shutil.which(binary)
-    if path is None:
-        reason = f"{binary} is not installed (Debian/Ubuntu: apt-get install prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true: {reason}")
-        print(f"skipping: {reason}")
-        pytest.skip(reason)
-    return path
-
-
 def test_promtool_finds_nothing_to_lint(run: Run) -> None:
-    promtool = _require("promtool")
+    promtool = require_binary("promtool")
     run.metrics.observe([_energy('quote"and\\newline\n', 'model "with" quotes', 1.0)])
     result = subprocess.run(
         [promtool, "check", "metrics"], input=run.text(), capture_output=True, text=True,
