@@ -43,7 +43,7 @@ from aiohttp import web
 from agent.attribution import AttributionEngine, CapacityExceeded
 from agent.client import EVENTS_PATH
 from agent.config import parse_listen
-from agent.requests import Request
+from agent.requests import STATUSES, Request
 from agent.sources.base import GpuInfo
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ MAX_AHEAD_S = 60.0
 MAX_BEHIND_S = 86_400.0
 """Accepted window of event times around this host's clock at the time of the POST."""
 
-STATUSES = ("ok", "cancelled", "failed")
 CLOCKS = ("monotonic", "wall")
 
 _REQUIRED = {

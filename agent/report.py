@@ -44,9 +44,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal
 
-from agent.requests import RequestStatus
+from agent.requests import STATUSES
 
 if TYPE_CHECKING:
     from agent.records import StoredRequest
@@ -59,7 +59,6 @@ BOUNDARY_DEFINITIONS: Mapping[Boundary, str] = {
     "it": "gpu + host (CPU + DRAM)",
     "facility": "it × PUE",
 }
-STATUSES: tuple[RequestStatus, ...] = get_args(RequestStatus)
 FORMATS: tuple[str, ...] = ("table", "json", "csv")
 JOULES_PER_WH = 3600.0
 

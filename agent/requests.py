@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 RequestStatus = Literal["ok", "cancelled", "failed"]
+STATUSES: tuple[RequestStatus, ...] = get_args(RequestStatus)
 
 
 @dataclass(slots=True)
@@ -40,7 +41,7 @@ class Request:
             raise ValueError(f"request {self.id!r}: its GPU set is empty (unknown GPUs)")
         if len(set(self.gpus)) != len(self.gpus):
             raise ValueError(f"request {self.id!r}: GPU set {self.gpus} names a GPU twice")
-        if self.status not in get_args(RequestStatus):
+        if self.status not in STATUSES:
             raise ValueError(f"request {self.id!r}: unknown status {self.status!r}")
         if self.end is not None and self.end < self.start:
             raise ValueError(f"request {self.id!r}: ends ({self.end}) before it starts")
@@ -76,4 +77,4 @@ class RequestEnergy:
 
     @property
     def it_j(self) -> float:
-        return self.gpu_dynamic_j + self.gpu_static_j + self.host_j
+        return self.gpu_j + self.host_j

@@ -1,6 +1,6 @@
 """Throughput of the ingest API, and the CPU cost of attribution at 10 Hz.
 
-Run: python bench/ingest.py [--batches 150] [--singles 3000] [--sampler-seconds 10]
+Run: python bench/ingest.py [--batches 150] [--singles 6000] [--sampler-seconds 10]
 
 1. Events per second through `POST /api/v1/events` over real HTTP on 127.0.0.1, into a
    real AttributionEngine over 8 timelines: batched, 1000 events per POST (the starts of
@@ -242,7 +242,7 @@ def sampler_fraction(seconds: float) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=150, help="POSTs of 1000 events")
-    parser.add_argument("--singles", type=int, default=3000, help="POSTs of one event")
+    parser.add_argument("--singles", type=int, default=6000, help="POSTs of one event")
     parser.add_argument("--active", type=int, default=200, help="requests always active")
     parser.add_argument("--seconds", type=float, default=60.0, help="simulated seconds")
     parser.add_argument("--sampler-seconds", type=float, default=10.0,
