@@ -57,7 +57,32 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+REQUIRED: Any = dataclasses.MISSING
+"""Default of a key that has none: a table that lacks it is an error naming the key."""
+
+GpuSpec = tuple[int | str, ...] | str
+"""The GPUs a request source serves: indices and/or UUIDs, or "auto" (discovered)."""
+
+
+def _gpu_spec(name: str, value: Any) -> GpuSpec:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, list) and value and all(
+        (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+        or (isinstance(v, str) and v.strip()) for v in value
+    ):
+        return tuple(value)
+    raise ConfigError(f'{name}: expected "auto" or a non-empty list of GPU indices or UUIDs, '
+                      f"got {value!r}")
+
+
+def _url(value: str) -> str | None:
+    return None if value.startswith(("http://", "https://")) else "an http:// or https:// URL"
+
+
 def _key(default: Any, doc: str, check: Check | None = None) -> Any:
+    if default is REQUIRED:
+        return field(metadata={"doc": doc, "check": check})
     return field(default=default, metadata={"doc": doc, "check": check})
 
 
@@ -121,6 +146,33 @@ class RecordsSection:
 
 
 @dataclass(frozen=True)
+class ProxyTable:
+    """One `[[proxy]]` table: an OpenAI-compatible reverse proxy in front of a server."""
+
+    name: str = _key(REQUIRED, "name of the proxied server; requests' source is proxy:NAME")
+    listen: str = _key(REQUIRED, "where clients connect, e.g. 127.0.0.1:8001", _host_port)
+    upstream: str = _key(REQUIRED, "the server, e.g. http://127.0.0.1:8000", _url)
+    gpus: GpuSpec = _key(REQUIRED, 'GPUs serving it: [0, 1], UUIDs, or "auto"')
+    model: str = _key("", "model name to record instead of the one in each request body")
+    timeout: float = _key(600.0, "seconds to wait for the upstream before answering 504",
+                          _positive)
+
+
+SCRAPE_KINDS = ("vllm", "sglang", "tgi", "triton", "llamacpp")
+
+
+@dataclass(frozen=True)
+class ScrapeTable:
+    """One `[[scrape]]` table: an inference server's own Prometheus endpoint."""
+
+    kind: str = _key(REQUIRED, "vllm, sglang, tgi, triton or llamacpp", _one_of(*SCRAPE_KINDS))
+    url: str = _key(REQUIRED, "its metrics URL, e.g. http://127.0.0.1:8000/metrics", _url)
+    gpus: GpuSpec = _key(REQUIRED, 'GPUs serving it: [0, 1], UUIDs, or "auto"')
+    interval: float = _key(15.0, "seconds between two scrapes (one attribution window)",
+                           _positive)
+
+
+@dataclass(frozen=True)
 class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     host: HostSection = field(default_factory=HostSection)
@@ -128,10 +180,17 @@ class Config:
     attribution: AttributionSection = field(default_factory=AttributionSection)
     ingest: IngestSection = field(default_factory=IngestSection)
     records: RecordsSection = field(default_factory=RecordsSection)
+    proxy: tuple[ProxyTable, ...] = ()
+    scrape: tuple[ScrapeTable, ...] = ()
+
+
+TABLES: dict[str, type] = {"proxy": ProxyTable, "scrape": ScrapeTable}
+"""Arrays of tables (`[[proxy]]`): set in the file only, not by environment or flags."""
 
 
 def _sections() -> dict[str, type]:
-    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)  # type: ignore[misc]
+            if f.name not in TABLES}
 
 
 def _coerce(name: str, kind: type, value: Any) -> Any:
@@ -155,6 +214,9 @@ def _build(section_name: str, cls: type, values: Mapping[str, Any]) -> Any:
         name = f"{section_name}.{key}"
         if key not in fields:
             raise ConfigError(f"unknown key {name!r} (known: {', '.join(sorted(fields))})")
+        if fields[key].type == "GpuSpec":
+            kwargs[key] = _gpu_spec(name, value)
+            continue
         kind = {"str": str, "float": float, "int": int, "bool": bool}[str(fields[key].type)]
         value = _coerce(name, kind, value)
         check = fields[key].metadata.get("check")
@@ -162,7 +224,16 @@ def _build(section_name: str, cls: type, values: Mapping[str, Any]) -> Any:
         if expected:
             raise ConfigError(f"{name}: expected {expected}, got {value!r}")
         kwargs[key] = value
+    missing = [f.name for f in fields.values() if f.default is REQUIRED and f.name not in kwargs]
+    if missing:
+        raise ConfigError(f"{section_name}: missing key {missing[0]!r}")
     return cls(**kwargs)
+
+
+def _tables(name: str, cls: type, value: Any) -> tuple[Any, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"{name}: expected an array of tables ([[{name}]])")
+    return tuple(_build(f"{name}[{i}]", cls, table) for i, table in enumerate(value))
 
 
 def load(
@@ -173,6 +244,7 @@ def load(
 ) -> Config:
     """Reads the file, applies the environment, then `overrides` ({"agent.listen": ...})."""
     layered: dict[str, dict[str, Any]] = {name: {} for name in _sections()}
+    tables: dict[str, tuple[Any, ...]] = {}
     if path is not None:
         try:
             with open(path, "rb") as f:
@@ -182,10 +254,12 @@ def load(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         for section, values in document.items():
+            if section in TABLES:
+                tables[section] = _tables(section, TABLES[section], values)
+                continue
             if section not in layered or not isinstance(values, dict):
-                raise ConfigError(
-                    f"unknown section [{section}] (known: {', '.join(sorted(layered))})"
-                )
+                known = ", ".join([*sorted(layered), *(f"[{t}]" for t in TABLES)])
+                raise ConfigError(f"unknown section [{section}] (known: {known})")
             layered[section].update(values)
     environ = os.environ if environ is None else environ
     for variable, value in environ.items():
@@ -199,15 +273,17 @@ def load(
         section, _, key = dotted.partition(".")
         layered[section][key] = value
     sections = _sections()
-    return Config(**{name: _build(name, sections[name], layered[name]) for name in sections})
+    built = {name: _build(name, sections[name], layered[name]) for name in sections}
+    return Config(**built, **tables)
 
 
 def reference() -> str:
     """The documented keys as a Markdown table (for the README)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    for section, cls in _sections().items():
+    for section, cls in [*_sections().items(), *((f"[[{t}]]", c) for t, c in TABLES.items())]:
         for f in dataclasses.fields(cls):
-            rows.append(f"| `{section}.{f.name}` | `{f.default!r}` | {f.metadata['doc']} |")
+            default = "required" if f.default is REQUIRED else f"`{f.default!r}`"
+            rows.append(f"| `{section}.{f.name}` | {default} | {f.metadata['doc']} |")
     return "\n".join(rows)
 
 

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from agent.config import Config, parse_listen
 from agent.health import assess
-from agent.ingest import check_listen_access, ingest_app, load_token
+from agent.intake.ingest import check_listen_access, ingest_app, load_token
 from agent.node import Node
 from agent.sources.base import GpuSource
 from agent.sources.host import open_host_source

@@ -21,9 +21,9 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.client import Tracker
 from agent.config import load
 from agent.daemon import attribute_periodically, build_apps, start_site
+from agent.intake.client import Tracker
 from agent.node import Node
 from agent.report import run_report
 from agent.sources.host import EstimatedHostSource

@@ -76,3 +76,40 @@ def test_reference_lists_every_key() -> None:
     table = reference()
     for key in ("agent.listen", "agent.sample_interval", "host.rapl_path", "site.pue"):
         assert f"`{key}`" in table
+
+
+def test_proxy_and_scrape_tables(tmp_path: Path) -> None:
+    text = (
+        '[[proxy]]\nname = "vllm"\nlisten = "127.0.0.1:8001"\n'
+        'upstream = "http://127.0.0.1:8000"\ngpus = [0, 1]\n'
+        '[[proxy]]\nname = "tgi"\nlisten = "127.0.0.1:8081"\n'
+        'upstream = "http://127.0.0.1:8080"\ngpus = "auto"\nmodel = "llama"\n'
+        '[[scrape]]\nkind = "triton"\nurl = "http://127.0.0.1:8002/metrics"\n'
+        'gpus = ["GPU-5a1e0000-0000-4000-8000-000000000000"]\n'
+    )
+    config = load(write(tmp_path, text), environ={})
+    assert [p.name for p in config.proxy] == ["vllm", "tgi"]
+    assert config.proxy[0].gpus == (0, 1) and config.proxy[1].gpus == "auto"
+    assert config.proxy[1].model == "llama" and config.proxy[0].timeout == 600.0
+    assert config.scrape[0].kind == "triton" and config.scrape[0].interval == 15.0
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('[[proxy]]\nname = "x"\nlisten = "127.0.0.1:1"\ngpus = [0]\n',
+         "proxy[0]: missing key 'upstream'"),
+        ('[[proxy]]\nname = "x"\nlisten = "127.0.0.1:1"\nupstream = "ftp://h"\ngpus = [0]\n',
+         "proxy[0].upstream: expected an http:// or https:// URL"),
+        ('[[scrape]]\nkind = "x"\nurl = "http://h/metrics"\ngpus = [0]\n',
+         "scrape[0].kind: expected one of vllm"),
+        ('[[scrape]]\nkind = "vllm"\nurl = "http://h/metrics"\ngpus = []\n',
+         "scrape[0].gpus: expected \"auto\" or a non-empty list"),
+        ('[[scrape]]\nkind = "vllm"\nurl = "http://h/metrics"\ngpus = [-1]\n',
+         "scrape[0].gpus: expected"),
+        ("[proxy]\nname = 1\n", "proxy: expected an array of tables ([[proxy]])"),
+    ],
+)
+def test_bad_tables_name_the_key(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load(write(tmp_path, text), environ={})

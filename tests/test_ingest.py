@@ -22,8 +22,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from agent.attribution import AttributionEngine
-from agent.client import EVENTS_PATH, Tracker
-from agent.ingest import MAX_EVENTS, MAX_ID_LENGTH, check_listen_access, ingest_app, load_token
+from agent.intake.client import EVENTS_PATH, Tracker
+from agent.intake.ingest import (
+    MAX_EVENTS,
+    MAX_ID_LENGTH,
+    check_listen_access,
+    ingest_app,
+    load_token,
+)
 from agent.requests import RequestEnergy
 from agent.sources.base import GpuInfo
 from agent.timeline import EnergyPoint, Timeline

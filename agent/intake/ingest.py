@@ -41,8 +41,8 @@ from typing import Any
 from aiohttp import web
 
 from agent.attribution import AttributionEngine, CapacityExceeded
-from agent.client import EVENTS_PATH
 from agent.config import parse_listen
+from agent.intake.client import EVENTS_PATH
 from agent.requests import STATUSES, Request
 from agent.sources.base import GpuInfo
 
