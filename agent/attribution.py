@@ -3,19 +3,32 @@
 The rules are those of DESIGN.md §4:
 
 - Each interval between two consecutive points of a timeline has energy ΔE, unless its later
-  point is a gap (then nothing is attributed and nothing counted). On a GPU, ΔE splits into
-  a static part `min(ΔE, P_idle × Δt)` and a dynamic part (the rest); host energy has no
-  static part. Both parts go to the requests active in the interval in proportion to their
-  weight; with no active request, all of ΔE is unattributed.
+  point is a gap (then nothing is attributed and nothing counted). With no active request,
+  all of ΔE is unattributed. On a GPU, the idle-baseline energy of the part of the interval
+  when no request was active, `min(ΔE, P_idle × empty_s)`, is unattributed too: energy with
+  no active request belongs to nobody, inside an interval as between intervals. The rest
+  splits into a static part `min(rest, P_idle × occupied_s)` and a dynamic part (what is
+  left); host energy has no static part. Both parts go to the requests active in the
+  interval in proportion to their weight.
 - `equal` policy: a request weighs its overlap with the interval, in seconds.
 - `tokens` policy: a request weighs the tokens it processed in the interval, its prompt
-  tokens × `prefill_weight` spread uniformly over [start, first token) and its completion
+  tokens × the prefill weight spread uniformly over [start, first token) and its completion
   tokens over [first token, end). Where the first token does not split the lifetime in two
-  (unknown, or at either end), all its weighted tokens are spread over [start, end). Where
-  a token count is unknown, the request weighs its overlap times the mean token rate of the
-  requests with known tokens in the same interval (or plain overlap if there are none):
-  it is assumed to be an average request, instead of mixing seconds and tokens. If every
-  active request weighs zero (all token counts zero), the interval is split by overlap.
+  (unknown, or at either end), both counts are spread over [start, end). Where a token count
+  is unknown, the request weighs its overlap times the mean token rate of the requests with
+  known tokens in the same interval (or plain overlap if there are none): it is assumed to
+  be an average request, instead of mixing seconds and tokens. If every active request
+  weighs zero (all token counts zero), the interval is split by overlap.
+- Prefill weight: a fixed number, or `"auto"` (the default), which measures it per GPU as
+  the ratio of dynamic energy per prompt token to dynamic energy per completion token
+  (`_PrefillWeightLearner`). Until a GPU's measurement can be trusted, its intervals are
+  split by overlap, as under `equal`: a prompt token costs one to two orders of magnitude
+  less than a generated one on current hardware, so a guessed weight such as 1.0 would hand
+  most of a busy interval to whichever request is in prefill, whereas time is a neutral
+  proxy. The weight in use applies to the intervals processed while it is in use: figures
+  already credited stay as they are, and since weights only split an interval's energy,
+  conservation holds whatever the weight does. The host, which has no idle baseline to
+  separate dynamic energy from, splits by overlap under `"auto"`.
 - Idle power: configured per GPU, or learned as a low percentile of the power of stretches
   with no active request. Until something is learned it is taken as 0 W, so all GPU energy
   counts as dynamic: the IT total is exact either way and only the static/dynamic split
@@ -33,12 +46,14 @@ after intervals it overlapped were processed gets only the unprocessed part (`la
 Implementation. Walking every active request for every interval would cost
 O(intervals × active requests). Instead, each timeline ("lane") keeps, per energy part,
 the cumulative energy per unit of weight since the lane was last empty, Λ(t), and each
-request's lifetime is cut into segments of constant weight rate ρ (1/s for `equal`,
-tokens/s for `tokens`). A segment [a, b) then receives ρ × (Λ(b) − Λ(a)), so an interval
-costs O(1) plus O(1) per segment boundary inside it, and a request costs O(segments) per
-GPU. The total weight of an interval comes from the sum of the active rates, kept with
-compensated summation so that energy is conserved even when rates differ by many orders
-of magnitude.
+request's lifetime is cut into segments of constant rates (prompt tokens/s, and completion
+tokens/s or 1/s for `equal`). A segment [a, b) then receives ρ · (Λ(b) − Λ(a)), summed over
+its rates, so an interval costs O(1) plus O(1) per segment boundary inside it, and a
+request costs O(segments) per GPU. Prompt tokens have a Λ of their own, whose slope carries
+the interval's prefill weight, so the weight can change from one interval to the next
+without touching the segments already scheduled. The total weight of an interval comes
+from the sums of the active rates, kept with compensated summation so that energy is
+conserved even when rates differ by many orders of magnitude.
 """
 
 from __future__ import annotations
@@ -58,12 +73,19 @@ from agent.timeline import EnergyPoint, Timeline
 
 Policy = Literal["equal", "tokens"]
 
-DEFAULT_PREFILL_WEIGHT = 1.0
-"""A prompt token weighs as much as a generated token by default. Both cost the same
-matrix FLOPs per parameter, and under continuous batching the weight reads that dominate a
-decode step are shared by every request in the step, so the per-token marginal energy of
-the two is similar; 1.0 adds no unmeasured assumption. Operators who calibrate it on their
-own hardware can set another value."""
+PrefillWeight = float | Literal["auto"]
+
+DEFAULT_PREFILL_WEIGHT: PrefillWeight = "auto"
+"""Measure the weight on the node's own hardware. A fixed number is a guess about the model,
+the board, the batch size and the serving engine all at once; the measurement is not."""
+
+PREFILL_WEIGHT_BOUNDS = (1e-3, 1.0)
+"""The range a learned prefill weight is clamped to. Above 1: a prompt token carries the
+same matrix FLOPs as a generated one and prefill runs them in large, compute-bound batches,
+so it never costs more. Below 1e-3: fast prefill (~50,000 tokens/s on an H100-class board)
+against slow single-stream decode (~50 tokens/s) at similar power gives ~1e-3, so anything
+lower is not a property of prefill but a fit that found no marginal cost of prompt tokens
+(a board saturated at its power limit, where more work does not draw more power)."""
 
 
 class CapacityExceeded(RuntimeError):
@@ -83,6 +105,10 @@ class GpuTotals:
     """Energy of every processed interval except gaps."""
     idle_power_w: float | None
     """The idle baseline in use (configured or learned); None while still unknown."""
+    prefill_weight: float | None = None
+    """The prefill weight in use under the tokens policy (configured, or learned); None
+    under the equal policy, or while a learned weight is not yet trusted and intervals are
+    split by time instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,18 +134,35 @@ class AttributionTotals:
 
 
 class _Segment(NamedTuple):
-    """A stretch of a request's lifetime with a constant weight rate."""
+    """A stretch of a request's lifetime with constant weight rates."""
 
+    prompt_rate: float
+    """Prompt tokens per second, weighed by the interval's prefill weight."""
     rate: float
-    """Weight per second; 0 for a fallback segment, which weighs by time instead."""
+    """Completion tokens per second. Under the equal policy both rates are 0 and every
+    interval is split by time."""
     fallback: bool
     """Token counts unknown: weighs its overlap × the interval's mean known token rate."""
 
 
-_BY_TIME = _Segment(1.0, False)
-_FALLBACK = _Segment(0.0, True)
-_NO_STEP = (0.0,) * 6
+_BY_TIME = _Segment(0.0, 0.0, False)
+_FALLBACK = _Segment(0.0, 0.0, True)
+_NO_STEP = (0.0,) * 8
 """The slope of Λ in an interval that gives nothing to anyone."""
+
+
+class _Usage(NamedTuple):
+    """What the active requests did during one interval."""
+
+    prompt_tokens: float
+    """Prompt tokens processed (unweighted)."""
+    completion_tokens: float
+    known_s: float
+    """Request-seconds of segments with known token counts."""
+    fallback_s: float
+    """Request-seconds of segments with unknown token counts."""
+    empty_s: float
+    """Seconds during which no request was active."""
 
 
 @dataclass(slots=True, eq=False)
@@ -146,6 +189,9 @@ class _Membership:
     mark_static: float = 0.0
     mark_dynamic: float = 0.0
 
+
+_TIME_RESOLUTION_S = 1e-6
+"""Rate changes closer than this to an interval's end are at its end (see `_offset`)."""
 
 _Event = tuple[float, int, _Membership, _Segment | None, _Segment | None]
 """(time, sequence, membership, segment ending, segment starting): a rate change."""
@@ -217,16 +263,109 @@ class _IdleBaseline:
         self.value = self._sorted[rank]
 
 
+class _PrefillWeightLearner:
+    """Measures a GPU's prefill weight: dynamic energy per prompt token ÷ per completion token.
+
+    Samples. Each pools consecutive intervals into at least `sample_s` seconds and gives the
+    dynamic energy E (above the idle baseline, including that of empty stretches, so that
+    the pooled figure is exact), the prompt tokens P and completion tokens D processed in
+    it, and T, the seconds when some request was active. Pooling matters: one ~100 ms
+    interval's energy is unreliable, and the counter refreshes up to one period after the
+    work it counts, which moves energy across the boundary between a prefill interval and
+    the decode interval after it.
+
+    Fit. E ≈ a·P + b·D by least squares over exponentially weighted samples (time constant
+    `window` samples, so that the weight follows changes of batch size or model), kept as
+    running sums of products: O(1) memory and work per sample. Both coefficients are kept
+    non-negative (where the unconstrained optimum has a < 0, the best fit with a = 0), and
+    the weight is a / b clamped to `PREFILL_WEIGHT_BOUNDS`.
+
+    Trust. `value` is None (intervals are split by time) unless the current window can
+    measure the weight:
+    - it has seen at least `min_samples` samples;
+    - P and D vary independently: weight × (1 − r²), with r their (uncentred) correlation,
+      is at least `min_samples / 3`, that many samples' worth of variation of P that D does
+      not explain. With one request at a time, samples are mostly pure decode or hold one
+      prefill, which is ideal; where every request has the same shape, P and D grow
+      together and no fit can tell them apart;
+    - tokens explain the energy better than busy time does: the fit's residual variance
+      (per degree of freedom) is below that of E ≈ c·T. A board held at its power limit
+      draws the same power whatever it runs, so its energy follows time, not tokens: the
+      ratio of such a fit is noise, and splitting by time is what the measurement supports.
+    """
+
+    def __init__(self, sample_s: float, window: int, min_samples: int) -> None:
+        self.sample_s = sample_s
+        self.min_samples = min_samples
+        self._keep = 1.0 - 1.0 / window
+        self._pool = [0.0] * 5  # energy, prompt tokens, completion tokens, busy s, seconds
+        self._sums = [0.0] * 9  # weight, then the products named in `_estimate`
+        self._count = 0
+        self.value: float | None = None
+
+    def observe(
+        self, dynamic_j: float, prompt: float, completion: float, busy_s: float, seconds: float
+    ) -> None:
+        pool = self._pool
+        pool[0] += dynamic_j
+        pool[1] += prompt
+        pool[2] += completion
+        pool[3] += busy_s
+        pool[4] += seconds
+        if pool[4] >= self.sample_s * (1 - 1e-9):  # ten 0.1 s intervals make one second
+            energy, p, d, t, _ = pool
+            self.interrupt()
+            if p > 0 or d > 0:  # an idle stretch says nothing about either coefficient
+                self._add(energy, p, d, t)
+
+    def interrupt(self) -> None:
+        """An interval that cannot be used (a gap, unknown token counts, no idle baseline)
+        ends the current sample, so that no sample holds energy it has no tokens for."""
+        self._pool = [0.0] * 5
+
+    def _add(self, e: float, p: float, d: float, t: float) -> None:
+        keep, sums = self._keep, self._sums
+        self._count += 1
+        for i, x in enumerate((1.0, p * p, p * d, d * d, p * e, d * e, e * e, t * t, t * e)):
+            sums[i] = sums[i] * keep + x
+        self.value = self._estimate()
+
+    def _estimate(self) -> float | None:
+        """a / b of the non-negative least-squares fit, or None where it is not trusted."""
+        n, pp, pd, dd, pe, de, ee, tt, te = self._sums
+        if self._count < self.min_samples or pp <= 0 or dd <= 0 or tt <= 0:
+            return None
+        det = pp * dd - pd * pd
+        if n * det / (pp * dd) < self.min_samples / 3:
+            return None
+        a = (dd * pe - pd * de) / det
+        b = (pp * de - pd * pe) / det
+        if a < 0:
+            a, b = 0.0, de / dd
+        if b <= 0:  # decode costs nothing, or energy fell below the baseline: not a ratio
+            return None
+        tokens_rss = ee - 2 * (a * pe + b * de) + a * a * pp + 2 * a * b * pd + b * b * dd
+        time_rss = ee - te * te / tt
+        if tokens_rss / (n - 2) >= time_rss / (n - 1):
+            return None
+        low, high = PREFILL_WEIGHT_BOUNDS
+        return min(max(a / b, low), high)
+
+
 class _Lane:
     """Sweeps one timeline (a GPU, or the host) and credits its energy to requests."""
 
     def __init__(
-        self, timeline: Timeline, *, host: bool, idle_w: float | None, learner: _IdleBaseline | None
+        self, timeline: Timeline, *, host: bool, idle_w: float | None,
+        idle_learner: _IdleBaseline | None, prefill: float | _PrefillWeightLearner | None,
     ) -> None:
+        """`prefill` is a fixed prefill weight, a learner of it, or None to split by time."""
         self.timeline = timeline
         self.host = host
         self.configured_idle_w = idle_w
-        self.learner = learner
+        self.idle_learner = idle_learner
+        self.fixed_prefill_weight = prefill if isinstance(prefill, float) else None
+        self.weight_learner = prefill if isinstance(prefill, _PrefillWeightLearner) else None
         self.origin: float | None = None
         """Time of the first point: nothing before it was measured."""
         self.cursor: EnergyPoint | None = None
@@ -235,14 +374,18 @@ class _Lane:
         """Start times of the open requests that use this lane: they block processing."""
         self._events: list[_Event] = []
         self._members: dict[str, _Membership] = {}
+        self._prompt_rate = _CompensatedSum()
         self._rate = _CompensatedSum()
+        self._prompting = 0
+        """Active segments with a positive prompt rate."""
         self._weighted = 0
         """Active segments with a positive rate."""
         self._known = 0
         self._fallback = 0
-        self._lam = [0.0] * 6
-        """Λ since the lane was last empty, as (static, dynamic) pairs: per unit of rate
-        weight, per second of a known segment, per second of a fallback segment."""
+        self._lam = [0.0] * 8
+        """Λ since the lane was last empty, as (static, dynamic) pairs: per prompt token,
+        per unit of rate weight, per second of a known segment, per second of a fallback
+        segment."""
         self.measured_j = 0.0
         self.unattributed_j = 0.0
         self.attributed_static_j = 0.0
@@ -252,7 +395,14 @@ class _Lane:
     def idle_w(self) -> float | None:
         if self.configured_idle_w is not None:
             return self.configured_idle_w
-        return self.learner.value if self.learner is not None else None
+        return self.idle_learner.value if self.idle_learner is not None else None
+
+    @property
+    def prefill_weight(self) -> float | None:
+        """The weight of a prompt token in this lane's next interval; None splits by time."""
+        if self.fixed_prefill_weight is not None:
+            return self.fixed_prefill_weight
+        return self.weight_learner.value if self.weight_learner is not None else None
 
     def processed_overlap(self, start: float, end: float | None) -> bool:
         """Whether [start, end) overlaps an interval this lane has already processed."""
@@ -314,32 +464,43 @@ class _Lane:
         while self._events and self._events[0][0] <= t1:
             events.append(heapq.heappop(self._events))
 
-        # Weight integrals over the interval: rate weight, known seconds, fallback seconds.
+        # Weight integrals over the interval, from the rates at t0 and each change inside it
+        # (events come in time order, so the stretches with nothing active add up too).
+        prompt_w = self._prompt_rate.value * dt
         rate_w = self._rate.value * dt
         known_s = self._known * dt
         fallback_s = self._fallback * dt
-        for time, _, _, ending, starting in events:
-            left = dt - (max(time, t0) - t0)  # offsets from t0, exactly as credits use them
+        offsets = [_offset(time, t0, dt) for time, *_ in events]  # as credits will use them
+        empty_s = since = 0.0
+        for offset, (_, _, _, ending, starting) in zip(offsets, events, strict=True):
+            if self._known + self._fallback == 0:
+                empty_s += offset - since
+            since = offset
+            left = dt - offset
             for segment, sign in ((ending, -1), (starting, 1)):
                 if segment is None:
                     continue
+                if segment.prompt_rate > 0:
+                    self._prompting += sign
+                    _change(self._prompt_rate, sign * segment.prompt_rate, self._prompting)
+                    prompt_w += sign * segment.prompt_rate * left
                 if segment.rate > 0:
                     self._weighted += sign
-                    if self._weighted:
-                        self._rate.add(sign * segment.rate)
-                    else:
-                        self._rate.clear()  # no rounding residue may outlive the last rate
-                rate_w += sign * segment.rate * left
+                    _change(self._rate, sign * segment.rate, self._weighted)
+                    rate_w += sign * segment.rate * left
                 if segment.fallback:
                     self._fallback += sign
                     fallback_s += sign * left
                 else:
                     self._known += sign
                     known_s += sign * left
-        step = self._step(p0, p1, max(rate_w, 0.0), max(known_s, 0.0), max(fallback_s, 0.0))
+        if self._known + self._fallback == 0:
+            empty_s += dt - since
+        usage = _Usage(max(prompt_w, 0.0), max(rate_w, 0.0), max(known_s, 0.0),
+                       max(fallback_s, 0.0), min(empty_s, dt))
+        step = self._step(p0, p1, usage)
 
-        for time, _, member, ending, starting in events:
-            offset = max(time, t0) - t0
+        for offset, (_, _, member, ending, starting) in zip(offsets, events, strict=True):
             if ending is not None:
                 static, dynamic = self._value(ending, step, offset)
                 self._credit(member, static - member.mark_static, dynamic - member.mark_dynamic)
@@ -357,45 +518,72 @@ class _Lane:
             for i, lam in enumerate(step):
                 self._lam[i] += lam * dt
 
-    def _step(
-        self, p0: EnergyPoint, p1: EnergyPoint, rate_w: float, known_s: float, fallback_s: float
-    ) -> tuple[float, ...]:
+    def _step(self, p0: EnergyPoint, p1: EnergyPoint, usage: _Usage) -> tuple[float, ...]:
         """Energy per unit weight (the slope of Λ) in this interval; counts its energy."""
-        learner = self.learner
         if p1.gap:
-            if learner is not None:
-                learner.interrupt()
+            self._interrupt_learners()
             return _NO_STEP
         energy = p1.energy_j - p0.energy_j
         seconds = p1.time - p0.time
         self.measured_j += energy
-        occupied_s = known_s + fallback_s
+        idle_w = None if self.host else self.idle_w
+        weight = self.prefill_weight  # before this interval teaches the learner anything
+        self._learn_prefill_weight(energy, seconds, idle_w, usage)
+        occupied_s = usage.known_s + usage.fallback_s
         if occupied_s <= 0:
             self.unattributed_j += energy
-            if learner is not None:
-                learner.idle(energy, seconds)
+            if self.idle_learner is not None:
+                self.idle_learner.idle(energy, seconds)
             return _NO_STEP
-        if learner is not None:
-            learner.interrupt()
-        static = 0.0 if self.host else min(energy, (self.idle_w or 0.0) * seconds)
+        if self.idle_learner is not None:
+            self.idle_learner.interrupt()
+        static = 0.0
+        if idle_w is not None:
+            empty_j = min(energy, idle_w * usage.empty_s)
+            self.unattributed_j += empty_j
+            energy -= empty_j
+            static = min(energy, idle_w * (seconds - usage.empty_s))
         dynamic = energy - static
-        mean_rate = rate_w / known_s if known_s > 0 else 1.0
-        weight = rate_w + mean_rate * fallback_s
-        if weight > 0:
-            fb = mean_rate / weight
-            return (static / weight, dynamic / weight, 0.0, 0.0, static * fb, dynamic * fb)
+        if weight is not None:
+            tokens = weight * usage.prompt_tokens + usage.completion_tokens
+            mean_rate = tokens / usage.known_s if usage.known_s > 0 else 1.0
+            total = tokens + mean_rate * usage.fallback_s
+            if total > 0:
+                s, d, fb = static / total, dynamic / total, mean_rate / total
+                return (weight * s, weight * d, s, d, 0.0, 0.0, static * fb, dynamic * fb)
         per_s_static, per_s_dynamic = static / occupied_s, dynamic / occupied_s
-        return (0.0, 0.0, per_s_static, per_s_dynamic, per_s_static, per_s_dynamic)
+        return (0.0, 0.0, 0.0, 0.0, per_s_static, per_s_dynamic, per_s_static, per_s_dynamic)
+
+    def _learn_prefill_weight(
+        self, energy: float, seconds: float, idle_w: float | None, usage: _Usage
+    ) -> None:
+        learner = self.weight_learner
+        if learner is None:
+            return
+        if idle_w is None or usage.fallback_s > 0:
+            learner.interrupt()  # no dynamic energy to fit, or tokens it cannot count
+            return
+        learner.observe(energy - idle_w * seconds, usage.prompt_tokens, usage.completion_tokens,
+                        seconds - usage.empty_s, seconds)
+
+    def _interrupt_learners(self) -> None:
+        if self.idle_learner is not None:
+            self.idle_learner.interrupt()
+        if self.weight_learner is not None:
+            self.weight_learner.interrupt()
 
     def _value(self, segment: _Segment, step: tuple[float, ...], offset: float) -> tuple[
         float, float
     ]:
-        """ρ·Λ_rate + Λ_time of a segment at `offset` seconds into the current interval."""
+        """ρ·Λ summed over the segment's rates, at `offset` seconds into the current interval."""
         lam = self._lam
-        t = 4 if segment.fallback else 2
+        t = 6 if segment.fallback else 4
+        p, r = segment.prompt_rate, segment.rate
         return (
-            segment.rate * (lam[0] + step[0] * offset) + (lam[t] + step[t] * offset),
-            segment.rate * (lam[1] + step[1] * offset) + (lam[t + 1] + step[t + 1] * offset),
+            p * (lam[0] + step[0] * offset) + r * (lam[2] + step[2] * offset)
+            + (lam[t] + step[t] * offset),
+            p * (lam[1] + step[1] * offset) + r * (lam[3] + step[3] * offset)
+            + (lam[t + 1] + step[t + 1] * offset),
         )
 
     def _credit(self, member: _Membership, static: float, dynamic: float) -> None:
@@ -415,9 +603,33 @@ class _Lane:
             finished.append(member.pending)
 
     def _reset_sweep(self) -> None:
+        self._prompt_rate.clear()
         self._rate.clear()
-        self._weighted = self._known = self._fallback = 0
-        self._lam = [0.0] * 6
+        self._prompting = self._weighted = self._known = self._fallback = 0
+        self._lam = [0.0] * 8
+
+
+def _offset(time: float, t0: float, dt: float) -> float:
+    """Seconds from t0 to a rate change in the interval [t0, t0 + dt], snapped to either end
+    within `_TIME_RESOLUTION_S`. An interval's total weight is its rates × dt corrected by
+    ρ × (dt − offset) at each change, so a stretch of float noise (a request that ends at
+    3.8000000000000003 against a point at 3.8) would be a difference of two nearly equal
+    numbers: if it were all that was active, its weight would carry a large relative error
+    and so would the energy credited for it, breaking conservation."""
+    offset = max(time - t0, 0.0)
+    if offset < _TIME_RESOLUTION_S:
+        return 0.0
+    if dt - offset < _TIME_RESOLUTION_S:
+        return dt
+    return offset
+
+
+def _change(rates: _CompensatedSum, delta: float, remaining: int) -> None:
+    """Add a segment's rate to a sum of active rates, or remove it."""
+    if remaining:
+        rates.add(delta)
+    else:
+        rates.clear()  # no rounding residue may outlive the last rate
 
 
 class AttributionEngine:
@@ -434,7 +646,7 @@ class AttributionEngine:
         host_timeline: Timeline | None = None,
         *,
         policy: Policy = "equal",
-        prefill_weight: float = DEFAULT_PREFILL_WEIGHT,
+        prefill_weight: PrefillWeight = DEFAULT_PREFILL_WEIGHT,
         pue: float = 1.0,
         idle_power_w: Mapping[int, float] | None = None,
         settle_s: float = 2.0,
@@ -443,11 +655,23 @@ class AttributionEngine:
         idle_sample_s: float = 1.0,
         idle_window: int = 600,
         idle_percentile: float = 10.0,
+        prefill_sample_s: float = 1.0,
+        prefill_window: int = 600,
+        prefill_min_samples: int = 30,
     ) -> None:
+        """`prefill_*` tune the learner of `prefill_weight="auto"`: seconds pooled into one
+        sample, the time constant of its exponential forgetting (samples), and the samples
+        needed before it is trusted (`_PrefillWeightLearner`)."""
         if policy not in ("equal", "tokens"):
             raise ValueError(f"unknown attribution policy {policy!r} (equal or tokens)")
-        if prefill_weight < 0:
-            raise ValueError("prefill weight must not be negative")
+        if prefill_weight != "auto" and (
+            isinstance(prefill_weight, str) or not prefill_weight >= 0
+        ):
+            raise ValueError(f"prefill weight must be 'auto' or a number >= 0 "
+                             f"(got {prefill_weight!r})")
+        if prefill_sample_s <= 0 or not 3 <= prefill_min_samples < prefill_window:
+            raise ValueError("prefill_sample_s > 0 and 3 <= prefill_min_samples < "
+                             "prefill_window are required")
         if pue < 1:
             raise ValueError(f"PUE must be at least 1 (got {pue})")
         if settle_s < 0 or max_age_s <= 0 or max_pending < 1:
@@ -466,16 +690,27 @@ class AttributionEngine:
         self.settle_s = settle_s
         self.max_age_s = max_age_s
         self.max_pending = max_pending
+        def prefill(host: bool) -> float | _PrefillWeightLearner | None:
+            if policy == "equal":
+                return None  # no segment has a prompt rate
+            if prefill_weight != "auto":
+                return float(prefill_weight)
+            if host:
+                return None  # no idle baseline to find the dynamic energy with: by time
+            return _PrefillWeightLearner(prefill_sample_s, prefill_window, prefill_min_samples)
+
         self._gpus = {
             gpu: _Lane(
                 timeline, host=False, idle_w=configured.get(gpu),
-                learner=None if gpu in configured
+                idle_learner=None if gpu in configured
                 else _IdleBaseline(idle_sample_s, idle_window, idle_percentile),
+                prefill=prefill(host=False),
             )
             for gpu, timeline in timelines.items()
         }
         self._host = (
-            _Lane(host_timeline, host=True, idle_w=None, learner=None)
+            _Lane(host_timeline, host=True, idle_w=None, idle_learner=None,
+                  prefill=prefill(host=True))
             if host_timeline is not None else None
         )
         self._pending: dict[str, _Pending] = {}
@@ -589,6 +824,7 @@ class AttributionEngine:
                         unattributed_j=lane.unattributed_j,
                         measured_j=lane.measured_j,
                         idle_power_w=lane.idle_w,
+                        prefill_weight=lane.prefill_weight,
                     )
                     for gpu, lane in self._gpus.items()
                 },
@@ -648,14 +884,14 @@ class AttributionEngine:
         prompt, completion = request.prompt_tokens, request.completion_tokens
         if prompt is None or completion is None:
             return [(start, until, _FALLBACK)]
-        weighted_prompt = prompt * self.prefill_weight
         first = request.first_token
         if first is not None and start < first < until:
             return [
-                (start, first, _Segment(weighted_prompt / (first - start), False)),
-                (first, until, _Segment(completion / (until - first), False)),
+                (start, first, _Segment(prompt / (first - start), 0.0, False)),
+                (first, until, _Segment(0.0, completion / (until - first), False)),
             ]
-        return [(start, until, _Segment((weighted_prompt + completion) / (until - start), False))]
+        life = until - start
+        return [(start, until, _Segment(prompt / life, completion / life, False))]
 
     def _final(self, pending: _Pending) -> RequestEnergy:
         del self._pending[pending.request.id]

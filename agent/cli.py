@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--since", metavar="WHEN", help="30m, 6h, 2d or an ISO time (default all)")
     report.add_argument("--model", help="only this model")
     report.add_argument("--format", default="table", choices=("table", "json", "csv"))
+
+    from agent.fleet.command import add_arguments
+
+    add_arguments(commands.add_parser(
+        "fleet", help="extrapolate measured Wh/query to fleet-scale energy, carbon, water, money"
+    ))
     return parser
 
 
@@ -112,7 +118,15 @@ def _report(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "doctor": _doctor, "demo": _demo, "report": _report}
+def _fleet(args: argparse.Namespace, config: Config) -> int:
+    from agent.fleet.command import run
+
+    output, _ = run(args)
+    print(output, end="")
+    return 0
+
+
+COMMANDS = {"run": _run, "doctor": _doctor, "demo": _demo, "report": _report, "fleet": _fleet}
 
 
 if __name__ == "__main__":

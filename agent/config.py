@@ -76,6 +76,22 @@ def _gpu_spec(name: str, value: Any) -> GpuSpec:
                       f"got {value!r}")
 
 
+PrefillWeight = float | str
+"""A number >= 0, or "auto"."""
+
+
+def _prefill_weight(name: str, value: Any) -> PrefillWeight:
+    if value == "auto":
+        return "auto"
+    try:
+        weight = float(value) if not isinstance(value, bool) else -1.0
+    except (TypeError, ValueError):
+        weight = -1.0
+    if weight >= 0:
+        return weight
+    raise ConfigError(f'{name}: expected "auto" or a number >= 0, got {value!r}')
+
+
 def _url(value: str) -> str | None:
     return None if value.startswith(("http://", "https://")) else "an http:// or https:// URL"
 
@@ -118,8 +134,9 @@ class SiteSection:
 class AttributionSection:
     policy: str = _key("tokens", "how concurrent requests share an interval: tokens or equal",
                        _one_of("tokens", "equal"))
-    prefill_weight: float = _key(1.0, "weight of one prompt token against one completion token "
-                                 "(tokens policy)", _positive)
+    prefill_weight: PrefillWeight = _key("auto", "weight of one prompt token against one "
+                                         "completion token (tokens policy): auto measures it "
+                                         "per GPU, or a number >= 0")
     idle_watts: float = _key(0.0, "GPU idle baseline in watts; 0 learns it from idle intervals",
                              _non_negative)
     settle: float = _key(2.0, "seconds an interval waits for late request reports before it "
@@ -214,8 +231,9 @@ def _build(section_name: str, cls: type, values: Mapping[str, Any]) -> Any:
         name = f"{section_name}.{key}"
         if key not in fields:
             raise ConfigError(f"unknown key {name!r} (known: {', '.join(sorted(fields))})")
-        if fields[key].type == "GpuSpec":
-            kwargs[key] = _gpu_spec(name, value)
+        parse = {"GpuSpec": _gpu_spec, "PrefillWeight": _prefill_weight}.get(str(fields[key].type))
+        if parse is not None:
+            kwargs[key] = parse(name, value)
             continue
         kind = {"str": str, "float": float, "int": int, "bool": bool}[str(fields[key].type)]
         value = _coerce(name, kind, value)

@@ -89,13 +89,6 @@ def conservation(metrics_text: str) -> dict[str, tuple[float, float]]:
     return {gpu: (attributed[gpu], measured[gpu]) for gpu in measured}
 
 
-def scale_energy(wh: float) -> str:
-    for unit, size in (("TWh", 1e12), ("GWh", 1e9), ("MWh", 1e6), ("kWh", 1e3)):
-        if wh >= size:
-            return f"{wh / size:.3g} {unit}"
-    return f"{wh:.3g} Wh"
-
-
 async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -> int:
     config = load(environ={}, overrides={
         "agent.simulate": spec, "agent.listen": "127.0.0.1:0",
@@ -163,21 +156,32 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
         worst = max(worst, error)
         print(f"  GPU {gpu}: attributed + unattributed = {accounted:,.1f} J, "
               f"measured {measured:,.1f} J (relative difference {error:.1e}, from /metrics)")
-    energies = _facility_wh(store)
-    if energies:
-        mean_wh = sum(energies) / len(energies)
-        annual_wh = mean_wh * queries_per_day * 365
-        print(f"  SIMULATED: at {queries_per_day:,.0f} queries/day, {mean_wh:.3g} Wh/query "
-              f"(facility, PUE {config.site.pue}) is {scale_energy(annual_wh)}/yr")
-    print(f"  records: {store}  (jouleprobe report --store {store})")
-    return 0 if worst <= 1e-9 and energies else 1
+    fleet = _fleet_line(store, queries_per_day, config.site.pue)
+    if fleet:
+        print(fleet)
+    print(f"  records: {store}  (jouleprobe report --store {store}; "
+          f"jouleprobe fleet --from-store {store} --simulated --queries-per-day 1B)")
+    return 0 if worst <= 1e-9 and fleet else 1
 
 
-def _facility_wh(store: Path) -> list[float]:
-    from agent.records import RecordReader
+def _fleet_line(store: Path, queries_per_day: float, pue: float) -> str | None:
+    """The closing fleet figure, by `jouleprobe fleet`'s own code: mean facility Wh/query
+    with its bootstrap interval, at `queries_per_day`."""
+    from agent.fleet import Span, estimate, format_energy, from_store
+    from agent.fleet.inputs import MeasurementError
 
-    return [(r.it_j + r.facility_j) / 3600 for r in RecordReader(store).query()
-            if not r.expired]
+    try:
+        measured = from_store(str(store), simulated=True)
+    except MeasurementError:
+        return None
+    result = estimate({"queries_per_day": Span.exact(queries_per_day)}, measurement=measured)
+    per_query, annual = result.wh_per_query, result.annual_energy_wh
+    if per_query is None:  # the query mode always gives it
+        return None
+    return (f"  SIMULATED: at {queries_per_day:,.0f} queries/day, {per_query.central:.3g} "
+            f"Wh/query (facility, PUE {pue}; 95 % CI {per_query.low:.3g}…{per_query.high:.3g}) "
+            f"is {format_energy(annual.low)} … {format_energy(annual.high)}/yr "
+            f"(central {format_energy(annual.central)})")
 
 
 def run_demo(spec: str, *, seconds: float, store: str, queries_per_day: float) -> int:

@@ -42,7 +42,7 @@ class Node:
             self.sampler.timelines,
             self.sampler.host_timeline,
             policy=attribution.policy,  # type: ignore[arg-type]  # checked by the config
-            prefill_weight=attribution.prefill_weight,
+            prefill_weight=attribution.prefill_weight,  # type: ignore[arg-type]
             pue=config.site.pue,
             idle_power_w={gpu.index: idle for gpu in self.sampler.gpus()} if idle else None,
             settle_s=attribution.settle,

@@ -32,6 +32,7 @@ from typing import Any
 
 from agent import report
 from agent.requests import RequestEnergy, RequestStatus
+from agent.units import JOULES_PER_WH
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class StoredRequest:
             "late": self.late,
             "expired": self.expired,
             "energy_j": joules,
-            "energy_wh": {name: j / report.JOULES_PER_WH for name, j in joules.items()},
+            "energy_wh": {name: j / JOULES_PER_WH for name, j in joules.items()},
         }
 
 

@@ -47,6 +47,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from agent.requests import STATUSES
+from agent.units import JOULES_PER_WH
 
 if TYPE_CHECKING:
     from agent.records import StoredRequest
@@ -60,7 +61,7 @@ BOUNDARY_DEFINITIONS: Mapping[Boundary, str] = {
     "facility": "it × PUE",
 }
 FORMATS: tuple[str, ...] = ("table", "json", "csv")
-JOULES_PER_WH = 3600.0
+
 
 PERCENTILE_METHOD = "linear interpolation between closest ranks (Hyndman-Fan type 7)"
 TOKEN_DEFINITIONS: Mapping[str, str] = {

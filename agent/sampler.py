@@ -13,10 +13,11 @@ import threading
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from apscheduler.executors.debug import DebugExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent.sources.base import GpuInfo, GpuReading, GpuSource, HostReading, HostSource
@@ -28,6 +29,9 @@ SAMPLE_DURATION_BUCKETS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )
 """Upper bounds (seconds) of the read-duration histogram; +Inf is implied."""
+
+TELEMETRY_PERIOD_S = 1.0
+"""How often the slow-moving GPU fields are read; energy and power are read every tick."""
 
 FALLBACK_MAX_POWER_W = 3000.0
 """Ceiling on plausible board power where the power limit is unknown."""
@@ -106,6 +110,8 @@ class GpuSnapshot:
     info: GpuInfo
     reading: GpuReading | None
     """The latest reading, successful or not."""
+    telemetry: GpuReading | None
+    """The latest reading that asked for the slow-moving fields too (about once a second)."""
     energy_j: float
     """Measured cumulative energy since the agent started."""
     power_w: float | None
@@ -143,6 +149,7 @@ class _GpuState:
     accumulator: EnergyAccumulator
     timeline: Timeline
     reading: GpuReading | None = None
+    telemetry: GpuReading | None = None
     energy_j: float = 0.0
     power_w: float | None = None
     samples_total: int = 0
@@ -176,6 +183,7 @@ class Sampler:
         self._clock = clock
         """Measures how long a read took; the reading's own time comes from the source."""
         max_points = max(2, int(timeline_seconds / interval_s) + 1)
+        self._telemetry_every = max(1, round(TELEMETRY_PERIOD_S / interval_s))
         max_gap = max(3 * interval_s, 0.5)
         self._gpus: dict[int, _GpuState] = {
             info.index: _GpuState(info, EnergyAccumulator(info, max_gap), Timeline(max_points))
@@ -189,7 +197,9 @@ class Sampler:
         self._host_last_error: str | None = None
         self._lock = threading.Lock()
         self._scheduler: BackgroundScheduler | None = None
-        self._workers: dict[int, _Worker] = {}
+        self._reader: _Reader | None = None
+        self._stuck: set[int] = set()
+        """GPUs whose read hangs, each left to its own stuck reader thread."""
 
     @property
     def timelines(self) -> dict[int, Timeline]:
@@ -201,9 +211,10 @@ class Sampler:
     def sample_gpu(self, index: int) -> None:
         """Read one GPU once and record the result. Never raises for a device fault."""
         state = self._gpus[index]
+        telemetry = state.samples_total % self._telemetry_every == 0
         started = self._clock()
         try:
-            reading = self.gpu_source.read(index)
+            reading = self.gpu_source.read(index, telemetry=telemetry)
         except Exception as exc:  # a source must not raise, but one bug must not stop sampling
             log.exception("reading GPU %d failed unexpectedly", index)
             reading = GpuReading(time=time.monotonic(), errors=(("read", type(exc).__name__),))
@@ -213,6 +224,8 @@ class Sampler:
             state.timeline.append(point)
         with self._lock:
             state.reading = reading
+            if telemetry:
+                state.telemetry = reading
             state.samples_total += 1
             state.errors.update(reading.errors)
             if reading.power_w is not None:
@@ -256,6 +269,7 @@ class Sampler:
                 GpuSnapshot(
                     info=s.info,
                     reading=s.reading,
+                    telemetry=s.telemetry,
                     energy_j=s.energy_j,
                     power_w=s.power_w,
                     samples_total=s.samples_total,
@@ -275,15 +289,21 @@ class Sampler:
         return NodeSnapshot(time.monotonic(), gpus, host, self.interval_s)
 
     def start(self) -> None:
-        """One APScheduler job ticks every `interval_s`; each tick wakes one worker thread
-        per GPU. A GPU whose previous read is still running (hung) is skipped and counted,
-        so it only ever delays itself; one job per tick rather than one per GPU keeps the
-        scheduler's own cost small (bench/sampler.py)."""
+        """One APScheduler job ticks every `interval_s` and wakes the reader thread, which
+        reads every GPU in turn, then the host. The tick only signals, so it runs in the
+        scheduler's own thread (DebugExecutor).
+
+        Why one reader rather than one thread per GPU: waking eight threads at 10 Hz cost
+        more CPU than the reads themselves (bench/sampler.py). A GPU whose read hangs is
+        handed its stuck thread at the next tick, and a new reader carries on with the
+        others: a hang delays the other GPUs by at most one tick, once, and is then skipped
+        (counted in `skipped_total`) until its call returns."""
         if self._scheduler is not None:
             return
         logging.getLogger("apscheduler").setLevel(logging.WARNING)  # not a line per tick
-        self._workers = {index: _Worker(index, self.sample_gpu) for index in self._gpus}
+        self._reader = _Reader(self)
         scheduler = BackgroundScheduler(
+            executors={"default": DebugExecutor()},
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
         )
         scheduler.add_job(
@@ -296,42 +316,86 @@ class Sampler:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
-        for worker in self._workers.values():
-            worker.stop()
-        self._workers = {}
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader = None
 
     def _tick(self) -> None:
-        for index, worker in self._workers.items():
-            if not worker.wake():
+        reader = self._reader
+        if reader is None:
+            return
+        hung = reader.hung_on(self.interval_s)
+        if hung is not None:  # leave the stuck call its thread; read the others on a new one
+            with self._lock:
+                self._stuck.add(hung)
+            reader.abandon()
+            reader = self._reader = _Reader(self)
+        if not reader.wake():
+            self._count_skips(self._gpus)
+            return
+        self._count_skips(self._stuck)
+
+    def _count_skips(self, indices: Iterable[int]) -> None:
+        with self._lock:
+            for index in indices:
+                self._gpus[index].skipped_total += 1
+
+    def _read_round(self, reader: _Reader) -> None:
+        """Runs on the reader thread: every GPU not stuck in an earlier read, then the host."""
+        for index in self._gpus:
+            if index in self._stuck:
+                continue
+            reader.reading(index)
+            self.sample_gpu(index)
+            if reader.abandoned:  # this read hung and was handed this thread: it is done
                 with self._lock:
-                    self._gpus[index].skipped_total += 1
+                    self._stuck.discard(index)
+                return
+        reader.reading(None)
         self.sample_host()
 
 
-class _Worker:
-    """A thread that reads one GPU each time it is woken, if it is not still reading."""
+class _Reader:
+    """The thread that reads the sources each time the tick wakes it."""
 
-    def __init__(self, index: int, sample: Callable[[int], None]) -> None:
-        self._index = index
-        self._sample = sample
+    def __init__(self, sampler: Sampler) -> None:
+        self._sampler = sampler
         self._wake = threading.Event()
+        self._lock = threading.Lock()
         self._busy = False
-        self._stopping = False
-        self._thread = threading.Thread(
-            target=self._run, name=f"jouleprobe-gpu-{index}", daemon=True
-        )
+        self._current: tuple[int, float] | None = None
+        """(GPU index, monotonic start) of the read in progress."""
+        self.abandoned = False
+        self._thread = threading.Thread(target=self._run, name="jouleprobe-reader", daemon=True)
         self._thread.start()
 
     def wake(self) -> bool:
-        """Ask for one read; False when the previous one has not finished."""
-        if self._busy:
-            return False
-        self._busy = True
+        """Ask for one round of reads; False while the previous round is still running."""
+        with self._lock:
+            if self._busy:
+                return False
+            self._busy = True
         self._wake.set()
         return True
 
+    def reading(self, index: int | None) -> None:
+        with self._lock:
+            self._current = None if index is None else (index, time.monotonic())
+
+    def hung_on(self, after_s: float) -> int | None:
+        """The GPU whose read has been running for longer than `after_s`, if any."""
+        with self._lock:
+            current = self._current
+        if current is not None and time.monotonic() - current[1] > after_s:
+            return current[0]
+        return None
+
+    def abandon(self) -> None:
+        """This thread finishes its stuck read, then exits without reading anything else."""
+        self.abandoned = True
+
     def stop(self) -> None:
-        self._stopping = True
+        self.abandoned = True
         self._wake.set()
         self._thread.join(timeout=1.0)  # a read hung in the driver cannot be interrupted
 
@@ -339,12 +403,16 @@ class _Worker:
         while True:
             self._wake.wait()
             self._wake.clear()
-            if self._stopping:
+            if self.abandoned:
                 return
             try:
-                self._sample(self._index)
+                self._sampler._read_round(self)
             finally:
-                self._busy = False
+                with self._lock:
+                    self._busy = False
+                    self._current = None
+            if self.abandoned:
+                return
 
 
 def _cumulative(counts: list[int]) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """Accuracy of per-request GPU energy against a simulator that knows the truth.
 
-Run: python bench/accuracy.py [--concurrency 1 8 32 64] [--seed 0] [--prefill-weight W]
+Run: python bench/accuracy.py [--concurrency 1 8 32 64] [--seed 0] [--prefill-weight W|auto]
 
 For each concurrency (closed-loop clients per GPU), a synthetic trace of two model sizes on
 two simulated H100s (`agent.sources.simload`) drives a `SimulatedGpuSource` with its real
@@ -21,8 +21,12 @@ is what an operator who calibrated it would set) and two naive methods:
 - window_average: the counter's advance over the whole load on a GPU ÷ its requests.
 
 Printed per concurrency: median and p95 of |attributed − truth| / truth, the median signed
-error (bias), and the conservation error max over GPUs of
-|Σ attributed + unattributed − measured| / measured. Last line: one JSON object.
+error (bias), the conservation error max over GPUs of
+|Σ attributed + unattributed − measured| / measured, and the tokens policy's prefill weight
+per GPU at the end (learned where it is "auto"; "time" while still splitting by time) next to
+the simulation's own ratio of a prompt token's to a completion token's dynamic energy at
+that concurrency (reported for comparison only; the engine never sees it). Last line: one
+JSON object.
 """
 
 from __future__ import annotations
@@ -35,10 +39,10 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from agent.attribution import DEFAULT_PREFILL_WEIGHT, AttributionEngine
+from agent.attribution import DEFAULT_PREFILL_WEIGHT, AttributionEngine, PrefillWeight
 from agent.requests import Request
 from agent.sampler import Sampler
-from agent.sources.simload import RequestLoad, TraceRequest, synthetic_trace
+from agent.sources.simload import PROFILES, RequestLoad, TraceRequest, synthetic_trace
 from agent.sources.simulated import SimulatedGpuSource, parse_spec
 
 GPUS = "2xH100"
@@ -76,13 +80,17 @@ class Level:
     """Signed relative errors (attributed − truth) / truth per method, one per request."""
     conservation: float = 0.0
     idle_learned_w: list[float | None] = field(default_factory=list)
+    prefill_weight: list[float | None] = field(default_factory=list)
+    """The tokens policy's prefill weight per GPU at the end; None: still splitting by time."""
+    simulated_ratio: list[float] = field(default_factory=list)
+    """Per GPU, the simulation's prompt-token ÷ completion-token dynamic energy."""
     late: int = 0
     simulation_error: float = 0.0
     """Max relative difference between the source's integral and the load's exact energy."""
 
 
 def run_level(concurrency: int, duration_s: float, seed: int,
-              prefill_weight: float = DEFAULT_PREFILL_WEIGHT) -> Level:
+              prefill_weight: PrefillWeight = DEFAULT_PREFILL_WEIGHT) -> Level:
     models = parse_spec(GPUS)
     trace = synthetic_trace(len(models), concurrency=concurrency, duration_s=duration_s,
                             start=WARMUP_S, seed=seed)
@@ -142,6 +150,10 @@ def run_level(concurrency: int, duration_s: float, seed: int,
                                 for r in trace]
         if policy == "tokens":
             level.idle_learned_w = [gpu.idle_power_w for gpu in totals.gpus.values()]
+            level.prefill_weight = [gpu.prefill_weight for gpu in totals.gpus.values()]
+    level.simulated_ratio = [_simulated_ratio(r.model, concurrency)
+                             for r in sorted({r.gpu: r for r in trace}.values(),
+                                             key=lambda r: r.gpu)]
 
     level.errors["lifetime_diff"] = [
         (counter_at[r.id, 1] - counter_at[r.id, 0] - truth[r.id]) / truth[r.id] for r in trace
@@ -162,6 +174,19 @@ def run_level(concurrency: int, duration_s: float, seed: int,
         integral = source.true_energy_j(index, last_end)
         level.simulation_error = max(level.simulation_error, abs(integral - exact) / exact)
     return level
+
+
+def _simulated_ratio(model: str, concurrency: int) -> float:
+    """A prompt token's dynamic energy ÷ a completion token's, in the simulation's truth:
+    each request draws its nominal phase power scaled by the same factor as every other
+    request's at that instant, and decodes at the trace's rate for this batch size."""
+    profile = PROFILES[model]
+    return ((profile.prefill_fraction / profile.prefill_tokens_per_s)
+            / (profile.decode_fraction / profile.decode_rate(concurrency)))
+
+
+def _prefill_weight(value: str) -> PrefillWeight:
+    return "auto" if value == "auto" else float(value)
 
 
 def _intake(engine: AttributionEngine, request: TraceRequest, kind: int) -> None:
@@ -193,13 +218,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(DURATION_S))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prefill-weight", type=float, default=DEFAULT_PREFILL_WEIGHT,
+    parser.add_argument("--prefill-weight", type=_prefill_weight, default=DEFAULT_PREFILL_WEIGHT,
                         help=f"the engine's prefill weight ({DEFAULT_PREFILL_WEIGHT}, its default)")
     args = parser.parse_args()
 
     results: list[dict[str, float | int | str]] = []
     conservation = 0.0
     verdicts: list[str] = []
+    prefill_weights: dict[int, list[float | None]] = {}
     print(f"{GPUS} simulated, 10 Hz sampling, prefill_weight {args.prefill_weight}, "
           f"seed {args.seed}")
     for concurrency in args.concurrency:
@@ -212,6 +238,10 @@ def main() -> None:
               f"{', '.join(f'{c:.1f}' for c in level.in_flight)}, learned idle {idle} W, "
               f"late {level.late}, conservation {level.conservation:.1e}, simulation "
               f"{level.simulation_error:.1e}, {time.process_time() - started:.1f} s CPU")
+        weights = ", ".join("time" if w is None else f"{w:.4f}" for w in level.prefill_weight)
+        print(f"  tokens prefill weight {weights} (simulation's ratio "
+              f"{', '.join(f'{r:.4f}' for r in level.simulated_ratio)})")
+        prefill_weights[concurrency] = level.prefill_weight
         print(f"  {'method':<16}{'median':>10}{'p95':>10}{'bias':>10}")
         for method in METHODS:
             median, p95, bias = summarise(level.errors[method])
@@ -225,7 +255,8 @@ def main() -> None:
                                 f"{'met' if met else 'NOT met'}")
     verdicts.append(f"conservation <= 1e-9: {'met' if conservation <= 1e-9 else 'NOT met'}")
     print("targets: " + "; ".join(verdicts))
-    print(json.dumps({"results": results, "conservation_error": conservation}))
+    print(json.dumps({"results": results, "conservation_error": conservation,
+                      "prefill_weight": prefill_weights}))
 
 
 if __name__ == "__main__":

@@ -51,11 +51,11 @@ def main() -> None:
     scheduled = Sampler(source, interval_s=0.1)
     scheduled.start()
     time.sleep(1.0)  # let the jobs settle
-    cpu0, wall0 = process.cpu_times(), time.monotonic()
+    cpu0, wall0 = time.process_time(), time.monotonic()  # ns resolution, unlike /proc ticks
     time.sleep(args.seconds)
-    cpu1, wall1 = process.cpu_times(), time.monotonic()
+    cpu1, wall1 = time.process_time(), time.monotonic()
     scheduled.stop()
-    core_fraction = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (wall1 - wall0)
+    core_fraction = (cpu1 - cpu0) / (wall1 - wall0)
     samples = sum(g.samples_total for g in scheduled.snapshot().gpus)
     rss_mb = process.memory_info().rss / 2**20
 

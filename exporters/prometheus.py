@@ -138,10 +138,13 @@ def gpu_families(snapshot: NodeSnapshot) -> Iterator[Metric]:
             1,
         )
         energy.add_metric(labels, gpu.energy_j)
-        if gpu.reading is None:
-            continue
+        latest_failed = gpu.reading is None or bool(gpu.reading.errors)
         for attribute, family in gauges:
-            value = getattr(gpu.reading, attribute)
+            # Power comes with every read, the other fields with the latest telemetry read
+            # (about once a second), unless the latest read failed: then they are unknown.
+            slow = attribute != "power_w" and not latest_failed
+            reading = gpu.telemetry if slow else gpu.reading
+            value = getattr(reading, attribute) if reading is not None else None
             if value is not None:
                 family.add_metric(labels, value)
     yield info

@@ -231,14 +231,22 @@ def _attribution_families(totals: AttributionTotals, snapshot: NodeSnapshot) -> 
         "learned); absent while not yet known.",
         labels=GPU_LABELS, unit="watts",
     )
+    prefill = GaugeMetricFamily(
+        "jouleprobe_gpu_prefill_weight_ratio",
+        "Weight of one prompt token against one completion token used by the tokens policy "
+        "(configured, or measured per GPU); absent while intervals are split by time.",
+        labels=GPU_LABELS, unit="ratio",
+    )
     for gpu, figures in sorted(totals.gpus.items()):
         labels = [str(gpu), uuids.get(gpu, "")]  # engine GPUs = sampler GPUs
+        if figures.prefill_weight is not None:
+            prefill.add_metric(labels, figures.prefill_weight)
         attributed.add_metric([*labels, "gpu_dynamic"], figures.gpu_dynamic_j)
         attributed.add_metric([*labels, "gpu_static"], figures.gpu_static_j)
         unattributed.add_metric(labels, figures.unattributed_j)
         if figures.idle_power_w is not None and math.isfinite(figures.idle_power_w):
             idle.add_metric(labels, figures.idle_power_w)
-    yield from (attributed, unattributed, idle)
+    yield from (attributed, unattributed, idle, prefill)
 
     if totals.host is not None:
         yield CounterMetricFamily(

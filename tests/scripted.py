@@ -5,7 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections import deque
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +28,7 @@ class ScriptedGpuSource:
     def gpus(self) -> list[GpuInfo]:
         return list(self._infos)
 
-    def read(self, index: int) -> GpuReading:
+    def read(self, index: int, *, telemetry: bool = True) -> GpuReading:
         return self.queued[index].popleft()
 
     def close(self) -> None:
@@ -57,3 +63,46 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def agent_env() -> dict[str, str]:
+    """This environment without PYTHONPATH or JOULEPROBE_* settings, which would change
+    what the agent under test does."""
+    return {
+        key: value for key, value in os.environ.items()
+        if key != "PYTHONPATH" and not key.startswith("JOULEPROBE_")
+    }
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_for(what: str, ready: Callable[[], bool], proc: subprocess.Popen[bytes],
+              log: Path, timeout_s: float) -> None:
+    """Poll `ready` until true; fail with the process's log if it exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if ready():
+                return
+        except OSError:  # not listening yet
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"{what} not ready after {timeout_s} s:\n{log.read_text()[-4000:]}")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

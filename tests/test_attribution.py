@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from collections.abc import Sequence
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.attribution import AttributionEngine, CapacityExceeded, Policy
+from agent.attribution import (
+    PREFILL_WEIGHT_BOUNDS,
+    AttributionEngine,
+    CapacityExceeded,
+    Policy,
+    _PrefillWeightLearner,
+)
 from agent.requests import Request, RequestEnergy
 from agent.timeline import EnergyPoint, Timeline
 
@@ -81,11 +88,39 @@ def test_requests_starting_and_ending_inside_one_interval_weigh_their_overlap() 
 
 def test_a_request_spanning_many_intervals_gets_each_one_it_overlaps() -> None:
     energies = [0.0, 10.0, 40.0, 45.0, 145.0, 150.0, 350.0, 351.0, 400.0]
-    eng = engine({0: timeline(*((float(t), e) for t, e in enumerate(energies)))})
+    # A 0 W baseline, so that the empty ends of its first and last intervals cost nothing.
+    eng = engine({0: timeline(*((float(t), e) for t, e in enumerate(energies)))},
+                 idle_power_w={0: 0.0})
     out = run(eng, req("a", 1.5, 6.25))  # overlaps intervals [1, 2) … [6, 7)
     assert out["a"].gpu_j == pytest.approx(351.0 - 10.0)
     totals = eng.totals().gpus[0]
     assert totals.unattributed_j == pytest.approx(10.0 + 49.0)
+
+
+def test_idle_energy_of_the_empty_part_of_an_interval_is_unattributed() -> None:
+    # One 10 s interval at 100 W on a 50 W baseline; the request covers its first half.
+    eng = engine({0: timeline((0.0, 0.0), (10.0, 1000.0))}, idle_power_w={0: 50.0})
+    out = run(eng, req("a", 0.0, 5.0))
+    assert out["a"].gpu_static_j == pytest.approx(250.0)  # half of the interval's 500 J
+    assert out["a"].gpu_dynamic_j == pytest.approx(500.0)
+    assert eng.totals().gpus[0].unattributed_j == pytest.approx(250.0)
+
+
+def test_empty_time_is_where_no_request_runs_not_where_one_does_not() -> None:
+    # [0, 10) at 100 W, 50 W baseline: a runs [1, 4), b runs [3, 6): empty for 1 + 4 s.
+    eng = engine({0: timeline((0.0, 0.0), (10.0, 1000.0))}, idle_power_w={0: 50.0})
+    out = run(eng, req("a", 1.0, 4.0), req("b", 3.0, 6.0))
+    assert eng.totals().gpus[0].unattributed_j == pytest.approx(250.0)
+    assert out["a"].gpu_j == pytest.approx(375.0)
+    assert out["b"].gpu_j == pytest.approx(375.0)
+    assert out["a"].gpu_static_j + out["b"].gpu_static_j == pytest.approx(250.0)
+
+
+def test_empty_time_takes_at_most_the_interval_energy() -> None:
+    eng = engine({0: timeline((0.0, 0.0), (10.0, 100.0))}, idle_power_w={0: 50.0})
+    out = run(eng, req("a", 8.0, 10.0))
+    assert out["a"].gpu_j == 0.0
+    assert eng.totals().gpus[0].unattributed_j == pytest.approx(100.0)
 
 
 def test_interval_with_no_request_is_unattributed_and_teaches_the_idle_power() -> None:
@@ -113,7 +148,7 @@ def test_tokens_policy_weighs_prompt_tokens_by_the_prefill_weight(
 
 
 def test_tokens_policy_unknown_tokens_weigh_as_the_mean_known_rate() -> None:
-    eng = engine({0: timeline((0.0, 0.0), (10.0, 600.0))}, policy="tokens")
+    eng = engine({0: timeline((0.0, 0.0), (10.0, 600.0))}, policy="tokens", prefill_weight=1.0)
     out = run(
         eng,
         req("fast", 0.0, 10.0, prompt_tokens=10, completion_tokens=20),  # 3 tokens/s
@@ -126,7 +161,7 @@ def test_tokens_policy_unknown_tokens_weigh_as_the_mean_known_rate() -> None:
 
 
 def test_tokens_policy_splits_by_time_where_every_weight_is_zero() -> None:
-    eng = engine({0: timeline((0.0, 0.0), (10.0, 300.0))}, policy="tokens")
+    eng = engine({0: timeline((0.0, 0.0), (10.0, 300.0))}, policy="tokens", prefill_weight=1.0)
     out = run(
         eng,
         req("a", 0.0, 10.0, prompt_tokens=0, completion_tokens=0),
@@ -190,7 +225,7 @@ def test_an_open_request_holds_back_the_intervals_it_overlaps() -> None:
 
 
 def test_end_fills_in_what_the_start_did_not_know() -> None:
-    eng = engine({0: timeline((0.0, 0.0), (10.0, 300.0))}, policy="tokens")
+    eng = engine({0: timeline((0.0, 0.0), (10.0, 300.0))}, policy="tokens", prefill_weight=1.0)
     eng.add(req("a", 0.0, None))
     eng.add(req("b", 0.0, 10.0, prompt_tokens=5, completion_tokens=5))
     assert eng.end("a", 10.0, first_token=1.0, prompt_tokens=10, completion_tokens=10,
@@ -309,6 +344,200 @@ def test_finished_requests_and_processed_intervals_are_dropped() -> None:
     assert eng.advance(LATER) == []
 
 
+# --- the prefill weight: fixed, or measured ("auto") ---------------------------------------
+
+
+def learner(**kw: float) -> _PrefillWeightLearner:
+    return _PrefillWeightLearner(**{"sample_s": 1.0, "window": 600, "min_samples": 30, **kw})
+
+
+def feed(learn: _PrefillWeightLearner, samples: Sequence[tuple[float, float, float, float]]
+         ) -> None:
+    """(dynamic J, prompt tokens, completion tokens, busy s) samples of one second each."""
+    for energy, prompt, completion, busy in samples:
+        learn.observe(energy, prompt, completion, busy, 1.0)
+
+
+def work(rng: random.Random, a: float, b: float, count: int, noise: float = 0.0
+         ) -> list[tuple[float, float, float, float]]:
+    """Seconds of a board whose dynamic energy is a·P + b·D (± `noise` relative), busy
+    throughout, with prompt and completion tokens that vary independently."""
+    out = []
+    for _ in range(count):
+        prompt = rng.choice([0.0, rng.uniform(100, 8000)])
+        completion = rng.uniform(20, 600)
+        energy = (a * prompt + b * completion) * (1 + rng.uniform(-noise, noise))
+        out.append((energy, prompt, completion, 1.0))
+    return out
+
+
+def test_learner_recovers_the_ratio_of_the_two_token_costs() -> None:
+    learn = learner()
+    feed(learn, work(random.Random(1), a=0.004, b=0.25, count=200, noise=0.05))
+    assert learn.value == pytest.approx(0.016, rel=0.05)
+
+
+def test_learner_gives_nothing_before_enough_samples() -> None:
+    learn = learner(min_samples=30)
+    pure = [(0.004 * 1000, 1000.0, 0.0, 1.0), (0.25 * 100, 0.0, 100.0, 1.0)]  # ideal samples
+    feed(learn, pure * 14 + pure[:1])
+    assert learn.value is None
+    feed(learn, pure[1:])
+    assert learn.value == pytest.approx(0.016)
+
+
+def test_learner_pools_short_intervals_into_samples() -> None:
+    learn = learner(min_samples=3, window=10**9)
+    for prompt, completion in [(1000, 0), (0, 100), (2000, 50), (500, 200)]:
+        for _ in range(10):  # ten 0.1 s intervals: one sample
+            learn.observe((0.01 * prompt + 0.5 * completion) / 10, prompt / 10,
+                          completion / 10, 0.1, 0.1)
+    assert learn.value == pytest.approx(0.02)
+
+
+def test_learner_forgets_old_samples() -> None:
+    """Memory is bounded: the fit is a fixed set of sums whose old terms fade, so the
+    weight follows a change of regime instead of averaging over all history."""
+    learn = learner(window=50, min_samples=10)
+    rng = random.Random(3)
+    feed(learn, work(rng, a=0.004, b=0.25, count=2000))
+    assert learn.value == pytest.approx(0.016)
+    feed(learn, work(rng, a=0.01, b=0.25, count=500))
+    assert learn.value == pytest.approx(0.04, rel=1e-3)
+
+
+def test_learner_refuses_collinear_tokens() -> None:
+    # Every request has the same shape and its tokens are spread over its lifetime: P = 4·D.
+    learn = learner(min_samples=10)
+    rng = random.Random(4)
+    samples = []
+    for _ in range(200):
+        completion = rng.uniform(50, 500)
+        samples.append((0.004 * 4 * completion + 0.25 * completion, 4 * completion,
+                        completion, 1.0))
+    feed(learn, samples)
+    assert learn.value is None
+
+
+def test_learner_refuses_energy_that_follows_time_not_tokens() -> None:
+    # A board at its power limit: 600 W whatever the token mix.
+    learn = learner(min_samples=10)
+    rng = random.Random(5)
+    feed(learn, [(600.0 * busy, prompt, completion, busy)
+                 for _, prompt, completion, _ in work(rng, 0.004, 0.25, 300)
+                 for busy in [rng.uniform(0.5, 1.0)]])
+    assert learn.value is None
+
+
+def test_learner_clamps_the_weight_to_a_sane_range() -> None:
+    learn = learner(min_samples=10)
+    feed(learn, work(random.Random(6), a=0.0, b=0.25, count=100))  # prompts are free
+    assert learn.value == PREFILL_WEIGHT_BOUNDS[0]
+    learn = learner(min_samples=10)
+    feed(learn, work(random.Random(7), a=1.0, b=0.25, count=100))
+    assert learn.value == PREFILL_WEIGHT_BOUNDS[1]
+
+
+def test_learner_ignores_idle_samples_and_restarts_a_sample_after_an_interruption() -> None:
+    learn = learner(min_samples=3, window=10**9)
+    learn.observe(-1.0, 0.0, 0.0, 0.0, 5.0)  # idle: no sample
+    learn.observe(1e6, 1e6, 0.0, 0.5, 0.5)  # half a sample, then a gap: discarded
+    learn.interrupt()
+    feed(learn, [(10.0, 1000.0, 0.0, 1.0), (50.0, 0.0, 100.0, 1.0), (60.0, 1000.0, 100.0, 1.0)])
+    assert learn.value == pytest.approx(0.02)
+
+
+def test_auto_weight_splits_by_time_until_it_is_measured() -> None:
+    eng = engine({0: timeline((0.0, 0.0), (4.0, 400.0))}, policy="tokens",
+                 idle_power_w={0: 0.0})
+    out = run(eng,
+              req("prefill", 0.0, 4.0, first_token=4.0, prompt_tokens=4000, completion_tokens=1),
+              req("decode", 0.0, 4.0, prompt_tokens=0, completion_tokens=40))
+    assert out["prefill"].gpu_j == pytest.approx(200.0)
+    assert out["decode"].gpu_j == pytest.approx(200.0)
+    assert eng.totals().gpus[0].prefill_weight is None
+
+
+def test_totals_report_the_prefill_weight_in_use() -> None:
+    assert engine({0: steady(1.0, 1.0)}, policy="tokens", prefill_weight=0.5
+                  ).totals().gpus[0].prefill_weight == 0.5
+    assert engine({0: steady(1.0, 1.0)}, policy="equal", prefill_weight=0.5
+                  ).totals().gpus[0].prefill_weight is None
+    with pytest.raises(ValueError, match="prefill weight"):
+        engine({0: steady(1.0, 1.0)}, prefill_weight="measured")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="prefill weight"):
+        engine({0: steady(1.0, 1.0)}, prefill_weight=-1.0)
+
+
+def test_auto_weight_is_learned_from_the_engine_intervals_and_then_used() -> None:
+    """One request at a time, each 1 s of prefill then 2 s of decode, on a board drawing
+    50 W + 0.01 J per prompt token + 0.5 J per completion token; then two requests share
+    an interval, one in prefill, one decoding, and split it by the learned weight 0.02."""
+    rng = random.Random(8)
+    line, energy, t = Timeline(10_000), 0.0, 0.0
+    requests = []
+    line.append(EnergyPoint(0.0, 0.0))
+    for i in range(12):
+        prompt, completion = rng.randint(200, 3000), rng.randint(10, 200)
+        requests.append(req(f"r{i}", t, t + 3.0, first_token=t + 1.0, prompt_tokens=prompt,
+                            completion_tokens=completion))
+        for joules in (50.0 + 0.01 * prompt, 50.0 + 0.5 * completion / 2,
+                       50.0 + 0.5 * completion / 2):
+            t += 1.0
+            energy += joules
+            line.append(EnergyPoint(t, energy))
+    t += 1.0  # a: 1000 prompt tokens (weighing 20), b: 60 completion tokens (weighing 60)
+    energy += 50.0 + 0.01 * 1000 + 0.5 * 60
+    line.append(EnergyPoint(t, energy))
+    requests += [req("a", t - 1.0, t, first_token=t, prompt_tokens=1000, completion_tokens=0),
+                 req("b", t - 1.0, t, first_token=t - 1.0, prompt_tokens=0,
+                     completion_tokens=60)]
+    eng = engine({0: line}, policy="tokens", idle_power_w={0: 50.0},
+                 prefill_min_samples=10)
+    out = run(eng, *requests)
+    assert eng.totals().gpus[0].prefill_weight == pytest.approx(0.02)
+    assert out["a"].gpu_dynamic_j == pytest.approx(10.0)  # its own 0.01 J × 1000
+    assert out["b"].gpu_dynamic_j == pytest.approx(30.0)  # its own 0.5 J × 60
+
+
+def test_energy_is_conserved_while_the_learned_weight_moves() -> None:
+    """Weights only split each interval's energy: whatever the learner does between two
+    intervals, every joule goes to a request or to unattributed, exactly once."""
+    rng = random.Random(9)
+    requests = []
+    for i in range(300):
+        start = round(rng.uniform(0, 60), 1)
+        first = start + rng.choice([0.1, 0.3])
+        requests.append(req(f"r{i}", start, first + rng.choice([0.2, 0.5, 1.0]),
+                            first_token=first, prompt_tokens=rng.randint(1, 4000),
+                            completion_tokens=rng.randint(1, 300)))
+    points, energy = [(0.0, 0.0)], 0.0
+    for step in range(1, 650):  # 20 W idle; a prompt token's cost drifts from 1 to 15 mJ
+        t0, t1 = (step - 1) / 10, step / 10
+        energy += 2.0 * rng.uniform(0.9, 1.1)
+        for r in requests:
+            assert r.end is not None and r.first_token is not None
+            for a, b, joules in ((r.start, r.first_token, (0.001 + t0 / 5000) * r.prompt_tokens),
+                                 (r.first_token, r.end, 0.3 * r.completion_tokens)):
+                energy += joules * max(0.0, min(b, t1) - max(a, t0)) / (b - a)
+        points.append((t1, energy))
+    eng = engine({0: timeline(*points)}, policy="tokens", idle_power_w={0: 20.0}, settle_s=0.0,
+                 prefill_sample_s=0.3, prefill_window=10, prefill_min_samples=3)
+    for request in requests:
+        eng.add(request)
+    results, weights = [], set()
+    for now in range(1, 70):
+        results += eng.advance(float(now))
+        weights.add(eng.totals().gpus[0].prefill_weight)
+    assert len(weights - {None}) > 3
+    gpu = eng.totals().gpus[0]
+    assert gpu.gpu_static_j + gpu.gpu_dynamic_j + gpu.unattributed_j == pytest.approx(
+        energy, rel=1e-12)
+    assert sum(r.gpu_j for r in results) == pytest.approx(gpu.gpu_static_j + gpu.gpu_dynamic_j,
+                                                          rel=1e-12)
+    assert len(results) == len(requests)
+
+
 # --- property-based: random timelines, random requests ------------------------------------
 
 TICK = 0.125
@@ -357,7 +586,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, object]:
         "host_points": draw(st.one_of(st.none(), timelines_st(base))),
         "requests": draw(requests_st(base, gpus, policy)),
         "idle": {g: draw(st.floats(0.0, 2000.0)) for g in range(gpus) if draw(st.booleans())},
-        "prefill_weight": draw(st.sampled_from([0.25, 1.0, 3.0])),
+        "prefill_weight": draw(st.sampled_from([0.25, 1.0, 3.0, "auto"])),
     }
 
 
@@ -366,13 +595,27 @@ def measured(points: Sequence[EnergyPoint]) -> float:
                if not b.gap)
 
 
-def overlaps_measured_energy(points: Sequence[EnergyPoint], request: Request) -> bool:
+def overlaps_measured_energy(points: Sequence[EnergyPoint], request: Request,
+                             idle_w: float = 0.0, lane: Sequence[Request] = ()) -> bool:
+    """Whether the request overlaps an interval with energy to share: above the idle energy
+    of the stretches of it when none of the lane's requests ran."""
     assert request.end is not None
     return any(
-        not b.gap and b.energy_j > a.energy_j
+        not b.gap and b.energy_j - a.energy_j > idle_w * empty_s(a.time, b.time, lane)
         and max(a.time, request.start) < min(b.time, request.end)
         for a, b in itertools.pairwise(points)
     )
+
+
+def empty_s(t0: float, t1: float, requests: Sequence[Request]) -> float:
+    busy, reach = 0.0, t0
+    for r in sorted(requests, key=lambda r: r.start):
+        assert r.end is not None
+        start, end = max(r.start, reach), min(r.end, t1)
+        if end > start:
+            busy += end - start
+            reach = end
+    return (t1 - t0) - busy
 
 
 def build(scenario: dict, *, fill: bool = True) -> tuple[AttributionEngine, list[Timeline],
@@ -389,6 +632,7 @@ def build(scenario: dict, *, fill: bool = True) -> tuple[AttributionEngine, list
         dict(enumerate(lines)), host, policy=scenario["policy"],
         prefill_weight=scenario["prefill_weight"], idle_power_w=scenario["idle"],
         pue=1.5, settle_s=1.0, max_age_s=100.0, idle_sample_s=0.5,
+        prefill_sample_s=0.25, prefill_window=8, prefill_min_samples=3,  # weights that move
     )
     return eng, lines, host
 
@@ -425,10 +669,15 @@ def test_property_conservation_and_fair_shares(scenario: dict) -> None:
     assert sorted(r.request.id for r in results) == sorted(r.id for r in scenario["requests"])
     check_conservation(eng, scenario, results)
     for r in results:
-        lines = [scenario["gpu_points"][g] for g in r.request.gpus]
+        # Where a GPU's idle power is learned, the test cannot know its value at each
+        # interval: such a request may get nothing only where a 0 W baseline gives it some.
+        exact = all(g in scenario["idle"] for g in r.request.gpus)
+        shares = [overlaps_measured_energy(
+            scenario["gpu_points"][g], r.request, scenario["idle"].get(g, 0.0),
+            [q for q in scenario["requests"] if g in q.gpus]) for g in r.request.gpus]
         if scenario["host_points"] is not None:
-            lines.append(scenario["host_points"])
-        assert (r.it_j > 0) == any(overlaps_measured_energy(p, r.request) for p in lines)
+            shares.append(overlaps_measured_energy(scenario["host_points"], r.request))
+        assert (r.it_j > 0) == any(shares) if exact else (r.it_j > 0) <= any(shares)
         assert not r.late
 
 

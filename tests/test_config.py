@@ -113,3 +113,13 @@ def test_proxy_and_scrape_tables(tmp_path: Path) -> None:
 def test_bad_tables_name_the_key(tmp_path: Path, text: str, named: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(named)):
         load(write(tmp_path, text), environ={})
+
+
+@pytest.mark.parametrize(("value", "expected"), [('"auto"', "auto"), ("0.02", 0.02), ("1", 1.0)])
+def test_prefill_weight_is_auto_or_a_number(tmp_path: Path, value: str, expected: object) -> None:
+    config = load(write(tmp_path, f"[attribution]\nprefill_weight = {value}\n"), environ={})
+    assert config.attribution.prefill_weight == expected
+    with pytest.raises(ConfigError, match=r"attribution\.prefill_weight"):
+        load(write(tmp_path, '[attribution]\nprefill_weight = "heavy"\n'), environ={})
+    with pytest.raises(ConfigError, match=r"attribution\.prefill_weight"):
+        load(environ={"JOULEPROBE_ATTRIBUTION_PREFILL_WEIGHT": "-1"})

@@ -524,3 +524,14 @@ def test_probe_without_pynvml(monkeypatch: pytest.MonkeyPatch):
     report = probe()
     assert not report.available
     assert report.reason is not None and "nvidia-ml-py" in report.reason
+
+
+def test_energy_only_reads_make_only_the_energy_and_power_calls(fake_nvml) -> None:
+    fake_nvml.add_gpu(300.0)
+    source = NvmlGpuSource.open(clock=fake_nvml.clock)
+    fake_nvml.calls.clear()
+    reading = source.read(0, telemetry=False)
+    made = {function for function, _ in fake_nvml.calls}
+    assert reading.energy_j is not None and reading.power_w is not None
+    assert reading.temperature_c is None and reading.utilization is None
+    assert made == {"nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetFieldValues"}

@@ -8,7 +8,6 @@ and both processes are always stopped.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,12 +15,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from scripted import free_port, require_binary
+from scripted import agent_env, free_port, http_get, require_binary, stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,49 +40,6 @@ TOLERANCE = 0.08
 (power in mW or mJ, energy counted twice, a stuck counter)."""
 
 
-def _agent_env() -> dict[str, str]:
-    """This environment without PYTHONPATH or JOULEPROBE_* settings, which would change
-    what the agent under test does."""
-    return {
-        key: value for key, value in os.environ.items()
-        if key != "PYTHONPATH" and not key.startswith("JOULEPROBE_")
-    }
-
-
-def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def _wait_for(what: str, ready: Callable[[], bool], proc: subprocess.Popen[bytes],
-              log: Path, timeout_s: float) -> None:
-    """Poll `ready` until true; fail with the process's log if it exits or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if ready():
-                return
-        except OSError:  # not listening yet
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"{what} not ready after {timeout_s} s:\n{log.read_text()[-4000:]}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.fixture
 def prometheus_binary() -> str:
     return require_binary("prometheus")
@@ -99,15 +55,15 @@ def agent(tmp_path: Path) -> Iterator[str]:
             [sys.executable, "-m", "agent", "run", "--simulate", "2xH100",
              "--listen", address, "--sample-interval", "0.1"],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            env={**_agent_env(), "JOULEPROBE_RECORDS_PATH": str(tmp_path / "records.db"),
+            env={**agent_env(), "JOULEPROBE_RECORDS_PATH": str(tmp_path / "records.db"),
                  "JOULEPROBE_INGEST_LISTEN": "127.0.0.1:0"},
         )
     try:
-        _wait_for("the agent", lambda: _get(f"http://{address}/healthz")[0] == 200,
+        wait_for("the agent", lambda: http_get(f"http://{address}/healthz")[0] == 200,
                   proc, log, timeout_s=30)
         yield address
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @pytest.fixture
@@ -133,17 +89,17 @@ def prometheus(prometheus_binary: str, agent: str, tmp_path: Path) -> Iterator[s
             stdout=out, stderr=subprocess.STDOUT,
         )
     try:
-        _wait_for("prometheus", lambda: _get(f"http://{address}/-/ready")[0] == 200,
+        wait_for("prometheus", lambda: http_get(f"http://{address}/-/ready")[0] == 200,
                   proc, log, timeout_s=30)
         yield f"http://{address}"
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def _query(base: str, promql: str, at: float) -> dict[str, float]:
     """An instant query; the result's values by their `gpu` label."""
     params = urllib.parse.urlencode({"query": promql, "time": f"{at:.3f}"})
-    status, body = _get(f"{base}/api/v1/query?{params}", timeout=5)
+    status, body = http_get(f"{base}/api/v1/query?{params}", timeout=5)
     answer: dict[str, Any] = json.loads(body)
     assert status == 200 and answer["status"] == "success", answer
     return {r["metric"].get("gpu", ""): float(r["value"][1]) for r in answer["data"]["result"]}
@@ -191,7 +147,7 @@ def test_run_without_gpu_or_simulate_fails_and_says_why() -> None:
         pytest.skip("NVML works on this machine: the agent would start on its GPUs")
     result = subprocess.run(
         [sys.executable, "-m", "agent", "run", "--listen", "127.0.0.1:0"],
-        cwd=ROOT, env=_agent_env(), capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env=agent_env(), capture_output=True, text=True, timeout=60,
     )
     assert result.returncode != 0
     assert re.search(r"NVML|driver", result.stderr, re.IGNORECASE), result.stderr

@@ -433,3 +433,15 @@ def test_store_errors_and_no_store_are_json_answers() -> None:
         status, body = _get(path, None)
         assert status == 404
         assert "keeps no per-request records" in body["error"]
+
+
+def test_prefill_weight_gauge_shows_the_weight_in_use() -> None:
+    sampler = _sampled_node()
+    fixed = AttributionEngine(sampler.timelines, policy="tokens", prefill_weight=0.5)
+    by_time = AttributionEngine(sampler.timelines, policy="equal")
+    for engine, expected in ((fixed, 0.5), (by_time, None)):
+        collector = NodeCollector(sampler.snapshot, pue=1.2, version="0")
+        collector.add(RequestMetrics(engine.totals).families)
+        samples = _samples(generate_latest(build_registry(collector)).decode())
+        key = _key("jouleprobe_gpu_prefill_weight_ratio", gpu="0", uuid="GPU-aaaa")
+        assert samples.get(key) == expected

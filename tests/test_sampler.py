@@ -83,7 +83,7 @@ class ScriptedSource:
     def gpus(self) -> list[GpuInfo]:
         return [COUNTER, GpuInfo(1, "GPU-1", "test", "counter", "instant")]
 
-    def read(self, index: int) -> GpuReading:
+    def read(self, index: int, *, telemetry: bool = True) -> GpuReading:
         return self.script[index]()
 
     def close(self) -> None:
@@ -113,7 +113,8 @@ def test_a_hanging_gpu_does_not_delay_the_others() -> None:
 
     def hang() -> GpuReading:
         release.wait(timeout=30)
-        return reading(time.monotonic(), energy=0.0)
+        now = time.monotonic()
+        return reading(now, energy=10.0 * now)
 
     sampler = Sampler(ScriptedSource({0: counter_reads(100.0), 1: hang}), interval_s=0.02)
     sampler.start()
@@ -126,6 +127,27 @@ def test_a_hanging_gpu_does_not_delay_the_others() -> None:
             time.sleep(0.02)
         assert gpu0.samples_total >= 20, "the healthy GPU stopped being sampled"
         assert gpu1.samples_total == 0 and gpu1.skipped_total >= 5
+        release.set()  # the stuck call returns: its reading is kept and the GPU is read again
+        while time.monotonic() < deadline and sampler.snapshot().gpus[1].samples_total < 5:
+            time.sleep(0.02)
+        assert sampler.snapshot().gpus[1].samples_total >= 5
     finally:
         release.set()
         sampler.stop()
+
+
+def test_slow_fields_are_read_about_once_a_second() -> None:
+    asked: list[bool] = []
+
+    class Recording(ScriptedSource):
+        def read(self, index: int, *, telemetry: bool = True) -> GpuReading:
+            if index == 0:
+                asked.append(telemetry)
+            return super().read(index)
+
+    sampler = Sampler(Recording({0: counter_reads(100.0), 1: counter_reads(50.0)}),
+                      interval_s=0.1)
+    for _ in range(25):
+        sampler.sample_all()
+    assert [i for i, telemetry in enumerate(asked) if telemetry] == [0, 10, 20]
+    assert sampler.snapshot().gpus[0].telemetry is not None

@@ -165,7 +165,7 @@ class NvmlGpuSource:
     def gpus(self) -> list[GpuInfo]:
         return [state.info for state in self._gpus.values()]
 
-    def read(self, index: int) -> GpuReading:
+    def read(self, index: int, *, telemetry: bool = True) -> GpuReading:
         """One reading of GPU `index`; a field is None where its call failed. Each call,
         unit conversion included, fails alone, so this never raises."""
         gpu = self._gpus[index]
@@ -184,6 +184,8 @@ class NvmlGpuSource:
         power_w = call("power", lambda h: read_power_mw(h) / 1000) if read_power_mw else None
         if when is None:
             when = self._clock()
+        if not telemetry:
+            return GpuReading(time=when, energy_j=energy_j, power_w=power_w, errors=tuple(errors))
         limit_w = call("power_limit", lambda h: nvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000)
         utilization = call(
             "utilization", lambda h: nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100

@@ -285,7 +285,7 @@ class SimulatedGpuSource:
     def gpus(self) -> list[GpuInfo]:
         return list(self._infos)
 
-    def read(self, index: int) -> GpuReading:
+    def read(self, index: int, *, telemetry: bool = True) -> GpuReading:
         model = self.models[index]
         now = self._clock()
         tick = self._last_tick(now, self.counter_period_s)
@@ -300,6 +300,8 @@ class SimulatedGpuSource:
                 self._sensor_sample(index, sample_time - k * self.SENSOR_PERIOD_S)
                 for k in range(self.AVERAGE_SAMPLES)
             ) / self.AVERAGE_SAMPLES
+        if not telemetry:
+            return GpuReading(time=now, energy_j=counter_mj / 1000, power_w=power)
         utilization = _clamp((power - model.idle_w) / (0.6 * (model.tdp_w - model.idle_w)))
         return GpuReading(
             time=now,

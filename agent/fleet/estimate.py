@@ -1,0 +1,330 @@
+"""From inputs (flags, a preset, a measurement, defaults) to one fleet estimate.
+
+Which inputs count, in order: a flag beats a measurement, which beats a preset, which beats
+a default. So a preset's volume can be priced at the operator's own measured Wh/query
+("what would Google-search volume cost on our stack?"), and any single figure of a preset
+can be replaced by a flag.
+
+The mode follows from what was given (`choose_mode`): the figures that define a mode
+(Wh/query → query; J/token or tokens/day → token; servers, GPUs or kW → server; queries
+per GPU-second → capacity) are looked for among the flags first, then the measurement
+(whose intensity needs a volume to use), then the preset. Two modes asked for at the same
+level is a contradiction, reported with the flags that caused it; a mode with missing
+inputs is reported with what it needs.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from agent.fleet import facts, model
+from agent.fleet.facts import Equivalent, Preset
+from agent.fleet.inputs import Measurement
+from agent.fleet.model import BOUNDARIES, Boundary, Span
+
+Mode = Literal["query", "token", "server", "capacity"]
+MODES: tuple[Mode, ...] = ("query", "token", "server", "capacity")
+Kind = Literal["flag", "measured", "preset", "default"]
+
+NUMERIC_INPUTS = (
+    "wh_per_query", "queries_per_day", "j_per_token", "tokens_per_day", "servers",
+    "server_kw", "gpus", "gpu_watts", "utilization", "pue", "carbon_g_per_kwh",
+    "water_l_per_kwh", "price_per_kwh", "growth", "efficiency_gain",
+    "queries_per_gpu_second", "gpus_per_server",
+)
+"""Every number the command takes; each accepts `LOW:HIGH`."""
+
+_DEFINES: Mapping[Mode, tuple[str, ...]] = {
+    "query": ("wh_per_query",),
+    "token": ("j_per_token", "tokens_per_day"),
+    "server": ("servers", "server_kw", "gpus"),
+    "capacity": ("queries_per_gpu_second",),
+}
+DEFAULT_GPUS_PER_SERVER = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    value: Span
+    origin: str
+    kind: Kind
+
+
+@dataclass(frozen=True, slots=True)
+class YearRow:
+    year: int
+    annual_energy_wh: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    mode: Mode
+    boundary: str
+    """Of the energy figures: gpu, it, facility, or "gpu × PUE"."""
+    boundary_origin: str
+    """Why that boundary: a flag, a preset, or the rule that chose it."""
+    inputs: Mapping[str, Input]
+    """Every input used, with its origin."""
+    annual_energy_wh: Span
+    daily_energy_wh: Span
+    average_power_w: Span
+    wh_per_query: Span | None
+    carbon_g: Span
+    water_l: Span
+    money: Span | None
+    gpus: Span | None
+    """Capacity mode: GPUs needed."""
+    servers: Span | None
+    years: tuple[YearRow, ...]
+    equivalents: tuple[Equivalent, ...]
+    simulated: bool | None
+    """True: a measured input came from simulated GPUs; None: unknown (a store without
+    --simulated); False: real GPUs, or no measurement."""
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def has_range(self) -> bool:
+        return self.annual_energy_wh.is_range or any(
+            row.annual_energy_wh.is_range for row in self.years
+        )
+
+
+def parse_years(text: str) -> tuple[int, int]:
+    """`2025:2030` or `2025`."""
+    start, sep, end = text.partition(":")
+    try:
+        first, last = int(start), int(end) if sep else int(start)
+    except ValueError:
+        raise ValueError(f"--years: expected START:END such as 2025:2030, got {text!r}") from None
+    if not 1900 <= first <= last <= 2200:
+        raise ValueError(f"--years: expected START ≤ END, got {text!r}")
+    return first, last
+
+
+def gather(flags: Mapping[str, Span], preset: Preset | None) -> dict[str, Input]:
+    """The preset's inputs, replaced by the flags given."""
+    inputs: dict[str, Input] = {}
+    if preset is not None:
+        for name, text in preset.inputs.items():
+            if name != "boundary":
+                inputs[name] = Input(model.parse_span(text), f"preset {preset.name} "
+                                     f"({preset.source}, {preset.year})", "preset")
+    for name, value in flags.items():
+        if name not in NUMERIC_INPUTS:
+            raise ValueError(f"unknown input {name!r}")
+        inputs[name] = Input(value, f"--{name.replace('_', '-')}", "flag")
+    return inputs
+
+
+def choose_mode(inputs: Mapping[str, Input], measurement: Measurement | None,
+                preset: Preset | None, forced: Mode | None) -> Mode:
+    if forced is not None:
+        if forced not in MODES:
+            raise ValueError(f"--mode: expected one of {', '.join(MODES)}, got {forced!r}")
+        return forced
+    asked = {mode: [n for n in names if n in inputs and inputs[n].kind == "flag"]
+             for mode, names in _DEFINES.items()}
+    asked = {mode: names for mode, names in asked.items() if names}
+    if len(asked) > 1:
+        named = "; ".join(f"{mode}: {', '.join('--' + n.replace('_', '-') for n in names)}"
+                          for mode, names in asked.items())
+        raise ValueError(f"contradictory inputs: they describe different modes ({named}); "
+                         f"give the inputs of one mode, or choose with --mode")
+    if asked:
+        return next(iter(asked))
+    if measurement is not None:
+        volumes = [mode for mode, volume in (("query", "queries_per_day"),
+                                             ("token", "tokens_per_day"))
+                   if volume in inputs]
+        if volumes == ["token"] and measurement.j_per_token is not None:
+            return "token"
+        if "query" in volumes:
+            return "query"
+        if measurement.queries_per_day is not None:
+            return "query"
+    if preset is not None:
+        return preset.mode  # type: ignore[return-value]
+    raise ValueError(
+        "insufficient inputs: give a volume and what one unit costs, e.g. --queries-per-day "
+        "with --wh-per-query (or a measurement: --from-store, --from-agent, "
+        "--from-prometheus), --tokens-per-day with --j-per-token, --servers with "
+        "--server-kw, --gpus with --gpu-watts, or a --preset (--list-presets)"
+    )
+
+
+def _require(mode: Mode, inputs: Mapping[str, Input], names: tuple[str, ...]) -> None:
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+        raise ValueError(f"insufficient inputs for the {mode} mode: missing {flags}")
+
+
+def _measured(inputs: dict[str, Input], name: str, value: Span | None,
+              measurement: Measurement | None) -> None:
+    """A measured figure, unless a flag gave it."""
+    if measurement is None or value is None:
+        return
+    if name in inputs and inputs[name].kind == "flag":
+        return
+    hardware = " on SIMULATED GPUs" if measurement.simulated else ""
+    inputs[name] = Input(value, f"measured{hardware}: {measurement.origin}", "measured")
+
+
+def _boundary(flag: Boundary | None, preset: Preset | None, inputs: Mapping[str, Input],
+              mode: Mode, intensity_kind: Kind | None) -> tuple[Boundary, str]:
+    if flag is not None:
+        return flag, "--boundary"
+    if preset is not None and intensity_kind == "preset" and "boundary" in preset.inputs:
+        return preset.inputs["boundary"], f"preset {preset.name}"  # type: ignore[return-value]
+    if mode == "server":
+        if "gpus" in inputs:
+            return "gpu", "GPUs × W: the GPU boundary"
+        return "it", "servers × kW: the IT boundary"
+    if mode == "capacity":
+        return "gpu", "GPUs × measured GPU power: the GPU boundary"
+    if "pue" in inputs:
+        return "it", "default with a PUE: the figure is taken as IT energy"
+    if intensity_kind == "measured":
+        return "facility", "default for measurements: IT × the measured site PUE"
+    return "facility", "default: the figure is taken as including the building (--boundary)"
+
+
+def estimate(
+    flags: Mapping[str, Span],
+    *,
+    preset: Preset | None = None,
+    measurement: Measurement | None = None,
+    boundary: Boundary | None = None,
+    mode: Mode | None = None,
+    years: tuple[int, int] | None = None,
+    simulated: bool = False,
+) -> Estimate:
+    """The fleet estimate. Raises ValueError for insufficient or contradictory inputs."""
+    if boundary is not None and boundary not in BOUNDARIES:
+        raise ValueError(f"--boundary: expected one of {', '.join(BOUNDARIES)}, got {boundary!r}")
+    inputs = gather(flags, preset)
+    chosen = choose_mode(inputs, measurement, preset, mode)
+    notes: list[str] = list(measurement.notes) if measurement else []
+    if measurement is not None and "queries_per_day" not in inputs \
+            and measurement.queries_per_day is not None and chosen in ("query", "capacity"):
+        _measured(inputs, "queries_per_day", measurement.queries_per_day, measurement)
+
+    intensity = {"query": "wh_per_query", "token": "j_per_token"}.get(chosen)
+    measured_figures = None
+    if measurement is not None and intensity is not None:
+        measured_figures = measurement.wh_per_query if chosen == "query" \
+            else measurement.j_per_token
+    intensity_kind: Kind | None = None
+    if intensity is not None:
+        if intensity in inputs and inputs[intensity].kind == "flag":
+            intensity_kind = "flag"
+        elif measured_figures is not None:
+            intensity_kind = "measured"
+        elif intensity in inputs:
+            intensity_kind = inputs[intensity].kind
+    where, why = _boundary(boundary, preset, inputs, chosen, intensity_kind)
+    if intensity_kind == "measured" and measured_figures is not None:
+        if "pue" in inputs and where == "facility":
+            raise ValueError("--pue: the measured facility figure already holds the site's "
+                             "PUE; give --boundary it to apply another")
+        _measured(inputs, intensity, measured_figures[where], measurement)  # type: ignore[arg-type]
+    if chosen == "capacity" and measurement is not None:
+        notes += measurement.capacity_notes
+        _measured(inputs, "queries_per_gpu_second", measurement.queries_per_gpu_second,
+                  measurement)
+        _measured(inputs, "gpu_watts", measurement.gpu_watts, measurement)
+
+    if preset is not None and chosen == "query" and "queries_per_day" not in inputs:
+        raise ValueError(f"insufficient inputs: preset {preset.name} gives energy per query "
+                         f"but publishes no volume: add --queries-per-day (e.g. 9B, the "
+                         f"Google searches a day of the google-search-ai preset)")
+    pue = inputs["pue"].value if "pue" in inputs else None
+    annual, gpus, servers, per_query = _energy(chosen, inputs, where)
+    annual, boundary_out = model.facility_energy(annual, where, pue)
+    if per_query is not None and chosen == "query" and pue is not None:
+        per_query = per_query * pue
+    elif per_query is None and "queries_per_day" in inputs:
+        per_query = model.per_query(annual, inputs["queries_per_day"].value)
+    if pue is None and boundary_out != "facility":
+        notes.append(f"energy at the {boundary_out} boundary: no PUE applied (--pue), so the "
+                     f"building's overhead is not counted")
+    used = dict(inputs)
+
+    carbon = _with_default(used, "carbon_g_per_kwh", facts.default_carbon())
+    water = _with_default(used, "water_l_per_kwh", facts.default_water())
+    rows = _years(annual, used, years, preset)
+    is_simulated = bool(simulated) or bool(measurement and measurement.simulated)
+    known = simulated or (measurement is None or measurement.simulated is not None)
+    return Estimate(
+        mode=chosen, boundary=boundary_out, boundary_origin=why, inputs=used,
+        annual_energy_wh=annual, daily_energy_wh=model.daily(annual),
+        average_power_w=model.average_power_w(annual), wh_per_query=per_query,
+        carbon_g=model.carbon_g(annual, carbon), water_l=model.water_l(annual, water),
+        money=model.money(annual, used["price_per_kwh"].value)
+        if "price_per_kwh" in used else None,
+        gpus=gpus, servers=servers, years=rows,
+        equivalents=tuple(facts.equivalents(annual, per_query)),
+        simulated=is_simulated if known else None, notes=tuple(notes),
+    )
+
+
+def _energy(mode: Mode, inputs: Mapping[str, Input], boundary: Boundary
+            ) -> tuple[Span, Span | None, Span | None, Span | None]:
+    """Annual energy at `boundary` (before any PUE), GPUs and servers (capacity), and Wh
+    per query where the mode gives it directly."""
+    def value(name: str) -> Span:
+        return inputs[name].value
+
+    if mode == "query":
+        _require(mode, inputs, ("wh_per_query", "queries_per_day"))
+        return (model.query_energy(value("wh_per_query"), value("queries_per_day")),
+                None, None, value("wh_per_query"))
+    if mode == "token":
+        _require(mode, inputs, ("j_per_token", "tokens_per_day"))
+        return model.token_energy(value("j_per_token"), value("tokens_per_day")), None, None, \
+            None
+    utilization = value("utilization") if "utilization" in inputs else Span.exact(1.0)
+    if not (utilization.low > 0 and utilization.high <= 1):
+        raise ValueError(f"--utilization: must be in (0, 1], got {utilization}")
+    if mode == "server":
+        if "gpus" in inputs and "servers" in inputs:
+            raise ValueError("contradictory inputs: --servers and --gpus both count the fleet; "
+                             "give one")
+        if "gpus" in inputs:
+            _require(mode, inputs, ("gpus", "gpu_watts"))
+            return model.server_energy(value("gpus"), value("gpu_watts"), utilization), \
+                None, None, None
+        _require(mode, inputs, ("servers", "server_kw"))
+        return model.server_energy(value("servers"), value("server_kw") * 1000, utilization), \
+            None, None, None
+    _require(mode, inputs, ("queries_per_day", "queries_per_gpu_second", "gpu_watts"))
+    gpus = model.gpus_needed(value("queries_per_day"), value("queries_per_gpu_second"))
+    per_server = value("gpus_per_server").central if "gpus_per_server" in inputs \
+        else DEFAULT_GPUS_PER_SERVER
+    return (model.capacity_energy(gpus, value("gpu_watts")), gpus,
+            model.servers_needed(gpus, per_server), None)
+
+
+def _with_default(inputs: dict[str, Input], name: str, default: tuple[Span, str]) -> Span:
+    if name not in inputs:
+        inputs[name] = Input(default[0], default[1], "default")
+    return inputs[name].value
+
+
+def _years(annual: Span, inputs: dict[str, Input], years: tuple[int, int] | None,
+           preset: Preset | None) -> tuple[YearRow, ...]:
+    if years is None:
+        start = preset.year if preset is not None else datetime.date.today().year
+        years = (start, start)
+    growth = _with_default_value(inputs, "growth", "default: no growth of demand")
+    gain = _with_default_value(inputs, "efficiency_gain", "default: no efficiency gain")
+    first, last = years
+    return tuple(YearRow(year, annual * model.year_factor(year - first, growth, gain))
+                 for year in range(first, last + 1))
+
+
+def _with_default_value(inputs: dict[str, Input], name: str, origin: str) -> Span:
+    return _with_default(inputs, name, (Span.exact(0.0), origin))

@@ -1,0 +1,280 @@
+"""The fleet formulas, as pure functions over bounded quantities.
+
+Every quantity is a `Span` (low, central, high): a single number is a span of width 0, a
+`LOW:HIGH` input is a span whose central value is the midpoint, a measured mean is a span
+whose bounds are its confidence interval. All formulas are products and quotients of
+positive quantities, each monotone in every input, so the bounds propagate exactly by
+evaluating each formula at its lowest and at its highest corner (`Span.__mul__` pairs
+lows with lows, `Span.__truediv__` a low numerator with a high denominator). No sampling,
+no distribution assumed: the low/high of an output is the worst case of its inputs.
+
+The four modes (DESIGN.md §8), each giving energy per year at the boundary of its
+intensity figure:
+
+- query:    E = Wh/query × queries/day × 365
+- token:    E = J/token × tokens/day × 365 / 3600
+- server:   E = units × W/unit × utilisation × 8760 h   (servers × kW, or GPUs × W)
+- capacity: GPUs = queries/day ÷ (86400 × queries per GPU-second);
+            E = GPUs × W/GPU × 8760 h (their measured power already holds their utilisation)
+
+then × PUE where a PUE is given and the figure stops at the IT (or GPU) boundary: applied
+once, in `facility_energy`, never inside a mode.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from agent.units import JOULES_PER_WH
+
+DAYS_PER_YEAR = 365
+HOURS_PER_YEAR = 8760
+SECONDS_PER_DAY = 86400
+
+
+Boundary = Literal["gpu", "it", "facility"]
+BOUNDARIES: tuple[Boundary, ...] = ("gpu", "it", "facility")
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A quantity with bounds, low ≤ central ≤ high."""
+
+    low: float
+    central: float
+    high: float
+
+    def __post_init__(self) -> None:
+        values = (self.low, self.central, self.high)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"a quantity must be finite, got {values}")
+        if not self.low <= self.central <= self.high:
+            raise ValueError(f"a quantity's bounds must be ordered low ≤ central ≤ high, "
+                             f"got {values}")
+
+    @classmethod
+    def exact(cls, value: float) -> Span:
+        return cls(value, value, value)
+
+    @classmethod
+    def between(cls, low: float, high: float) -> Span:
+        """A scenario range: central is the midpoint."""
+        if low > high:
+            raise ValueError(f"a range must be LOW:HIGH with LOW ≤ HIGH, got {low}:{high}")
+        return cls(low, (low + high) / 2, high)
+
+    @property
+    def is_range(self) -> bool:
+        return self.low != self.high
+
+    def _check_positive(self, what: str) -> None:
+        if self.low < 0:
+            raise ValueError(f"{what}: needs quantities ≥ 0, got {self}")
+
+    def __mul__(self, other: Span | float) -> Span:
+        other = _span(other)
+        self._check_positive("product")
+        other._check_positive("product")
+        return Span(self.low * other.low, self.central * other.central, self.high * other.high)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: Span | float) -> Span:
+        other = _span(other)
+        self._check_positive("quotient")
+        if not other.low > 0:
+            raise ValueError(f"division by a quantity that reaches 0: {other}")
+        return Span(self.low / other.high, self.central / other.central,
+                    self.high / other.low)
+
+    def __pow__(self, exponent: int) -> Span:
+        """Monotone for quantities ≥ 0 and exponents ≥ 0 (growth factors over years)."""
+        self._check_positive("power")
+        if exponent < 0:
+            raise ValueError("negative exponents are not monotone here")
+        return Span(self.low ** exponent, self.central ** exponent, self.high ** exponent)
+
+    def complement(self) -> Span:
+        """1 − x, bounds swapped (a higher efficiency gain is a lower remaining share)."""
+        return Span(1 - self.high, 1 - self.central, 1 - self.low)
+
+    def plus_one(self) -> Span:
+        return Span(1 + self.low, 1 + self.central, 1 + self.high)
+
+
+def _span(value: Span | float) -> Span:
+    return value if isinstance(value, Span) else Span.exact(float(value))
+
+
+# --- the modes -------------------------------------------------------------------------
+
+def query_energy(wh_per_query: Span, queries_per_day: Span) -> Span:
+    """Wh per year: Wh/query × queries/day × 365."""
+    return wh_per_query * queries_per_day * DAYS_PER_YEAR
+
+
+def token_energy(j_per_token: Span, tokens_per_day: Span) -> Span:
+    """Wh per year: J/token × tokens/day × 365 / 3600."""
+    return j_per_token * tokens_per_day * DAYS_PER_YEAR / JOULES_PER_WH
+
+
+def server_energy(units: Span, watts_per_unit: Span, utilization: Span) -> Span:
+    """Wh per year of `units` machines (servers or GPUs) drawing `watts_per_unit` at full
+    load, loaded `utilization` of the time (average power = W × utilisation)."""
+    return units * watts_per_unit * utilization * HOURS_PER_YEAR
+
+
+def gpus_needed(queries_per_day: Span, queries_per_gpu_second: Span) -> Span:
+    """GPUs that serve the volume at the measured throughput (fractional: a fleet figure)."""
+    return queries_per_day / SECONDS_PER_DAY / queries_per_gpu_second
+
+
+def servers_needed(gpus: Span, gpus_per_server: float) -> Span:
+    """Whole servers: each bound rounded up."""
+    if gpus_per_server <= 0:
+        raise ValueError(f"GPUs per server must be > 0, got {gpus_per_server}")
+    per = gpus / gpus_per_server
+    return Span(math.ceil(per.low), math.ceil(per.central), math.ceil(per.high))
+
+
+def capacity_energy(gpus: Span, gpu_watts: Span) -> Span:
+    """Wh per year of `gpus` drawing their measured average power all year."""
+    return gpus * gpu_watts * HOURS_PER_YEAR
+
+
+def facility_energy(energy: Span, boundary: Boundary, pue: Span | None) -> tuple[Span, str]:
+    """Applies the PUE once, and names the boundary of the result.
+
+    A figure already at the facility boundary holds its PUE: another would count the
+    building twice, so that is an error, not a silent product.
+    """
+    if pue is None:
+        return energy, boundary
+    if pue.low < 1:
+        raise ValueError(f"--pue: a PUE is ≥ 1, got {pue.low}")
+    if boundary == "facility":
+        raise ValueError("--pue: the energy figure is already at the facility boundary (it "
+                         "includes a PUE); give an IT-boundary figure (--boundary it) to "
+                         "apply another PUE")
+    return energy * pue, "facility" if boundary == "it" else "gpu × PUE"
+
+
+# --- derived figures ---------------------------------------------------------------------
+
+def daily(annual_wh: Span) -> Span:
+    return annual_wh / DAYS_PER_YEAR
+
+
+def average_power_w(annual_wh: Span) -> Span:
+    return annual_wh / HOURS_PER_YEAR
+
+
+def per_query(annual_wh: Span, queries_per_day: Span) -> Span:
+    """Wh per query implied by an annual figure and a volume (server and capacity modes).
+
+    Energy and volume are not independent here (more queries on the same fleet cost less
+    each), so the bounds pair low energy with high volume: the widest honest interval.
+    """
+    return annual_wh / (queries_per_day * DAYS_PER_YEAR)
+
+
+def year_factor(years_after_start: int, growth: Span, efficiency_gain: Span) -> Span:
+    """Energy in year start + k relative to the start year: demand grows by (1 + growth)
+    a year and energy per unit of demand falls by (1 − efficiency gain) a year."""
+    if years_after_start < 0:
+        raise ValueError("years before the start year")
+    if growth.low <= -1:
+        raise ValueError(f"--growth: must be > −1 (−100 %), got {growth.low}")
+    if not (efficiency_gain.low >= 0 and efficiency_gain.high < 1):
+        raise ValueError(f"--efficiency-gain: must be in [0, 1), got {efficiency_gain}")
+    return growth.plus_one() ** years_after_start * (
+        efficiency_gain.complement() ** years_after_start
+    )
+
+
+def carbon_g(energy_wh: Span, g_per_kwh: Span) -> Span:
+    return energy_wh / 1000 * g_per_kwh
+
+
+def water_l(energy_wh: Span, l_per_kwh: Span) -> Span:
+    return energy_wh / 1000 * l_per_kwh
+
+
+def money(energy_wh: Span, price_per_kwh: Span) -> Span:
+    return energy_wh / 1000 * price_per_kwh
+
+
+# --- numbers in and out ----------------------------------------------------------------
+
+_SUFFIXES = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12, "%": 0.01}
+_NUMBER = re.compile(r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*([kKMBGT%]?)\s*")
+
+
+def parse_number(text: str) -> float:
+    """`9e9`, `9B`, `195M`, `6.5k`, `1,000`, `20%` → float. `k`/`K` thousand, `M` million,
+    `B`/`G` billion, `T` trillion, `%` hundredth. A lower-case `m` is refused: milli or
+    million?"""
+    match = _NUMBER.fullmatch(text.replace(",", "").replace("_", ""))
+    if match is None:
+        hint = " (use M for million)" if text.strip().endswith("m") else ""
+        raise ValueError(f"expected a number such as 9e9, 9B, 195M, 6.5k or 20%{hint}, "
+                         f"got {text!r}")
+    value = float(match.group(1)) * _SUFFIXES[match.group(2)]
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value
+
+
+def parse_span(text: str) -> Span:
+    """A number, or a range `LOW:HIGH` (central: the midpoint)."""
+    low, sep, high = text.partition(":")
+    if not sep:
+        return Span.exact(parse_number(text))
+    return Span.between(parse_number(low), parse_number(high))
+
+
+ENERGY_UNITS = (("TWh", 1e12), ("GWh", 1e9), ("MWh", 1e6), ("kWh", 1e3), ("Wh", 1.0),
+                 ("mWh", 1e-3))
+POWER_UNITS = (("TW", 1e12), ("GW", 1e9), ("MW", 1e6), ("kW", 1e3), ("W", 1.0), ("mW", 1e-3))
+
+
+def scale(value: float, units: tuple[tuple[str, float], ...], digits: int = 3) -> str:
+    """`value` in the largest of `units` (largest first, the smallest last) it reaches."""
+    if value == 0:
+        return f"0 {units[-2][0]}"
+    for unit, size in units:
+        if abs(value) >= size * (1 - 0.5 * 10 ** -digits):
+            return f"{value / size:.{digits}g} {unit}"
+    unit, size = units[-1]
+    return f"{value / size:.{digits}g} {unit}"
+
+
+def format_energy(wh: float, digits: int = 3) -> str:
+    """Auto-scaled: 0.24 Wh, 564 MWh, 29.2 TWh (`digits` significant digits)."""
+    return scale(wh, ENERGY_UNITS, digits)
+
+
+def format_power(watts: float, digits: int = 3) -> str:
+    return scale(watts, POWER_UNITS, digits)
+
+
+_QUANTITY = re.compile(r"\s*([-+]?[0-9.eE+-]+)\s*([a-zA-Z]+)\s*")
+
+
+def parse_energy(text: str) -> float:
+    """The inverse of `format_energy`: "29.2 TWh" → 2.92e13 (Wh)."""
+    return _parse_unit(text, dict(ENERGY_UNITS), "energy such as 29.2 TWh")
+
+
+def parse_power(text: str) -> float:
+    return _parse_unit(text, dict(POWER_UNITS), "power such as 1.4 GW")
+
+
+def _parse_unit(text: str, units: dict[str, float], what: str) -> float:
+    match = _QUANTITY.fullmatch(text)
+    if match is None or match.group(2) not in units:
+        raise ValueError(f"expected an {what}, got {text!r}")
+    return float(match.group(1)) * units[match.group(2)]

@@ -1,0 +1,3 @@
+"""Unit conversions shared across the agent."""
+
+JOULES_PER_WH = 3600.0
