@@ -12,7 +12,9 @@ from aiohttp import web
 
 from agent.config import Config, parse_listen
 from agent.health import assess
+from agent.intake.discovery import GpuResolver, local_port
 from agent.intake.ingest import check_listen_access, ingest_app, load_token
+from agent.intake.scrapers import WindowScraper
 from agent.node import Node
 from agent.sources.base import GpuSource
 from agent.sources.host import open_host_source
@@ -60,6 +62,29 @@ async def attribute_periodically(node: Node) -> None:
             log.exception("attribution round failed")
 
 
+def start_scrapers(node: Node) -> list[asyncio.Task[None]]:
+    """One task per `[[scrape]]` table: window-level figures from the server's own metrics."""
+    gpus = node.sampler.gpus()
+    tasks = []
+    for table in node.config.scrape:
+        port = local_port(table.url) if table.gpus == "auto" else None
+        resolver = GpuResolver(table.gpus, gpus, port)
+        scraper = WindowScraper(
+            table.kind, table.url, gpus=resolver.current, timelines=node.sampler.timelines,
+            idle_power_w=node.engine.idle_power_w, metrics=node.window_metrics,
+        )
+        tasks.append(asyncio.create_task(scraper.run(table.interval)))
+    return tasks
+
+
+async def cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def build_apps(node: Node, token: str | None) -> tuple[web.Application, web.Application]:
     config = node.config
     metrics = metrics_app(
@@ -87,7 +112,7 @@ async def serve(config: Config, gpu_source: GpuSource) -> None:
         loop.add_signal_handler(signum, stop.set)
     runners: list[web.AppRunner] = []
     node.start()
-    attribution = asyncio.create_task(attribute_periodically(node))
+    tasks = [asyncio.create_task(attribute_periodically(node)), *start_scrapers(node)]
     try:
         runners.append(await start_site(metrics, config.agent.listen, "/metrics and /api/v1"))
         runners.append(await start_site(ingest, config.ingest.listen, "the ingest API"))
@@ -96,9 +121,7 @@ async def serve(config: Config, gpu_source: GpuSource) -> None:
         await stop.wait()
         log.info("stopping: attributing what was measured and flushing records")
     finally:
-        attribution.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await attribution
+        await cancel(tasks)
         for runner in reversed(runners):
             await runner.cleanup()
         await asyncio.to_thread(node.drain)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from agent.config import Config
+from agent.intake.discovery import GpuResolver, local_port
+from agent.sources.base import GpuInfo
 from agent.sources.host import probe_rapl
 from agent.sources.nvml import NvmlGpuReport, probe
-from agent.sources.simulated import parse_spec
+from agent.sources.simulated import SimulatedGpuSource, parse_spec
 
 
 def _yes(flag: bool) -> str:
@@ -31,6 +33,21 @@ def _gpu_lines(gpu: NvmlGpuReport) -> list[str]:
     return lines
 
 
+def _request_source_lines(config: Config, infos: list[GpuInfo]) -> list[str]:
+    """Which GPUs each proxy and scraper serves, or why that cannot be told."""
+    sources = [*((f"proxy {t.name}", t.upstream, t.gpus) for t in config.proxy),
+               *((f"scrape {t.kind}", t.url, t.gpus) for t in config.scrape)]
+    lines = ["Request sources:"] if sources else []
+    for what, url, spec in sources:
+        try:
+            port = local_port(url) if spec == "auto" else None
+            line = GpuResolver(spec, infos, port).describe()
+        except ValueError as exc:
+            line = f"cannot resolve its GPUs: {exc}"
+        lines.append(f"  {what} ({url}): {line}")
+    return lines
+
+
 def report(config: Config) -> tuple[str, bool]:
     """The doctor's text, and whether the GPUs can be measured."""
     lines = []
@@ -39,6 +56,7 @@ def report(config: Config) -> tuple[str, bool]:
         lines.append(f"GPUs: SIMULATED ({config.agent.simulate}); nothing here is measured")
         lines += [f"  GPU {i}: {m.nvml_name} (simulated), idle {m.idle_w:.0f} W, "
                   f"limit {m.tdp_w:.0f} W" for i, m in enumerate(models)]
+        infos = SimulatedGpuSource(models).gpus()
         gpus_ok = True
     else:
         nvml = probe()
@@ -49,6 +67,9 @@ def report(config: Config) -> tuple[str, bool]:
             for gpu in nvml.gpus:
                 lines += _gpu_lines(gpu)
         gpus_ok = nvml.available and bool(nvml.gpus)
+        infos = [GpuInfo(g.index, g.uuid or "", g.name or "", g.energy_source, g.power_field)
+                 for g in nvml.gpus]
+    lines += _request_source_lines(config, infos)
     rapl = probe_rapl(config.host.rapl_path)
     if rapl.readable:
         lines.append(f"Host: RAPL readable at {rapl.root}: {', '.join(rapl.domains)}")

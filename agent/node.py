@@ -22,6 +22,7 @@ from agent.sampler import Sampler
 from agent.sources.base import GpuSource, HostSource
 from exporters.prometheus import NodeCollector, build_registry
 from exporters.request_metrics import RequestMetrics
+from exporters.window_metrics import WindowMetrics
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class Node:
         self.request_metrics = RequestMetrics(self.engine.totals)
         collector = NodeCollector(self.sampler.snapshot, pue=config.site.pue, version=__version__)
         collector.add(self.request_metrics.families)
+        self.window_metrics = WindowMetrics()
+        collector.add(self.window_metrics.families)
         self.registry: CollectorRegistry = build_registry(collector)
 
     def start(self) -> None:

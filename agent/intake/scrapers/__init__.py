@@ -1,0 +1,32 @@
+"""Scrapers of inference servers' own Prometheus endpoints (DESIGN.md §5 item 3): zero-touch
+intake that gives window-level figures per model, with no per-request records.
+
+`kinds` says what each server exports, `window` turns two scrapes and the GPU timelines
+into a window's figures (pure), `scraper` does the HTTP and the bookkeeping.
+"""
+
+from agent.intake.scrapers.kinds import KINDS, ServerKind, read_counts
+from agent.intake.scrapers.scraper import WindowScraper
+from agent.intake.scrapers.window import (
+    CounterDeltas,
+    GpuWindowEnergy,
+    ModelWindow,
+    Usage,
+    WindowFigures,
+    gpu_window_energy,
+    split_window,
+)
+
+__all__ = [
+    "KINDS",
+    "CounterDeltas",
+    "GpuWindowEnergy",
+    "ModelWindow",
+    "ServerKind",
+    "Usage",
+    "WindowFigures",
+    "WindowScraper",
+    "gpu_window_energy",
+    "read_counts",
+    "split_window",
+]

@@ -1,0 +1,94 @@
+"""`jouleprobe run` with request sources from its config file, as an operator runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from scripted import agent_env, free_port, http_get, stop_process, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).parent / "fixtures"
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@pytest.fixture
+def vllm_metrics() -> Iterator[str]:
+    """A stand-in vLLM /metrics: the first scrape sees vllm_1.txt, every later one vllm_2.txt."""
+    pages = [(FIXTURES / name).read_bytes() for name in ("vllm_1.txt", "vllm_2.txt")]
+    served = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = pages[min(len(served), 1)]
+            served.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_configured_scraper_exports_window_figures(tmp_path: Path, vllm_metrics: str) -> None:
+    config = tmp_path / "jouleprobe.toml"
+    config.write_text(
+        f'[records]\npath = "{tmp_path / "records.db"}"\n'
+        '[ingest]\nlisten = "127.0.0.1:0"\n'
+        f'[[scrape]]\nkind = "vllm"\nurl = "{vllm_metrics}"\ngpus = [0]\ninterval = 0.5\n'
+    )
+    address = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "agent.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config), "--simulate",
+             "1xH100", "--listen", address],
+            cwd=ROOT, env=agent_env(), stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        def window_requests() -> float:
+            text = http_get(f"http://{address}/metrics")[1].decode()
+            return sum(
+                sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "jouleprobe_window_requests_total"
+                and sample.labels.get("model") == MODEL
+            )
+
+        wait_for("window figures", lambda: window_requests() > 0, proc, log, timeout_s=30)
+        assert window_requests() == 20.0  # 120 - 100 requests between the two fixtures
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+
+
+def test_auto_gpus_on_simulated_gpus_stop_the_agent_with_a_reason(tmp_path: Path) -> None:
+    config = tmp_path / "jouleprobe.toml"
+    config.write_text(
+        f'[records]\npath = "{tmp_path / "records.db"}"\n[ingest]\nlisten = "127.0.0.1:0"\n'
+        '[[scrape]]\nkind = "vllm"\nurl = "http://127.0.0.1:9/metrics"\ngpus = "auto"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", str(config), "--simulate", "1xH100",
+         "--listen", "127.0.0.1:0"],
+        cwd=ROOT, env=agent_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "auto" in result.stderr and "explicit list" in result.stderr
