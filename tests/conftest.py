@@ -20,3 +20,24 @@ def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeNvml]:
     monkeypatch.setitem(sys.modules, "pynvml", fake.module)
     yield fake
     fake.release_all()
+
+
+def _real_gpu_reason() -> str | None:
+    """None where real NVML answers with at least one GPU; else why the GPU tests skip."""
+    from agent.sources.nvml import probe
+
+    report = probe()
+    if not report.available:
+        return f"no GPU: {report.reason}"
+    return None if report.gpus else "no GPU: NVML lists none"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run only where real NVML sees a GPU (the device machine)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    reason = _real_gpu_reason()
+    if reason is not None:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=reason))
