@@ -160,7 +160,7 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
     if fleet:
         print(fleet)
     print(f"  records: {store}  (jouleprobe report --store {store}; "
-          f"jouleprobe fleet --from-store {store} --simulated --queries-per-day 1B)")
+          f"jouleprobe fleet --from-store {store} --queries-per-day 1B)")
     return 0 if worst <= 1e-9 and fleet else 1
 
 
@@ -171,7 +171,7 @@ def _fleet_line(store: Path, queries_per_day: float, pue: float) -> str | None:
     from agent.fleet.inputs import MeasurementError
 
     try:
-        measured = from_store(str(store), simulated=True)
+        measured = from_store(str(store))
     except MeasurementError:
         return None
     result = estimate({"queries_per_day": Span.exact(queries_per_day)}, measurement=measured)

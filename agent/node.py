@@ -53,6 +53,7 @@ class Node:
         self.store = RecordStore(
             config.records.path,
             pue=config.site.pue,
+            simulated=any(gpu.simulated for gpu in self.sampler.gpus()),
             flush_interval_s=config.records.flush_interval,
             retention_days=config.records.retention_days,
         )

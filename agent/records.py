@@ -45,7 +45,7 @@ BUSY_TIMEOUT_S = 10.0
 _COLUMNS = (
     "id", "model", "source", "gpus", "status", "start_time", "end_time", "first_token_time",
     "prompt_tokens", "completion_tokens", "gpu_dynamic_j", "gpu_static_j", "host_j",
-    "facility_j", "pue", "late",
+    "facility_j", "pue", "late", "simulated",
 )
 _SCHEMA = (
     """CREATE TABLE requests (
@@ -64,7 +64,8 @@ _SCHEMA = (
         host_j            REAL NOT NULL,
         facility_j        REAL NOT NULL,  -- (dynamic + static + host) × (pue − 1)
         pue               REAL NOT NULL,
-        late              INTEGER NOT NULL CHECK (late IN (0, 1))
+        late              INTEGER NOT NULL CHECK (late IN (0, 1)),
+        simulated         INTEGER NOT NULL CHECK (simulated IN (0, 1))  -- the node's GPUs
     ) WITHOUT ROWID""",
     "CREATE INDEX requests_by_end ON requests (end_time)",
     "CREATE INDEX requests_by_model ON requests (model, end_time)",
@@ -126,11 +127,14 @@ class StoredRequest:
     late: bool
     """Reported after part of its lifetime had been attributed to others: the figures
     cover only the rest."""
+    simulated: bool
+    """Measured on simulated GPUs: the figures show the method, not real hardware."""
 
     @classmethod
     def from_row(cls, row: Row) -> StoredRequest:
         gpus = tuple(int(index) for index in row[3].split(",")) if row[3] else ()
-        return cls(row[0], row[1], row[2], gpus, *row[4:-1], late=bool(row[-1]))
+        return cls(row[0], row[1], row[2], gpus, *row[4:-2], late=bool(row[-2]),
+                   simulated=bool(row[-1]))
 
     @property
     def expired(self) -> bool:
@@ -169,6 +173,7 @@ class StoredRequest:
             "pue": self.pue,
             "late": self.late,
             "expired": self.expired,
+            "simulated": self.simulated,
             "energy_j": joules,
             "energy_wh": {name: j / JOULES_PER_WH for name, j in joules.items()},
         }
@@ -270,6 +275,7 @@ class RecordStore(RecordReader):
         path: str | os.PathLike[str],
         *,
         pue: float,
+        simulated: bool,
         wall_offset: float | None = None,
         flush_interval_s: float = 1.0,
         retention_days: float | None = 30.0,
@@ -278,7 +284,9 @@ class RecordStore(RecordReader):
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`pue`: the site PUE that attribution used for `facility_j`, stored with each
-        record. `wall_offset`: `wall_clock_offset()` taken at agent start (taken now if
+        record. `simulated`: whether the node's GPUs are simulated, stored with each record
+        so that every reader can label its figures (the store outlives the agent that wrote
+        it). `wall_offset`: `wall_clock_offset()` taken at agent start (taken now if
         None). `retention_days`: records whose end is older are deleted every
         `prune_interval_s` by the writer (None keeps everything). `max_pending`: the
         queue's bound, in records. `clock`: the wall clock, for retention and the summary's
@@ -292,6 +300,7 @@ class RecordStore(RecordReader):
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.pue = pue
+        self.simulated = simulated
         self.wall_offset = wall_clock_offset() if wall_offset is None else wall_offset
         self.flush_interval_s = flush_interval_s
         self.retention_days = retention_days
@@ -348,7 +357,7 @@ class RecordStore(RecordReader):
             self._wall(request.start), _optional(self._wall, request.end),
             _optional(self._wall, request.first_token),
             _optional(int, request.prompt_tokens), _optional(int, request.completion_tokens),
-            *joules, self.pue, int(energy.late),
+            *joules, self.pue, int(energy.late), int(self.simulated),
         )
 
     def _wall(self, monotonic: float) -> float:

@@ -29,6 +29,10 @@ endpoint):
   `jouleprobe_gpu_energy_joules_total` and `jouleprobe_gpu_unattributed_energy_joules_total`
   counters over the same period): unattributed GPU energy ÷ GPU energy. It is a node figure,
   not a per-model one.
+- **Simulated GPUs**: a model is `simulated` when any of its records was measured on
+  simulated GPUs, and so is the report when any model is; every format says so (a first
+  line in the table, `simulated` in JSON and in each CSV row), so that a simulated figure
+  is never mistaken for a measurement.
 
 Times are UTC. The functions are pure except `run_report`, which reads a store.
 """
@@ -61,6 +65,8 @@ BOUNDARY_DEFINITIONS: Mapping[Boundary, str] = {
     "facility": "it × PUE",
 }
 FORMATS: tuple[str, ...] = ("table", "json", "csv")
+SIMULATED_LINE = "SIMULATED GPUs: these figures come from simulated hardware, not measurements"
+"""The table's first line when any of its records was measured on simulated GPUs."""
 
 
 PERCENTILE_METHOD = "linear interpolation between closest ranks (Hyndman-Fan type 7)"
@@ -117,6 +123,8 @@ class ModelReport:
     completion_tokens: int
     it_j_per_completion_token: float | None
     it_j_per_token_all: float | None
+    simulated: bool
+    """Some of its records were measured on simulated GPUs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +159,11 @@ class Report:
     models: tuple[ModelReport, ...]
     node_totals: NodeTotals | None = None
 
+    @property
+    def simulated(self) -> bool:
+        """Some of its records were measured on simulated GPUs."""
+        return any(model.simulated for model in self.models)
+
 
 @dataclass(slots=True)
 class _ModelAccumulator:
@@ -162,6 +175,7 @@ class _ModelAccumulator:
     token_it_j: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    simulated: bool = False
 
     def add(self, record: StoredRequest) -> None:
         gpu = record.gpu_dynamic_j + record.gpu_static_j
@@ -171,6 +185,7 @@ class _ModelAccumulator:
         ):
             self.joules[boundary].append(value)
         self.statuses[record.status] += 1
+        self.simulated = self.simulated or record.simulated
         if record.prompt_tokens is not None and record.completion_tokens is not None:
             self.token_requests += 1
             self.token_it_j.append(it)
@@ -195,6 +210,7 @@ class _ModelAccumulator:
                 it_j / self.completion_tokens if self.completion_tokens else None
             ),
             it_j_per_token_all=it_j / all_tokens if all_tokens else None,
+            simulated=self.simulated,
         )
 
 
@@ -271,6 +287,7 @@ def _model_json(model: ModelReport) -> dict[str, Any]:
         "completion_tokens": model.completion_tokens,
         "it_j_per_completion_token": model.it_j_per_completion_token,
         "it_j_per_token_all": model.it_j_per_token_all,
+        "simulated": model.simulated,
     }
 
 
@@ -290,6 +307,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "generated": _iso(report.generated),
         "since": _iso(report.since) if report.since is not None else None,
         "model": report.model,
+        "simulated": report.simulated,
         "definitions": _definitions(),
         "unattributed_share": totals.unattributed_share if totals else None,
         "node_gpu_j": totals.gpu_j if totals else None,
@@ -299,10 +317,11 @@ def to_json(report: Report) -> dict[str, Any]:
 
 def summary(report: Report, window_s: float) -> dict[str, Any]:
     """The compact per-model figures of GET /api/v1/summary: count, mean Wh per query at
-    each boundary, J per token."""
+    each boundary, J per token; and whether any came from simulated GPUs."""
     return {
         "window_s": window_s,
         "since": _iso(report.since) if report.since is not None else None,
+        "simulated": report.simulated,
         "models": {
             model.model: {
                 "requests": model.requests,
@@ -323,12 +342,13 @@ def _csv_header() -> list[str]:
         header += [f"{boundary}_wh_{stat}" for stat in ("mean", "median", "p90", "p99")]
     return [
         *header, "requests_with_tokens", "prompt_tokens", "completion_tokens",
-        "it_j_per_completion_token", "it_j_per_token_all", "unattributed_share",
+        "it_j_per_completion_token", "it_j_per_token_all", "unattributed_share", "simulated",
     ]
 
 
 def _render_csv(report: Report) -> str:
-    """One row per model; `unattributed_share` is the node's, repeated, empty when unknown."""
+    """One row per model; `unattributed_share` is the node's, repeated, empty when unknown;
+    `simulated` is the model's, true or false."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(_csv_header())
@@ -345,6 +365,7 @@ def _render_csv(report: Report) -> str:
             *(_csv_number(value) for value in (
                 model.it_j_per_completion_token, model.it_j_per_token_all, share,
             )),
+            "true" if model.simulated else "false",
         ]
         writer.writerow(row)
     return out.getvalue()
@@ -383,7 +404,8 @@ def _period(report: Report) -> str:
 
 
 def _render_table(report: Report) -> str:
-    lines = [f"jouleprobe report: {_period(report)}", ""]
+    lines = [SIMULATED_LINE] if report.simulated else []
+    lines += [f"jouleprobe report: {_period(report)}", ""]
     if not report.models:
         lines.append("no requests in the record store for this period")
         return "\n".join(lines) + "\n"

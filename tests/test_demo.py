@@ -27,6 +27,7 @@ def test_demo_runs_the_whole_pipeline_and_conserves_energy(tmp_path: Path) -> No
     assert "queries/day" in out
 
     report = json.loads(run_report(str(store), None, "json", None))
+    assert report["simulated"] is True, "the agent marks records of simulated GPUs"
     models = {model["model"]: model for model in report["models"]}
     assert set(models) == {"small-8b", "large-70b"}
     assert all(model["requests"] > 0 for model in models.values())

@@ -7,6 +7,7 @@ import json
 import math
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,7 +24,8 @@ from agent.requests import Request, RequestEnergy
 PUE = 1.2
 
 
-def _record(i: int, it_j: float, *, gpu: int = 0, tokens: int | None = 100) -> StoredRequest:
+def _record(i: int, it_j: float, *, gpu: int = 0, tokens: int | None = 100,
+            simulated: bool = False) -> StoredRequest:
     dynamic, static, host = it_j * 0.6, it_j * 0.3, it_j * 0.1
     return StoredRequest(
         id=f"r{i}", model="m", source="ingest", gpus=(gpu,), status="ok",
@@ -31,7 +33,7 @@ def _record(i: int, it_j: float, *, gpu: int = 0, tokens: int | None = 100) -> S
         prompt_tokens=None if tokens is None else tokens // 4,
         completion_tokens=None if tokens is None else tokens - tokens // 4,
         gpu_dynamic_j=dynamic, gpu_static_j=static, host_j=host,
-        facility_j=it_j * (PUE - 1), pue=PUE, late=False,
+        facility_j=it_j * (PUE - 1), pue=PUE, late=False, simulated=simulated,
     )
 
 
@@ -52,10 +54,10 @@ def fleet_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]
     return result
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> str:
-    path = tmp_path / "records.db"
-    writer = RecordStore(path, pue=PUE, wall_offset=0.0, retention_days=None)
+def _write_store(path: Path, *, simulated: bool) -> str:
+    """RECORDS in a store written as an agent on (simulated or real) GPUs writes them."""
+    writer = RecordStore(path, pue=PUE, simulated=simulated, wall_offset=0.0,
+                         retention_days=None)
     writer.submit([
         RequestEnergy(Request(r.id, r.model, r.source, r.gpus, r.start, r.end,
                               prompt_tokens=r.prompt_tokens,
@@ -67,8 +69,14 @@ def store(tmp_path: Path) -> str:
     return str(path)
 
 
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    """The records of an agent on simulated GPUs, as the demo writes them."""
+    return _write_store(tmp_path / "records.db", simulated=True)
+
+
 def test_measured_wh_per_query_has_a_bootstrap_interval_around_the_mean() -> None:
-    measured = from_records(RECORDS, "test", simulated=True)
+    measured = from_records(RECORDS, "test")
     it = measured.wh_per_query["it"]
     assert it.central == pytest.approx(MEAN_IT_WH)
     assert it.low < it.central < it.high
@@ -82,19 +90,27 @@ def test_measured_wh_per_query_has_a_bootstrap_interval_around_the_mean() -> Non
     # 50 requests over [1000, 1050] s on 2 GPUs.
     assert measured.queries_per_gpu_second == Span.exact(50 / (2 * 50.0))
     # Same records, same interval: the bootstrap is seeded.
-    assert from_records(RECORDS, "test", simulated=True).wh_per_query == measured.wh_per_query
+    assert from_records(RECORDS, "test").wh_per_query == measured.wh_per_query
 
 
 def test_one_record_gives_its_value_without_an_interval() -> None:
-    measured = from_records(RECORDS[:1], "test", simulated=None)
+    measured = from_records(RECORDS[:1], "test")
     assert not measured.wh_per_query["it"].is_range
-    assert any("--simulated" in note for note in measured.notes)
+
+
+def test_records_say_whether_their_gpus_were_simulated() -> None:
+    assert from_records(RECORDS, "test").simulated is False
+    one_simulated = [*RECORDS, _record(50, 400.0, simulated=True)]
+    assert from_records(one_simulated, "test").simulated is True
+    # An expired record (no end) is not used, so its flag is not either.
+    expired = replace(_record(51, 400.0, simulated=True), end=None)
+    assert from_records([*RECORDS, expired], "test").simulated is False
 
 
 def test_from_store_says_simulated_and_gives_a_band(
     store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = fleet_json(capsys, "--from-store", store, "--simulated", "--queries-per-day", "1B")
+    result = fleet_json(capsys, "--from-store", store, "--queries-per-day", "1B")
     assert result["simulated"] is True
     assert result["mode"] == "query" and result["boundary"] == "facility"
     assert result["wh_per_query"] == pytest.approx(MEAN_IT_WH * PUE)
@@ -105,17 +121,20 @@ def test_from_store_says_simulated_and_gives_a_band(
     assert "SIMULATED" in origin and store in origin
     assert result["inputs"]["queries_per_day"]["origin"] == "--queries-per-day"
     assert result["years"][0]["annual_energy_wh"] == result["annual_energy_wh"]
-    code, table, _ = fleet(capsys, "--from-store", store, "--simulated",
-                           "--queries-per-day", "1B")
+    code, table, _ = fleet(capsys, "--from-store", store, "--queries-per-day", "1B")
     assert code == 0 and "SIMULATED GPUs" in table and " … " in table
 
 
-def test_a_store_without_simulated_says_its_hardware_is_unknown(
-    store: str, capsys: pytest.CaptureFixture[str]
+def test_a_store_of_real_gpus_is_not_labelled_simulated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = fleet_json(capsys, "--from-store", store, "--queries-per-day", "1B")
-    assert result["simulated"] is None
-    assert any("--simulated" in note for note in result["notes"])
+    real = _write_store(tmp_path / "real.db", simulated=False)
+    result = fleet_json(capsys, "--from-store", real, "--queries-per-day", "1B")
+    assert result["simulated"] is False
+    assert "SIMULATED" not in result["inputs"]["wh_per_query"]["origin"]
+    assert result["wh_per_query"] == pytest.approx(MEAN_IT_WH * PUE)
+    code, table, _ = fleet(capsys, "--from-store", real, "--queries-per-day", "1B")
+    assert code == 0 and "SIMULATED" not in table and "unknown" not in table
 
 
 def test_a_pue_flag_reprices_the_measured_it_energy(
@@ -262,7 +281,7 @@ def test_plot_writes_a_png(store: str, tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "fleet.png"
-    code, _, err = fleet(capsys, "--from-store", store, "--simulated", "--queries-per-day",
+    code, _, err = fleet(capsys, "--from-store", store, "--queries-per-day",
                          "1B", "--years", "2025:2028", "--growth", "20%:40%", "--plot", str(png))
     assert code == 0, err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -55,12 +55,12 @@ def path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def open_store(path: Path) -> Iterator[Callable[..., RecordStore]]:
-    """Opens stores on `path` and closes them. Defaults: PUE 1.2, OFFSET, no timed flush
-    (an hour away), no retention (OFFSET may be older than the default 30 days)."""
+    """Opens stores on `path` and closes them. Defaults: PUE 1.2, real GPUs, OFFSET, no
+    timed flush (an hour away), no retention (OFFSET may be older than the default 30 days)."""
     opened: list[RecordStore] = []
 
     def make(**kwargs: object) -> RecordStore:
-        options: dict[str, object] = {"pue": 1.2, "wall_offset": OFFSET,
+        options: dict[str, object] = {"pue": 1.2, "simulated": False, "wall_offset": OFFSET,
                                       "flush_interval_s": 3600.0, "retention_days": None}
         options.update(kwargs)
         store = RecordStore(path, **options)  # type: ignore[arg-type]
@@ -87,7 +87,7 @@ def test_round_trip_of_every_field(path: Path, open_store: Callable[..., RecordS
         "start": OFFSET + 10.0, "end": OFFSET + 12.5, "first_token": OFFSET + 10.25,
         "duration_s": 2.5, "time_to_first_token_s": 0.25,
         "prompt_tokens": 100, "completion_tokens": 40, "pue": 1.2,
-        "late": True, "expired": False,
+        "late": True, "expired": False, "simulated": False,
         "energy_j": {"gpu_dynamic": 300.0, "gpu_static": 60.0, "host": 40.0,
                      "facility": 80.0, "gpu": 360.0, "it": 400.0},
         "energy_wh": {"gpu_dynamic": 300 / 3600, "gpu_static": 60 / 3600, "host": 40 / 3600,
@@ -100,8 +100,23 @@ def test_round_trip_of_every_field(path: Path, open_store: Callable[..., RecordS
     assert expired["prompt_tokens"] is None and expired["gpus"] == [0]
     assert list(RecordReader(path).query()) == [StoredRequest(
         "a", "llama", "proxy:vllm", (2, 3), "cancelled", OFFSET + 10.0, OFFSET + 12.5,
-        OFFSET + 10.25, 100, 40, 300.0, 60.0, 40.0, 80.0, 1.2, late=True,
+        OFFSET + 10.25, 100, 40, 300.0, 60.0, 40.0, 80.0, 1.2, late=True, simulated=False,
     )], "query() yields finished records only"
+
+
+def test_a_store_of_simulated_gpus_marks_every_record(
+        path: Path, open_store: Callable[..., RecordStore]) -> None:
+    store = open_store(simulated=True)
+    store.submit([energy("a"), energy("expired", end=None)])
+    store.close()
+    for request_id in ("a", "expired"):
+        record = RecordReader(path).get(request_id)
+        assert record is not None and record["simulated"] is True
+    assert [r.simulated for r in RecordReader(path).query()] == [True]
+    with closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("SELECT DISTINCT simulated FROM requests").fetchall() == [(1,)]
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            connection.execute("UPDATE requests SET simulated = 2")
 
 
 def test_file_is_in_wal_mode_with_schema_version(path: Path,
@@ -275,7 +290,7 @@ def test_database_of_a_sigkilled_writer_opens_intact(path: Path) -> None:
         import itertools, time
         from agent.records import RecordStore
         from agent.requests import Request, RequestEnergy
-        store = RecordStore({str(path)!r}, pue=1.2, flush_interval_s=0.001)
+        store = RecordStore({str(path)!r}, pue=1.2, simulated=False, flush_interval_s=0.001)
         for n in itertools.count():
             batch = [RequestEnergy(Request(f"{{n}}-{{i}}", "m", "s", (0,), 1.0, 2.0), 1, 1, 1, 1)
                      for i in range(50)]
@@ -295,7 +310,7 @@ def test_database_of_a_sigkilled_writer_opens_intact(path: Path) -> None:
 
     with closing(sqlite3.connect(path)) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    store = RecordStore(path, pue=1.2)
+    store = RecordStore(path, pue=1.2, simulated=False)
     try:
         store.submit([energy("after")])
     finally:
@@ -314,7 +329,7 @@ def test_reader_refuses_what_is_not_a_store(tmp_path: Path) -> None:
     with closing(sqlite3.connect(foreign)) as connection:
         connection.execute("CREATE TABLE t (x)")
     with pytest.raises(RecordStoreError, match="not a jouleprobe record store"):
-        RecordStore(foreign, pue=1.2)
+        RecordStore(foreign, pue=1.2, simulated=False)
     newer = tmp_path / "newer.db"
     with closing(sqlite3.connect(newer)) as connection:
         connection.execute(f"PRAGMA user_version = {records.SCHEMA_VERSION + 1}")

@@ -15,6 +15,7 @@ import pytest
 from agent.records import RecordStore, StoredRequest
 from agent.report import (
     BOUNDARIES,
+    SIMULATED_LINE,
     NodeTotals,
     Report,
     build_report,
@@ -22,6 +23,7 @@ from agent.report import (
     percentile,
     render,
     run_report,
+    summary,
 )
 from agent.requests import Request, RequestEnergy
 
@@ -30,10 +32,10 @@ NOW = 1_750_000_000.0
 
 def stored(request_id: str, model: str, dynamic: float, static: float, host: float,
            facility: float, prompt: int | None = None, completion: int | None = None,
-           status: str = "ok") -> StoredRequest:
+           status: str = "ok", simulated: bool = False) -> StoredRequest:
     return StoredRequest(request_id, model, "ingest", (0,), status, NOW - 10, NOW - 5,  # type: ignore[arg-type]
                          None, prompt, completion, dynamic, static, host, facility, 1.1,
-                         late=False)
+                         late=False, simulated=simulated)
 
 
 # Model "a", in joules chosen so that Wh are round: per request (gpu_dynamic, gpu, it,
@@ -101,7 +103,7 @@ def test_statistics_per_model_and_boundary_against_hand_computed_values() -> Non
 def test_json_parses_back_with_every_figure() -> None:
     data = json.loads(render(report(since=NOW - 3600), "json"))
     assert data["since"] == "2025-06-15T14:06:40Z" and data["generated"] == "2025-06-15T15:06:40Z"
-    assert data["unattributed_share"] is None
+    assert data["unattributed_share"] is None and data["simulated"] is False
     a = data["models"][0]
     assert a["requests_by_status"] == {"ok": 1, "cancelled": 1, "failed": 1}
     assert set(a["wh_per_query"]) == set(BOUNDARIES)
@@ -119,6 +121,7 @@ def test_csv_parses_back_one_row_per_model() -> None:
     assert float(a["gpu_wh_mean"]) == pytest.approx(5.5 / 3)
     assert float(a["it_j_per_token_all"]) == pytest.approx(10800 / 310)
     assert a["unattributed_share"] == "" and rows[1]["it_j_per_completion_token"] == ""
+    assert [row["simulated"] for row in rows] == ["false", "false"]
 
 
 def test_table_has_units_in_headers_and_aligned_columns() -> None:
@@ -134,6 +137,22 @@ def test_table_has_units_in_headers_and_aligned_columns() -> None:
     assert len({len(line) for line in energy}) == 1, "right-aligned numbers line up"
     assert energy[3].split()[-4:] == ["2.3333", "2.0000", "3.6000", "3.9600"]  # it of model a
     assert "Unattributed" not in text
+    assert lines[0].startswith("jouleprobe report:") and "SIMULATED" not in text
+
+
+def test_records_of_simulated_gpus_are_labelled_in_every_format() -> None:
+    # One simulated record of model "b" makes "b" simulated, and so the whole report.
+    built = build_report([*RECORDS, stored("b2", "b", 360, 0, 0, 0, simulated=True)],
+                         generated=NOW)
+    assert built.simulated and [m.simulated for m in built.models] == [False, True]
+    assert render(built, "table").splitlines()[0] == SIMULATED_LINE
+    data = json.loads(render(built, "json"))
+    assert data["simulated"] is True
+    assert [m["simulated"] for m in data["models"]] == [False, True]
+    rows = list(csv.DictReader(io.StringIO(render(built, "csv"))))
+    assert [row["simulated"] for row in rows] == ["false", "true"]
+    assert summary(built, 3600.0)["simulated"] is True
+    assert summary(report(), 3600.0)["simulated"] is False
 
 
 def test_node_totals_give_the_unattributed_share() -> None:
@@ -186,12 +205,10 @@ def test_since_errors_name_the_argument(text: str, reason: str) -> None:
         parse_since(text, NOW)
 
 
-@pytest.fixture
-def store_path(tmp_path: Path) -> Path:
-    """A store with requests of model "a" that ended 2 h and 10 min ago, and "b" 5 min ago."""
-    path = tmp_path / "records.db"
+def _write_store(path: Path, *, simulated: bool) -> Path:
+    """Requests of model "a" that ended 2 h and 10 min ago, and "b" 5 min ago."""
     now = time.monotonic()
-    store = RecordStore(path, pue=1.2, flush_interval_s=3600.0)
+    store = RecordStore(path, pue=1.2, simulated=simulated, flush_interval_s=3600.0)
     try:
         store.submit([
             RequestEnergy(Request(rid, model, "ingest", (0,), now - ago - 1, now - ago),
@@ -201,6 +218,24 @@ def store_path(tmp_path: Path) -> Path:
     finally:
         store.close()
     return path
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    """A store of real GPUs (`_write_store`)."""
+    return _write_store(tmp_path / "records.db", simulated=False)
+
+
+def test_run_report_labels_a_store_of_simulated_gpus(tmp_path: Path, store_path: Path) -> None:
+    simulated = str(_write_store(tmp_path / "simulated.db", simulated=True))
+    table = run_report(simulated, None, "table", None)
+    assert table.splitlines()[0] == SIMULATED_LINE
+    assert json.loads(run_report(simulated, None, "json", None))["simulated"] is True
+    rows = list(csv.DictReader(io.StringIO(run_report(simulated, None, "csv", None))))
+    assert [row["simulated"] for row in rows] == ["true", "true"]
+    real = run_report(str(store_path), None, "table", None)
+    assert real.startswith("jouleprobe report:") and "SIMULATED" not in real
+    assert json.loads(run_report(str(store_path), None, "json", None))["simulated"] is False
 
 
 def test_run_report_selects_by_since_and_model(store_path: Path) -> None:
@@ -216,8 +251,10 @@ def test_run_report_selects_by_since_and_model(store_path: Path) -> None:
 
 def test_empty_store_says_no_requests(tmp_path: Path, store_path: Path) -> None:
     empty = tmp_path / "empty.db"
-    RecordStore(empty, pue=1.2).close()
+    RecordStore(empty, pue=1.2, simulated=True).close()
     assert "no requests" in run_report(str(empty), None, "table", None)
+    # No records, no simulated figures: nothing to label.
+    assert "SIMULATED" not in run_report(str(empty), None, "table", None)
     assert json.loads(run_report(str(empty), "1h", "json", None))["models"] == []
     assert list(csv.DictReader(io.StringIO(run_report(str(empty), None, "csv", None)))) == []
     assert "no requests" in run_report(str(store_path), "1h", "table", "unknown-model")

@@ -350,7 +350,7 @@ def _record(request_id: str, model: str, end: float) -> RequestEnergy:
 @pytest.fixture
 def store(tmp_path: Path) -> RecordStore:
     """A store holding a llama request that ended 10 min ago and a mistral one 2 h ago."""
-    store = RecordStore(tmp_path / "records.db", pue=1.2, wall_offset=OFFSET,
+    store = RecordStore(tmp_path / "records.db", pue=1.2, simulated=False, wall_offset=OFFSET,
                         flush_interval_s=3600.0, retention_days=None, clock=lambda: NOW)
     store.submit([_record("recent", "llama", 20_000.0 - 600), _record("old", "mistral", 12_800.0)])
     store.close()  # commits; reads keep working
@@ -392,7 +392,7 @@ def test_unknown_request_is_a_json_404_that_says_when_records_appear(store: Reco
 def test_summary_per_model_over_the_window(store: RecordStore) -> None:
     status, body = _get("/api/v1/summary?window=1h", store)
     assert status == 200
-    assert body["window_s"] == 3600
+    assert body["window_s"] == 3600 and body["simulated"] is False
     assert set(body["models"]) == {"llama"}
     llama = body["models"]["llama"]
     assert llama["requests"] == 1

@@ -43,8 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "time (default all)")
     source.add_argument("--window", default=None, help="agent: summary window (1h); "
                         "prometheus: rule window, 5m or 1h (1h)")
-    source.add_argument("--simulated", action="store_true",
-                        help="the store's records come from simulated GPUs (the demo's)")
     numbers = parser.add_argument_group("numbers (each also LOW:HIGH; 9e9, 9B, 195M, 20%%)")
     for name in NUMERIC_INPUTS:
         numbers.add_argument(f"--{name.replace('_', '-')}", metavar="N", help=_HELP[name])
@@ -75,17 +73,13 @@ def measurement(args: argparse.Namespace) -> inputs.Measurement | None:
     if len(given) > 1:
         raise ValueError("contradictory inputs: give one of --from-store, --from-agent, "
                          "--from-prometheus")
-    if args.simulated and given and given[0] != "from_store":
-        raise ValueError("--simulated is for --from-store: agents and Prometheus say "
-                         "themselves whether their GPUs are simulated")
     if args.from_store:
         since = None
         if args.since:
             from agent.report import parse_since
 
             since = parse_since(args.since, datetime.now(UTC).timestamp())
-        return inputs.from_store(args.from_store, model=args.model, since=since,
-                                 simulated=True if args.simulated else None)
+        return inputs.from_store(args.from_store, model=args.model, since=since)
     if args.from_agent:
         return inputs.from_agent(args.from_agent, window=args.window or "1h", model=args.model)
     if args.from_prometheus:
@@ -124,5 +118,4 @@ def build(args: argparse.Namespace, flags: Mapping[str, Span]) -> Estimate:
         boundary=args.boundary,
         mode=args.mode,
         years=parse_years(args.years) if args.years else None,
-        simulated=bool(args.simulated and not args.from_store),
     )

@@ -81,8 +81,8 @@ class Estimate:
     years: tuple[YearRow, ...]
     equivalents: tuple[Equivalent, ...]
     simulated: bool | None
-    """True: a measured input came from simulated GPUs; None: unknown (a store without
-    --simulated); False: real GPUs, or no measurement."""
+    """True: a measured input came from simulated GPUs; None: unknown (an agent or
+    Prometheus that reports no GPU); False: real GPUs, or no measurement."""
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -200,7 +200,6 @@ def estimate(
     boundary: Boundary | None = None,
     mode: Mode | None = None,
     years: tuple[int, int] | None = None,
-    simulated: bool = False,
 ) -> Estimate:
     """The fleet estimate. Raises ValueError for insufficient or contradictory inputs."""
     if boundary is not None and boundary not in BOUNDARIES:
@@ -256,8 +255,8 @@ def estimate(
     carbon = _with_default(used, "carbon_g_per_kwh", facts.default_carbon())
     water = _with_default(used, "water_l_per_kwh", facts.default_water())
     rows = _years(annual, used, years, preset)
-    is_simulated = bool(simulated) or bool(measurement and measurement.simulated)
-    known = simulated or (measurement is None or measurement.simulated is not None)
+    is_simulated = bool(measurement and measurement.simulated)
+    known = measurement is None or measurement.simulated is not None
     return Estimate(
         mode=chosen, boundary=boundary_out, boundary_origin=why, inputs=used,
         annual_energy_wh=annual, daily_energy_wh=model.daily(annual),

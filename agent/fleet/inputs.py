@@ -11,10 +11,9 @@ the GPUs were simulated. The figures carry bounds where the source gives a sprea
 - agent and Prometheus: their means only (a summary holds no spread), so bounds are equal
   to the mean, and the output says so.
 
-Whether GPUs were simulated: Prometheus and a running agent say it themselves
-(`jouleprobe_gpu_info{simulated="true"}`). A record store does not: its records name GPU
-indices, not boards, so its caller says so (`--simulated`), and the output reports the
-store's hardware as "not recorded" otherwise.
+Whether GPUs were simulated: each source says it itself. Prometheus and a running agent
+through `jouleprobe_gpu_info{simulated="true"}`; a record store through each record's
+`simulated` flag, written by the agent that measured it.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ class Measurement:
     """Average power per GPU; see `notes` for what it covers."""
     pue: Span | None
     simulated: bool | None
-    """None: the source cannot tell (a record store)."""
+    """None: the source cannot tell (Prometheus or an agent that reports no GPU)."""
     notes: tuple[str, ...] = field(default=())
     capacity_notes: tuple[str, ...] = field(default=())
     """What the throughput and power figures cover (shown in the capacity mode)."""
@@ -117,10 +116,10 @@ def _interval(central: float, samples: list[float]) -> Span:
     return Span(min(low, central), central, max(high, central))
 
 
-def from_records(records: Iterable[Any], origin: str, *, simulated: bool | None) -> Measurement:
+def from_records(records: Iterable[Any], origin: str) -> Measurement:
     """From `agent.records.StoredRequest`s (finished ones): Wh/query, J/token, the
-    throughput per GPU over the span the records cover, and the GPU power attributed to
-    requests over that span.
+    throughput per GPU over the span the records cover, the GPU power attributed to
+    requests over that span, and whether any record was measured on simulated GPUs.
 
     Throughput is what the node served at the load it had, not its capacity; the power is
     the energy attributed to requests only (idle gaps between requests are unattributed,
@@ -131,6 +130,7 @@ def from_records(records: Iterable[Any], origin: str, *, simulated: bool | None)
     gpu_j = it_j = facility_j = 0.0
     first = math.inf
     last = -math.inf
+    simulated = False
     for record in records:
         if record.end is None:
             continue
@@ -140,6 +140,7 @@ def from_records(records: Iterable[Any], origin: str, *, simulated: bool | None)
                          if record.prompt_tokens is not None
                          and record.completion_tokens is not None else None))
         gpus.update(record.gpus)
+        simulated = simulated or record.simulated
         gpu_j += record.gpu_j
         it_j += it
         facility_j += it + record.facility_j
@@ -149,7 +150,7 @@ def from_records(records: Iterable[Any], origin: str, *, simulated: bool | None)
         raise MeasurementError(f"{origin}: no finished request records")
     wh, per_token = _bootstrap(rows)
     span_s = last - first
-    notes, capacity_notes = [], []
+    capacity_notes = []
     throughput = power = None
     if gpus and span_s > 0:
         gpu_seconds = len(gpus) * span_s
@@ -162,18 +163,14 @@ def from_records(records: Iterable[Any], origin: str, *, simulated: bool | None)
         capacity_notes.append("GPU power: energy attributed to requests over that span (idle gaps "
                      "are not in the records): a lower bound of the boards' draw")
     pue = Span.exact(facility_j / it_j) if it_j > 0 else None
-    if simulated is None:
-        notes.append("the store does not record whether its GPUs were real: pass --simulated "
-                     "for records of simulated GPUs (the demo's)")
     return Measurement(origin=f"{origin} ({len(rows):,} records)", requests=len(rows),
                        wh_per_query=wh, j_per_token=per_token,
                        queries_per_gpu_second=throughput, gpu_watts=power, pue=pue,
-                       simulated=simulated, notes=tuple(notes),
-                       capacity_notes=tuple(capacity_notes))
+                       simulated=simulated, capacity_notes=tuple(capacity_notes))
 
 
-def from_store(path: str, *, model: str | None = None, since: float | None = None,
-               simulated: bool | None = None) -> Measurement:
+def from_store(path: str, *, model: str | None = None, since: float | None = None
+               ) -> Measurement:
     from agent.records import RecordReader, RecordStoreError
 
     try:
@@ -181,7 +178,7 @@ def from_store(path: str, *, model: str | None = None, since: float | None = Non
     except RecordStoreError as exc:
         raise MeasurementError(f"--from-store: {exc}") from None
     scope = f", model {model}" if model else ""
-    return from_records(records, f"store {path}{scope}", simulated=simulated)
+    return from_records(records, f"store {path}{scope}")
 
 
 # --- a running agent ---------------------------------------------------------------------

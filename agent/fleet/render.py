@@ -122,8 +122,8 @@ def banner(estimate: Estimate) -> str | None:
         return ("SIMULATED GPUs: a measured input comes from simulated GPUs; the figures "
                 "show the method, not real hardware.")
     if estimate.simulated is None:
-        return ("Hardware unknown: the record store does not say whether its GPUs were real "
-                "(--simulated for the demo's records).")
+        return ("Hardware unknown: the source reports no GPU, so whether its GPUs were real "
+                "is not known.")
     return None
 
 
