@@ -7,13 +7,16 @@ import contextlib
 import logging
 import signal
 import socket
+from typing import Any
 
 from aiohttp import web
 
-from agent.config import Config, parse_listen
+from agent.config import Config, GpuSpec, parse_listen
 from agent.health import assess
 from agent.intake.discovery import GpuResolver, local_port
 from agent.intake.ingest import check_listen_access, ingest_app, load_token
+from agent.intake.proxy import RUNNER_OPTIONS as PROXY_RUNNER_OPTIONS
+from agent.intake.proxy import proxy_app
 from agent.intake.scrapers import WindowScraper
 from agent.node import Node
 from agent.sources.base import GpuSource
@@ -43,8 +46,10 @@ def bind(listen: str) -> socket.socket:
     return socket.create_server((host, port), family=family)
 
 
-async def start_site(app: web.Application, listen: str, what: str) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
+async def start_site(
+    app: web.Application, listen: str, what: str, **runner_options: Any
+) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None, **runner_options)
     await runner.setup()
     sock = bind(listen)
     await web.SockSite(runner, sock).start()
@@ -62,15 +67,22 @@ async def attribute_periodically(node: Node) -> None:
             log.exception("attribution round failed")
 
 
+def resolver(node: Node, spec: GpuSpec, url: str) -> GpuResolver:
+    """The GPUs serving the server at `url`: as configured, or discovered for "auto" in the
+    background. Its `current()` is called on the event loop, so it never waits for discovery:
+    until the first discovery succeeds it raises, and that request or window is counted as
+    refused rather than guessed."""
+    port = local_port(url) if spec == "auto" else None
+    return GpuResolver(spec, node.sampler.gpus(), port, wait_s=0.0)
+
+
 def start_scrapers(node: Node) -> list[asyncio.Task[None]]:
     """One task per `[[scrape]]` table: window-level figures from the server's own metrics."""
-    gpus = node.sampler.gpus()
     tasks = []
     for table in node.config.scrape:
-        port = local_port(table.url) if table.gpus == "auto" else None
-        resolver = GpuResolver(table.gpus, gpus, port)
+        gpus = resolver(node, table.gpus, table.url).current
         scraper = WindowScraper(
-            table.kind, table.url, gpus=resolver.current, timelines=node.sampler.timelines,
+            table.kind, table.url, gpus=gpus, timelines=node.sampler.timelines,
             idle_power_w=node.engine.idle_power_w, metrics=node.window_metrics,
         )
         tasks.append(asyncio.create_task(scraper.run(table.interval)))
@@ -116,6 +128,12 @@ async def serve(config: Config, gpu_source: GpuSource) -> None:
     try:
         runners.append(await start_site(metrics, config.agent.listen, "/metrics and /api/v1"))
         runners.append(await start_site(ingest, config.ingest.listen, "the ingest API"))
+        for table in config.proxy:
+            gpus = resolver(node, table.gpus, table.upstream).current
+            runners.append(await start_site(
+                proxy_app(table, node.engine, gpus), table.listen,
+                f"proxy {table.name} -> {table.upstream}", **PROXY_RUNNER_OPTIONS,
+            ))
         log.info("sampling %d GPU(s) every %.3g s; records in %s",
                  len(node.sampler.gpus()), config.agent.sample_interval, config.records.path)
         await stop.wait()

@@ -92,3 +92,70 @@ def test_auto_gpus_on_simulated_gpus_stop_the_agent_with_a_reason(tmp_path: Path
     )
     assert result.returncode == 2
     assert "auto" in result.stderr and "explicit list" in result.stderr
+
+
+@pytest.fixture
+def fake_upstream() -> Iterator[str]:
+    """The package's fake OpenAI-compatible server, on its own event loop in a thread."""
+    import asyncio
+
+    from aiohttp import web
+
+    from agent.intake.fake_upstream import fake_upstream_app
+
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(fake_upstream_app(models={"tiny": 1000.0}))
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+
+def test_a_configured_proxy_measures_requests(tmp_path: Path, fake_upstream: str) -> None:
+    import json
+    import urllib.request
+
+    proxy = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "jouleprobe.toml"
+    config.write_text(
+        f'[records]\npath = "{tmp_path / "records.db"}"\n[ingest]\nlisten = "127.0.0.1:0"\n'
+        "[attribution]\nsettle = 0.2\n"
+        f'[[proxy]]\nname = "fake"\nlisten = "{proxy}"\nupstream = "{fake_upstream}"\n'
+        "gpus = [0]\n"
+    )
+    address = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "agent.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config), "--simulate",
+             "1xH100", "--listen", address],
+            cwd=ROOT, env=agent_env(), stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for("the proxy", lambda: http_get(f"http://{proxy}/v1/models")[0] == 200, proc,
+                 log, timeout_s=30)
+        body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+        request = urllib.request.Request(f"http://{proxy}/v1/chat/completions", body.encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            request_id = response.headers["X-Jouleprobe-Request-Id"]
+            usage = json.load(response)["usage"]
+        record_url = f"http://{address}/api/v1/requests/{request_id}"
+        wait_for("the record", lambda: http_get(record_url)[0] == 200, proc, log, timeout_s=30)
+        record = json.loads(http_get(record_url)[1])
+        assert record["source"] == "proxy:fake" and record["model"] == "tiny"
+        assert record["prompt_tokens"] == usage["prompt_tokens"]
+        assert record["completion_tokens"] == usage["completion_tokens"]
+        assert record["energy_j"]["gpu"] > 0 and record["simulated"] is True
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, log.read_text()[-4000:]
