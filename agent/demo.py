@@ -1,77 +1,128 @@
 """`jouleprobe demo`: the whole pipeline on simulated GPUs under a synthetic inference load.
 
-Nothing here is a shortcut around the agent: the simulated boards are read by the real
-sampler at 10 Hz, requests reach the real ingest API over loopback HTTP through the
-`Tracker` client, the real engine attributes the energy, the records go to a real SQLite
-file, and the closing check reads the agent's own `/metrics` over HTTP. Only the GPUs and
-the requests are simulated: the boards' power follows the requests that run on them
-(`RequestLoad`), and every output says SIMULATED.
+Nothing here is a shortcut around the agent. Each simulated board serves one model through a
+small OpenAI-compatible server (`fake_upstream`), and the load goes through the agent's real
+reverse proxy in front of it, as operators deploy it in front of vLLM: the proxy times each
+request, reads its token usage (streaming and not) and reports it to the real attribution
+engine; the simulated boards are read by the real sampler at 10 Hz; the records go to a real
+SQLite file; and the closing check reads the agent's own `/metrics` over HTTP. Only the GPUs
+and the served models are simulated: the boards' power follows the requests that run on them
+(`RequestLoad`, driven by the fake server's hooks), and every output says SIMULATED.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import random
 import sys
 import time
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.config import load
-from agent.daemon import attribute_periodically, build_apps, start_site
-from agent.intake.client import Tracker
+from agent.config import ProxyTable, load
+from agent.daemon import PROXY_RUNNER_OPTIONS, attribute_periodically, build_apps, start_site
+from agent.intake.fake_upstream import fake_upstream_app
+from agent.intake.proxy import proxy_app
 from agent.node import Node
 from agent.report import run_report
 from agent.sources.host import EstimatedHostSource
-from agent.sources.simload import RequestLoad, TraceRequest, synthetic_trace
+from agent.sources.simload import PROFILES, RequestLoad
 from agent.sources.simulated import SimulatedGpuSource, parse_spec
 
 IDLE_LEAD_S = 3.0
 """Seconds of idle before the load, from which the engine learns each GPU's idle power."""
 CONCURRENCY_PHASES = (2, 8, 4)
 """Clients per GPU in each third of the load: concurrency that varies."""
+MODELS = ("small-8b", "large-70b")
+"""Board i serves MODELS[i % 2]: one model replica per board, two sizes."""
+THINK_S = 0.2
+"""Mean pause of a client between two requests (exponential)."""
 
 
-TAIL_S = 5.0
-"""Requests that would run on more than this past the end of the load are left out of the
-trace, so that the long tail of generation lengths does not stretch the demo."""
+def served_model(gpu: int) -> str:
+    return MODELS[gpu % len(MODELS)]
 
 
-def build_trace(gpu_count: int, seconds: float) -> list[TraceRequest]:
-    """Phases of different concurrency, back to back, with ids unique across phases."""
-    trace: list[TraceRequest] = []
-    phase_s = seconds / len(CONCURRENCY_PHASES)
-    for phase, concurrency in enumerate(CONCURRENCY_PHASES):
-        part = synthetic_trace(gpu_count, concurrency=concurrency, duration_s=phase_s,
-                               start=phase * phase_s, completion_median=120.0, seed=phase)
-        trace += [replace(r, id=f"{r.id}-p{phase}") for r in part if r.end <= seconds + TAIL_S]
-    return sorted(trace, key=lambda r: r.start)
+def upstream_for(gpu: int, load: RequestLoad) -> web.Application:
+    """The fake server of board `gpu`: its hooks make the board draw each request's power."""
+    model = served_model(gpu)
+    profile = PROFILES[model]
+
+    def start(key: int, name: str) -> None:
+        load.begin(f"{gpu}-{key}", gpu, model, time.monotonic())
+
+    def first_token(key: int) -> None:
+        load.first_token(f"{gpu}-{key}", time.monotonic())
+
+    def end(key: int) -> None:
+        load.finish(f"{gpu}-{key}", time.monotonic())
+
+    return fake_upstream_app(
+        models={model: profile.decode_tokens_per_s},
+        prefill_speedup=profile.prefill_tokens_per_s / profile.decode_tokens_per_s,
+        on_start=start, on_first_token=first_token, on_end=end,
+    )
 
 
-async def play(request: TraceRequest, t0: float, load: RequestLoad, tracker: Tracker) -> None:
-    """One request in real time: the board draws its power, the tracker reports it."""
-    await asyncio.sleep(max(0.0, t0 + request.start - time.monotonic()))
-    with tracker.request(model=request.model, gpus=[request.gpu],
-                         request_id=request.id) as tracked:
-        load.begin(request.id, request.gpu, request.model, time.monotonic())
-        await asyncio.sleep(request.first_token - request.start)
-        load.first_token(request.id, time.monotonic())
-        tracked.first_token()
-        await asyncio.sleep(request.end - request.first_token)
-        load.finish(request.id, time.monotonic())
-        tracked.tokens(prompt=request.prompt_tokens, completion=request.completion_tokens)
+async def client(session: aiohttp.ClientSession, url: str, model: str, until: float,
+                 rng: random.Random, done: list[int]) -> None:
+    """One closed-loop user: a chat request (streamed or not), a pause, the next one."""
+    while time.monotonic() < until:
+        words = max(4, int(rng.lognormvariate(5.0, 0.8)))  # prompts of ~150 words, long tail
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": " ".join(["joule"] * words)}],
+            "max_tokens": rng.randint(8, 32),
+            "stream": rng.random() < 0.5,
+        }
+        async with session.post(f"{url}/v1/chat/completions", json=body) as response:
+            await response.read()
+            response.raise_for_status()
+        done.append(1)
+        await asyncio.sleep(rng.expovariate(1 / THINK_S))
 
 
-def progress(done: int, total: int, elapsed: float, seconds: float) -> None:
+def progress(done: int, elapsed: float, seconds: float) -> None:
+    """A progress bar on a terminal; nothing where stderr is a file or a pipe."""
+    if not sys.stderr.isatty():
+        return
     width = 30
     filled = int(width * min(elapsed / seconds, 1.0))
     sys.stderr.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {elapsed:5.1f}/{seconds:.0f} s"
-                     f"  requests finished {done}/{total}   ")
+                     f"  requests finished {done}   ")
     sys.stderr.flush()
+
+
+async def run_load(proxies: list[str], seconds: float) -> int:
+    """Phases of `CONCURRENCY_PHASES` clients per GPU, back to back; returns the requests."""
+    done: list[int] = []
+    rng = random.Random(0)
+    t0 = time.monotonic()
+    phase_s = seconds / len(CONCURRENCY_PHASES)
+    async with aiohttp.ClientSession() as session:
+        for phase, concurrency in enumerate(CONCURRENCY_PHASES):
+            until = t0 + (phase + 1) * phase_s
+            clients = [
+                asyncio.create_task(client(session, url, served_model(gpu), until,
+                                           random.Random(rng.random()), done))
+                for gpu, url in enumerate(proxies) for _ in range(concurrency)
+            ]
+            while not all(task.done() for task in clients):
+                progress(len(done), time.monotonic() - t0, seconds)
+                await asyncio.sleep(0.25)
+            for task in clients:
+                task.result()
+    progress(len(done), time.monotonic() - t0, seconds)
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    print(f"  {len(done)} requests in {time.monotonic() - t0:.1f} s through the proxies")
+    return len(done)
 
 
 def conservation(metrics_text: str) -> dict[str, tuple[float, float]]:
@@ -100,54 +151,47 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
     source = SimulatedGpuSource(models, load=request_load)
     host = EstimatedHostSource(config.host.idle_watts, config.host.max_watts)
     node = Node(config, source, host)
-    metrics_app, ingest_app = build_apps(node, token=None)
-    trace = build_trace(len(models), seconds)
+    metrics_app, _ = build_apps(node, token=None)
+    logging.getLogger("agent").setLevel(logging.WARNING)  # the demo prints its own story
 
-    print(f"jouleprobe demo: SIMULATED node {spec} ({', '.join(m.nvml_name for m in models)}),")
-    print(f"  {len(trace)} synthetic requests over {seconds:.0f} s, models "
-          f"{', '.join(sorted({r.model for r in trace}))}, concurrency per GPU "
-          f"{' -> '.join(map(str, CONCURRENCY_PHASES))}; host energy ESTIMATED from CPU use")
+    print(f"jouleprobe demo: SIMULATED node {spec} ({', '.join(m.nvml_name for m in models)});")
+    print(f"  each GPU serves one model ({', '.join(served_model(i) for i in range(len(models)))})"
+          f" behind the jouleprobe proxy; {seconds:.0f} s of chat requests, streamed and not,")
+    print(f"  {' -> '.join(map(str, CONCURRENCY_PHASES))} clients per GPU; host energy ESTIMATED"
+          " from CPU use")
     node.start()
     attribution = asyncio.create_task(attribute_periodically(node))
-    metrics_runner = await start_site(metrics_app, config.agent.listen, "metrics")
-    ingest_runner = await start_site(ingest_app, config.ingest.listen, "ingest")
-    metrics_url = "http://{}:{}".format(*metrics_runner.addresses[0][:2])
-    ingest_url = "http://{}:{}".format(*ingest_runner.addresses[0][:2])
-    tracker = Tracker(ingest_url, flush_interval=0.2)
+    runners = [await start_site(metrics_app, config.agent.listen, "metrics")]
     try:
+        proxies = []
+        for gpu in range(len(models)):
+            upstream = await start_site(upstream_for(gpu, request_load), "127.0.0.1:0",
+                                        f"simulated server of GPU {gpu}")
+            runners.append(upstream)
+            table = ProxyTable(name=f"gpu{gpu}", listen="127.0.0.1:0",
+                               upstream=_url(upstream), gpus=(gpu,))
+            proxy = await start_site(proxy_app(table, node.engine, lambda gpu=gpu: (gpu,)),
+                                     table.listen, f"proxy {table.name}", **PROXY_RUNNER_OPTIONS)
+            runners.append(proxy)
+            proxies.append(_url(proxy))
         print(f"  idle for {IDLE_LEAD_S:.0f} s so the agent learns each GPU's idle power ...")
         await asyncio.sleep(IDLE_LEAD_S)
-        t0 = time.monotonic()
-        tasks = [asyncio.create_task(play(r, t0, request_load, tracker)) for r in trace]
-        while not all(task.done() for task in tasks):
-            progress(sum(t.done() for t in tasks), len(tasks), time.monotonic() - t0, seconds)
-            await asyncio.sleep(0.25)
-        progress(len(tasks), len(tasks), time.monotonic() - t0, seconds)
-        sys.stderr.write("\n")
-        for task in tasks:
-            task.result()
-        tracker.close()
-        stats = tracker.stats()
-        if stats.rejected or stats.dropped:
-            print(f"  WARNING: the ingest API refused {stats.rejected} and the tracker dropped "
-                  f"{stats.dropped} events")
+        await run_load(proxies, seconds)
         await asyncio.sleep(config.attribution.settle + 2 * config.agent.sample_interval)
         attribution.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await attribution
         await asyncio.to_thread(node.drain)
         async with aiohttp.ClientSession() as session, \
-                session.get(f"{metrics_url}/metrics") as response:
+                session.get(f"{_url(runners[0])}/metrics") as response:
             scraped = await response.text()
     finally:
-        tracker.close()
-        await ingest_runner.cleanup()
-        await metrics_runner.cleanup()
         if not attribution.done():
             attribution.cancel()
+        for runner in reversed(runners):
+            await runner.cleanup()
 
     print()
-    print("SIMULATED GPUs and requests: the figures below show the pipeline, not real hardware.")
     print(run_report(str(store), None, "table", None), end="")
     print()
     worst = 0.0
@@ -162,6 +206,10 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
     print(f"  records: {store}  (jouleprobe report --store {store}; "
           f"jouleprobe fleet --from-store {store} --queries-per-day 1B)")
     return 0 if worst <= 1e-9 and fleet else 1
+
+
+def _url(runner: web.AppRunner) -> str:
+    return "http://{}:{}".format(*runner.addresses[0][:2])
 
 
 def _fleet_line(store: Path, queries_per_day: float, pue: float) -> str | None:

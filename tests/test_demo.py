@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agent.records import RecordReader
 from agent.report import run_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,3 +32,7 @@ def test_demo_runs_the_whole_pipeline_and_conserves_energy(tmp_path: Path) -> No
     models = {model["model"]: model for model in report["models"]}
     assert set(models) == {"small-8b", "large-70b"}
     assert all(model["requests"] > 0 for model in models.values())
+    sources = {record.source for record in RecordReader(store).query()}
+    assert sources == {"proxy:gpu0", "proxy:gpu1"}, "the demo's load goes through the proxy"
+    # the proxy read every answer's usage, streamed or not
+    assert all(m["requests_with_tokens"] == m["requests"] for m in models.values())
