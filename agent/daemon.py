@@ -15,8 +15,8 @@ from agent.config import Config, GpuSpec, parse_listen
 from agent.health import assess
 from agent.intake.discovery import GpuResolver, local_port
 from agent.intake.ingest import check_listen_access, ingest_app, load_token
+from agent.intake.proxy import PROXY_STATS, proxy_app
 from agent.intake.proxy import RUNNER_OPTIONS as PROXY_RUNNER_OPTIONS
-from agent.intake.proxy import proxy_app
 from agent.intake.scrapers import WindowScraper
 from agent.node import Node
 from agent.sources.base import GpuSource
@@ -24,6 +24,7 @@ from agent.sources.host import open_host_source
 from agent.sources.nvml import NvmlGpuSource
 from agent.sources.simulated import SimulatedGpuSource
 from exporters.http import metrics_app
+from exporters.proxy_metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +129,15 @@ async def serve(config: Config, gpu_source: GpuSource) -> None:
     try:
         runners.append(await start_site(metrics, config.agent.listen, "/metrics and /api/v1"))
         runners.append(await start_site(ingest, config.ingest.listen, "the ingest API"))
+        proxies = {table.name: proxy_app(table, node.engine,
+                                         resolver(node, table.gpus, table.upstream).current)
+                   for table in config.proxy}
+        node.collector.add(ProxyMetrics({n: app[PROXY_STATS] for n, app in proxies.items()})
+                           .families)
         for table in config.proxy:
-            gpus = resolver(node, table.gpus, table.upstream).current
             runners.append(await start_site(
-                proxy_app(table, node.engine, gpus), table.listen,
-                f"proxy {table.name} -> {table.upstream}", **PROXY_RUNNER_OPTIONS,
+                proxies[table.name], table.listen, f"proxy {table.name} -> {table.upstream}",
+                **PROXY_RUNNER_OPTIONS,
             ))
         log.info("sampling %d GPU(s) every %.3g s; records in %s",
                  len(node.sampler.gpus()), config.agent.sample_interval, config.records.path)

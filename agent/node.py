@@ -9,6 +9,8 @@ the requests come from differs.
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
 
 from prometheus_client import CollectorRegistry
@@ -58,18 +60,32 @@ class Node:
             retention_days=config.records.retention_days,
         )
         self.request_metrics = RequestMetrics(self.engine.totals)
-        collector = NodeCollector(self.sampler.snapshot, pue=config.site.pue, version=__version__)
-        collector.add(self.request_metrics.families)
+        self.collector = NodeCollector(
+            self.sampler.snapshot, pue=config.site.pue, version=__version__
+        )
+        self.collector.add(self.request_metrics.families)
         self.window_metrics = WindowMetrics()
-        collector.add(self.window_metrics.families)
-        self.registry: CollectorRegistry = build_registry(collector)
+        self.collector.add(self.window_metrics.families)
+        self.registry: CollectorRegistry = build_registry(self.collector)
+        self._attributing = threading.Lock()
+        """One attribution round at a time: a round still running on its worker thread when
+        the daemon stops must hand its records to the store before `drain` closes it."""
+        self._drained = False
 
     def start(self) -> None:
         self.sampler.start()
 
     def attribute(self, now: float | None = None) -> list[RequestEnergy]:
-        """Share the settled intervals among requests; record and count the final ones."""
-        energies = self.engine.advance(time.monotonic() if now is None else now)
+        """Share the settled intervals among requests; record and count the final ones.
+
+        Does nothing once drained (a round may start on its thread after the stop)."""
+        with self._attributing:
+            if self._drained:
+                return []
+            return self._attribute(time.monotonic() if now is None else now)
+
+    def _attribute(self, now: float) -> list[RequestEnergy]:
+        energies = self.engine.advance(now)
         if energies:
             self.store.submit(energies)
             self.request_metrics.observe(energies)
@@ -78,9 +94,18 @@ class Node:
     def drain(self) -> None:
         """Stop sampling, attribute everything measured, and flush the records to disk.
 
+        Once the sampler has stopped no point will ever come, so attribution runs as at the
+        end of time: a request still open is closed at its maximum age and marked expired
+        (no end; its figures cover what was measured of it, and the report leaves it out of
+        Wh per query), every interval is processed, and every request waiting for a later
+        point is finalised with what was measured. Without it, each request that ended
+        after the start of one still open would wait for that one and never be recorded.
+
         After this, per GPU, attributed + unattributed energy equals the energy measured:
         nothing is left waiting to settle."""
         self.sampler.stop()
-        self.attribute(time.monotonic() + self.engine.settle_s)
+        with self._attributing:
+            self._drained = True
+            self._attribute(math.inf)
         self.store.close()
         self.gpu_source.close()

@@ -156,6 +156,8 @@ def test_a_configured_proxy_measures_requests(tmp_path: Path, fake_upstream: str
         assert record["prompt_tokens"] == usage["prompt_tokens"]
         assert record["completion_tokens"] == usage["completion_tokens"]
         assert record["energy_j"]["gpu"] > 0 and record["simulated"] is True
+        metrics = http_get(f"http://{address}/metrics")[1].decode()
+        assert 'jouleprobe_proxy_requests_total{proxy="fake",status="ok"} 1.0' in metrics
     finally:
         stop_process(proc)
     assert proc.returncode == 0, log.read_text()[-4000:]
