@@ -60,4 +60,9 @@ def _latest_read(gpu: GpuSnapshot) -> str:
         return "; last read failed: " + ", ".join(f"{call} {kind}" for call, kind in reading.errors)
     if reading.time == gpu.last_energy_time:
         return "; no read has completed since"
+    # A call that answered NotSupported once is not made again (agent.sources.nvml), so
+    # later reads fail silently: name it, or the operator is left with no cause at all.
+    needed = "energy" if gpu.info.energy_source == "counter" else "power"
+    if (needed, "NotSupported") in gpu.errors:
+        return f"; no longer read after NotSupported: {needed}"
     return "; last read returned no energy value"

@@ -324,11 +324,11 @@ class Sampler:
         reader = self._reader
         if reader is None:
             return
-        hung = reader.hung_on(self.interval_s)
-        if hung is not None:  # leave the stuck call its thread; read the others on a new one
-            with self._lock:
+        with self._lock:
+            hung = reader.abandon_if_hung(self.interval_s)
+            if hung is not None:
                 self._stuck.add(hung)
-            reader.abandon()
+        if hung is not None:  # leave the stuck call its thread; read the others on a new one
             reader = self._reader = _Reader(self)
         if not reader.wake():
             self._count_skips(self._gpus)
@@ -345,14 +345,14 @@ class Sampler:
         for index in self._gpus:
             if index in self._stuck:
                 continue
-            reader.reading(index)
+            if not reader.reading(index):
+                break
             self.sample_gpu(index)
-            if reader.abandoned:  # this read hung and was handed this thread: it is done
-                with self._lock:
-                    self._stuck.discard(index)
-                return
-        reader.reading(None)
-        self.sample_host()
+        if reader.reading(None):
+            self.sample_host()
+        elif reader.stuck_on is not None:  # the read that hung has returned: it is done
+            with self._lock:
+                self._stuck.discard(reader.stuck_on)
 
 
 class _Reader:
@@ -366,6 +366,8 @@ class _Reader:
         self._current: tuple[int, float] | None = None
         """(GPU index, monotonic start) of the read in progress."""
         self.abandoned = False
+        self.stuck_on: int | None = None
+        """The GPU whose hung read this reader was abandoned in."""
         self._thread = threading.Thread(target=self._run, name="jouleprobe-reader", daemon=True)
         self._thread.start()
 
@@ -378,21 +380,27 @@ class _Reader:
         self._wake.set()
         return True
 
-    def reading(self, index: int | None) -> None:
+    def reading(self, index: int | None) -> bool:
+        """Marks the start of a read of GPU `index` (None: the host); False, and nothing
+        marked, once this reader has been abandoned."""
         with self._lock:
+            if self.abandoned:
+                return False
             self._current = None if index is None else (index, time.monotonic())
+            return True
 
-    def hung_on(self, after_s: float) -> int | None:
-        """The GPU whose read has been running for longer than `after_s`, if any."""
+    def abandon_if_hung(self, after_s: float) -> int | None:
+        """If a GPU read has run for longer than `after_s`, abandon this reader to it (it
+        finishes that read, then exits without reading anything else) and return the GPU.
+        One lock makes the check and the abandoning atomic with `reading`: the GPU named is
+        the one whose read this thread is in."""
         with self._lock:
             current = self._current
-        if current is not None and time.monotonic() - current[1] > after_s:
+            if self.abandoned or current is None or time.monotonic() - current[1] <= after_s:
+                return None
+            self.abandoned = True
+            self.stuck_on = current[0]
             return current[0]
-        return None
-
-    def abandon(self) -> None:
-        """This thread finishes its stuck read, then exits without reading anything else."""
-        self.abandoned = True
 
     def stop(self) -> None:
         self.abandoned = True

@@ -27,6 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from agent.sampler import SAMPLE_DURATION_BUCKETS, GpuSnapshot, NodeSnapshot
+from agent.sources.base import GpuReading
 
 FamilyProducer = Callable[[NodeSnapshot], Iterable[Metric]]
 """Renders some metric families from one snapshot."""
@@ -106,6 +107,12 @@ def _gpu_labels(gpu: GpuSnapshot) -> list[str]:
     return [str(gpu.info.index), gpu.info.uuid]
 
 
+def _lost(reading: GpuReading | None) -> bool:
+    """Whether the latest read found the GPU gone (off the bus, or otherwise inaccessible):
+    its telemetry from an earlier read is then no longer current."""
+    return reading is not None and any(kind == "GpuIsLost" for _, kind in reading.errors)
+
+
 def _flag(value: bool) -> str:
     return "true" if value else "false"
 
@@ -138,12 +145,13 @@ def gpu_families(snapshot: NodeSnapshot) -> Iterator[Metric]:
             1,
         )
         energy.add_metric(labels, gpu.energy_j)
-        latest_failed = gpu.reading is None or bool(gpu.reading.errors)
+        lost = _lost(gpu.reading)
         for attribute, family in gauges:
             # Power comes with every read, the other fields with the latest telemetry read
-            # (about once a second), unless the latest read failed: then they are unknown.
-            slow = attribute != "power_w" and not latest_failed
-            reading = gpu.telemetry if slow else gpu.reading
+            # (about once a second), each unknown where its own call failed. A failure of
+            # another call says nothing about them; a GPU that reports itself lost does.
+            slow = gpu.telemetry if not lost else None
+            reading = gpu.reading if attribute == "power_w" else slow
             value = getattr(reading, attribute) if reading is not None else None
             if value is not None:
                 family.add_metric(labels, value)
