@@ -68,6 +68,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
+from agent.numeric import CompensatedSum
 from agent.requests import Request, RequestEnergy, RequestStatus
 from agent.timeline import EnergyPoint, Timeline
 
@@ -195,31 +196,6 @@ _TIME_RESOLUTION_S = 1e-6
 
 _Event = tuple[float, int, _Membership, _Segment | None, _Segment | None]
 """(time, sequence, membership, segment ending, segment starting): a rate change."""
-
-
-class _CompensatedSum:
-    """Neumaier summation, for a sum of rates that are added and later removed again."""
-
-    __slots__ = ("_comp", "_sum")
-
-    def __init__(self) -> None:
-        self._sum = 0.0
-        self._comp = 0.0
-
-    def add(self, x: float) -> None:
-        total = self._sum + x
-        if abs(self._sum) >= abs(x):
-            self._comp += (self._sum - total) + x
-        else:
-            self._comp += (x - total) + self._sum
-        self._sum = total
-
-    @property
-    def value(self) -> float:
-        return self._sum + self._comp
-
-    def clear(self) -> None:
-        self._sum = self._comp = 0.0
 
 
 class _IdleBaseline:
@@ -374,8 +350,8 @@ class _Lane:
         """Start times of the open requests that use this lane: they block processing."""
         self._events: list[_Event] = []
         self._members: dict[str, _Membership] = {}
-        self._prompt_rate = _CompensatedSum()
-        self._rate = _CompensatedSum()
+        self._prompt_rate = CompensatedSum()
+        self._rate = CompensatedSum()
         self._prompting = 0
         """Active segments with a positive prompt rate."""
         self._weighted = 0
@@ -624,7 +600,7 @@ def _offset(time: float, t0: float, dt: float) -> float:
     return offset
 
 
-def _change(rates: _CompensatedSum, delta: float, remaining: int) -> None:
+def _change(rates: CompensatedSum, delta: float, remaining: int) -> None:
     """Add a segment's rate to a sum of active rates, or remove it."""
     if remaining:
         rates.add(delta)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scripted import free_port, require_binary
+from scripted import free_port, http_get, require_binary, stop_process, wait_for
 from test_deploy_queries import RULE_FILES, dashboard_targets, substitute
 
 from agent.intake.client import Tracker
@@ -63,42 +63,10 @@ class Agent:
     ingest: str
 
 
-def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 def _start(command: list[str], log: Path, env: dict[str, str] | None = None
            ) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-
-
-def _wait_ready(what: str, url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if _get(url, timeout=2)[0] == 200:
-                return
-        except OSError:  # not listening yet
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"{what} not ready after 30 s:\n{log.read_text()[-4000:]}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def _wait_until(what: str, done: Callable[[], bool], timeout_s: float = 20.0) -> None:
@@ -122,10 +90,11 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
     proc = _start([sys.executable, "-m", "agent", "run", "--simulate", "2xH100",
                    "--listen", agent.metrics, "--sample-interval", "0.1"], log, env)
     try:
-        _wait_ready("the agent", f"http://{agent.metrics}/healthz", proc, log)
+        healthy = f"http://{agent.metrics}/healthz"
+        wait_for("the agent", lambda: http_get(healthy)[0] == 200, proc, log, timeout_s=30)
         yield agent
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @pytest.fixture
@@ -148,15 +117,16 @@ def prometheus(agent: Agent, tmp_path: Path) -> Iterator[str]:
     proc = _start([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                    f"--web.listen-address={address}", "--log.level=warn"], log)
     try:
-        _wait_ready("prometheus", f"http://{address}/-/ready", proc, log)
+        ready = f"http://{address}/-/ready"
+        wait_for("prometheus", lambda: http_get(ready)[0] == 200, proc, log, timeout_s=30)
         yield f"http://{address}"
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def _query(prometheus: str, promql: str) -> list[dict[str, Any]]:
     params = urllib.parse.urlencode({"query": promql})
-    status, body = _get(f"{prometheus}/api/v1/query?{params}")
+    status, body = http_get(f"{prometheus}/api/v1/query?{params}")
     answer = json.loads(body)
     assert status == 200 and answer["status"] == "success", (promql, answer)
     result: list[dict[str, Any]] = answer["data"]["result"]
@@ -205,7 +175,7 @@ def _requests_scraped(prometheus: str) -> dict[tuple[str, ...], float]:
 
 
 def _record(agent: Agent, request_id: str) -> dict[str, Any]:
-    status, body = _get(f"http://{agent.metrics}/api/v1/requests/{request_id}")
+    status, body = http_get(f"http://{agent.metrics}/api/v1/requests/{request_id}")
     assert status == 200, (request_id, body)
     record: dict[str, Any] = json.loads(body)
     return record

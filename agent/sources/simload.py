@@ -39,6 +39,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from agent.numeric import CompensatedSum
 from agent.requests import Request
 from agent.sources.simulated import GpuModel
 
@@ -303,7 +304,7 @@ class RequestLoad:
         model = self.gpus[index]
         headroom = model.tdp_w - model.idle_w
         pieces = _Pieces([], [], [], [], [], [], [])
-        nominal, count = _Neumaier(), 0
+        nominal, count = CompensatedSum(), 0
         i = 0
         while i < len(events):
             time = events[i][0]
@@ -329,30 +330,6 @@ class RequestLoad:
             pieces.share_w.append(model.idle_w / count if count else 0.0)
             pieces.power_w.append(model.idle_w + dynamic)
         return pieces
-
-
-class _Neumaier:
-    """Compensated running sum, so that adding and removing powers leaves no residue."""
-
-    __slots__ = ("_comp", "_sum")
-
-    def __init__(self) -> None:
-        self._sum = self._comp = 0.0
-
-    def add(self, x: float) -> None:
-        total = self._sum + x
-        if abs(self._sum) >= abs(x):
-            self._comp += (self._sum - total) + x
-        else:
-            self._comp += (x - total) + self._sum
-        self._sum = total
-
-    @property
-    def value(self) -> float:
-        return self._sum + self._comp
-
-    def clear(self) -> None:
-        self._sum = self._comp = 0.0
 
 
 def _integral(pieces: _Pieces, cumulative: list[float], rate: list[float], t: float) -> float:
