@@ -113,8 +113,8 @@ class StoredRequest:
     status: RequestStatus
     start: float
     end: float | None
-    """None: the request was still running at the agent's maximum age (`expired`); its
-    figures cover only its first part."""
+    """None: the request was still running at the agent's maximum age, or when the agent
+    stopped (`expired`); its figures cover only its first part."""
     first_token: float | None
     prompt_tokens: int | None
     completion_tokens: int | None
