@@ -9,7 +9,9 @@ that names the key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +28,16 @@ class ConfigError(ValueError):
 
 Check = Callable[[Any], str | None]
 """Returns None when the value is acceptable, else what was expected."""
+
+
+def _show(value: Any) -> str:
+    """A value in a message: its repr, cut short. TOML integers have no size limit, and
+    Python refuses the repr of one longer than 4300 digits."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _positive(value: float) -> str | None:
@@ -47,7 +59,8 @@ def _one_of(*choices: str) -> Check:
 def _host_port(value: str) -> str | None:
     """HOST:PORT with a port in 0..65535 ([::1]:PORT for IPv6)."""
     host, sep, port = value.rpartition(":")
-    if sep and host and port.isdigit() and int(port) <= 65535:
+    # isascii: str.isdigit() also holds for "²", which int() refuses.
+    if sep and host and port.isascii() and port.isdigit() and int(port) <= 65535:
         return None
     return "HOST:PORT, e.g. 127.0.0.1:29400"
 
@@ -73,7 +86,7 @@ def _gpu_spec(name: str, value: Any) -> GpuSpec:
     ):
         return tuple(value)
     raise ConfigError(f'{name}: expected "auto" or a non-empty list of GPU indices or UUIDs, '
-                      f"got {value!r}")
+                      f"got {_show(value)}")
 
 
 PrefillWeight = float | str
@@ -85,11 +98,11 @@ def _prefill_weight(name: str, value: Any) -> PrefillWeight:
         return "auto"
     try:
         weight = float(value) if not isinstance(value, bool) else -1.0
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer past 1e308
         weight = -1.0
-    if weight >= 0:
+    if 0 <= weight < math.inf:
         return weight
-    raise ConfigError(f'{name}: expected "auto" or a number >= 0, got {value!r}')
+    raise ConfigError(f'{name}: expected "auto" or a finite number >= 0, got {_show(value)}')
 
 
 def _url(value: str) -> str | None:
@@ -153,6 +166,8 @@ class IngestSection:
                        "loopback it needs token_file", _host_port)
     token_file: str = _key("", "file holding the bearer token that clients must send")
     max_body_bytes: int = _key(1048576, "largest request body accepted", _positive)
+    max_concurrent: int = _key(32, "POSTs handled at once; more get 503 with Retry-After",
+                               _positive)
 
 
 @dataclass(frozen=True)
@@ -216,11 +231,18 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
         try:
             value = {"float": float, "int": int}[kind.__name__](value)
         except (KeyError, ValueError):
-            raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}") from None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
+            raise ConfigError(f"{name}: expected {kind.__name__}, got {_show(value)}") from None
+    given = value
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {_show(value)}")
+    if kind is float and isinstance(value, int):
+        value = float(value) if abs(value) <= sys.float_info.max else math.inf
+    if not isinstance(value, kind):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {_show(value)}")
+    if kind is float and not math.isfinite(value):
+        # Every float key is a duration, a power or a ratio: inf and nan mean nothing there,
+        # and would fail later, far from the key (int(inf) sizing the timelines).
+        raise ConfigError(f"{name}: expected a finite number, got {_show(given)}")
     return value
 
 
@@ -240,7 +262,7 @@ def _build(section_name: str, cls: type, values: Mapping[str, Any]) -> Any:
         check = fields[key].metadata.get("check")
         expected = check(value) if check else None
         if expected:
-            raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+            raise ConfigError(f"{name}: expected {expected}, got {_show(value)}")
         kwargs[key] = value
     missing = [f.name for f in fields.values() if f.default is REQUIRED and f.name not in kwargs]
     if missing:
@@ -269,15 +291,19 @@ def load(
                 document = tomllib.load(f)
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
+        except ValueError as exc:
+            # TOMLDecodeError; UnicodeDecodeError (TOML is UTF-8); and the ValueError that
+            # tomllib lets out for an integer of more than 4300 digits.
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         for section, values in document.items():
             if section in TABLES:
                 tables[section] = _tables(section, TABLES[section], values)
                 continue
-            if section not in layered or not isinstance(values, dict):
+            if section not in layered:
                 known = ", ".join([*sorted(layered), *(f"[{t}]" for t in TABLES)])
                 raise ConfigError(f"unknown section [{section}] (known: {known})")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section}: expected a table [{section}], got {_show(values)}")
             layered[section].update(values)
     environ = os.environ if environ is None else environ
     for variable, value in environ.items():

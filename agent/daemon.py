@@ -106,7 +106,8 @@ def build_apps(node: Node, token: str | None) -> tuple[web.Application, web.Appl
         records=node.store,
     )
     ingest = ingest_app(
-        node.engine, node.sampler.gpus(), token=token, max_body_bytes=config.ingest.max_body_bytes
+        node.engine, node.sampler.gpus(), token=token,
+        max_body_bytes=config.ingest.max_body_bytes, max_concurrent=config.ingest.max_concurrent,
     )
     return metrics, ingest
 

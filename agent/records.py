@@ -397,7 +397,7 @@ class RecordStore(RecordReader):
         try:
             with _transaction(self._writer):
                 _insert(self._writer, batch)
-        except sqlite3.Error as exc:
+        except Exception as exc:  # the writer thread must outlive any one bad batch
             retry = isinstance(exc, sqlite3.OperationalError) and not final
             with self._lock:
                 self._write_errors += 1
@@ -433,15 +433,16 @@ def _optional(convert: Callable[[Any], Any], value: Any) -> Any:
 
 
 def _insert(connection: sqlite3.Connection, rows: list[Row]) -> None:
-    """Upserts `rows`, many per statement (see ROWS_PER_STATEMENT)."""
+    """Upserts `rows`: full chunks many per statement (see ROWS_PER_STATEMENT), the rest
+    one per row. Only two statement texts ever exist, so sqlite3's statement cache stays
+    small (a text per leftover length grew RSS by tens of MB in bench/soak.py)."""
     variables = connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
     per_statement = max(1, min(ROWS_PER_STATEMENT, variables // len(_COLUMNS)))
-    for first in range(0, len(rows), per_statement):
-        chunk = rows[first:first + per_statement]
-        connection.execute(
-            _UPSERT + ", ".join([_ROW_VALUES] * len(chunk)),
-            [value for row in chunk for value in row],
-        )
+    whole = len(rows) - len(rows) % per_statement
+    many = _UPSERT + ", ".join([_ROW_VALUES] * per_statement)
+    for first in range(0, whole, per_statement):
+        connection.execute(many, [v for row in rows[first:first + per_statement] for v in row])
+    connection.executemany(_UPSERT + _ROW_VALUES, rows[whole:])
 
 
 class _transaction:

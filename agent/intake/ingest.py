@@ -58,6 +58,11 @@ MAX_STRING_LENGTH = 256
 """Longest model name accepted; it becomes a Prometheus label value."""
 MAX_TOKENS = 2**53
 """Largest token count accepted: every count up to it is exact as a float."""
+DEFAULT_MAX_CONCURRENT = 32
+"""POSTs handled at once by default; each may hold up to `max_body_bytes` while its body
+arrives, so this bounds what a flood of connections can make the agent buffer."""
+BUSY_RETRY_AFTER_S = 1
+"""Retry-After of a 503: one POST takes milliseconds, so a slot frees up within a second."""
 MAX_AHEAD_S = 60.0
 MAX_BEHIND_S = 86_400.0
 """Accepted window of event times around this host's clock at the time of the POST."""
@@ -275,6 +280,15 @@ def _string(event: dict[str, Any], name: str, limit: int) -> str:
     if type(value) is not str or not value or len(value) > limit:
         raise _Invalid(name, f"expected a non-empty string of at most {limit} characters, "
                              f"got {_show(value)}")
+    if not value.isascii():
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"), which no UTF-8 text can hold:
+        # taken, it would fail every later write of the record store and every /metrics
+        # render that carries it as a label.
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            raise _Invalid(name, f"not Unicode text: a lone surrogate at character "
+                                 f"{exc.start}") from None
     return value
 
 
@@ -307,7 +321,7 @@ def _status(event: dict[str, Any]) -> Any:
     return value
 
 
-def _refusal(field: str, error: str) -> dict[str, Any]:
+def _refusal(field: str | None, error: str) -> dict[str, Any]:
     """The answer to a POST refused as a whole: same shape as per-event errors, no index."""
     return {"accepted": 0, "errors": [{"field": field, "error": error}]}
 
@@ -325,18 +339,26 @@ def ingest_app(
     *,
     token: str | None,
     max_body_bytes: int,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """`POST /api/v1/events` into `engine`; see the module docstring for the protocol.
 
     `gpus` are the GPUs that a request may name, by index or UUID. With `token` set, every
-    POST must carry `Authorization: Bearer <token>`.
+    POST must carry `Authorization: Bearer <token>`. At most `max_concurrent` POSTs are
+    handled at once; any further one is answered 503 with Retry-After at once, unread,
+    instead of queueing: with the engine full (429) and the connections many, memory then
+    stays within `max_concurrent × max_body_bytes` of request bodies.
     """
+    if max_concurrent < 1:
+        raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
     intake = _Intake(engine, gpus, clock, wall_clock)
     expected = None if token is None else token.encode()
+    in_flight = 0
 
     async def events(request: web.Request) -> web.Response:
+        nonlocal in_flight
         if expected is not None:
             given = _bearer(request.headers.get("Authorization", ""))
             # compare_digest takes the same time wherever the first difference lies.
@@ -348,12 +370,20 @@ def ingest_app(
                     _refusal("Authorization", "a valid bearer token is required"),
                     status=401, headers={"WWW-Authenticate": challenge},
                 )
+        if in_flight >= max_concurrent:
+            return web.json_response(
+                _refusal(None, f"{max_concurrent} POSTs are being handled already; retry later"),
+                status=503, headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+            )
+        in_flight += 1  # the event loop runs one handler at a time: no lock needed
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return web.json_response(_refusal(
                 "body", f"larger than {max_body_bytes} bytes (ingest.max_body_bytes); "
                         "send smaller batches"), status=413)
+        finally:
+            in_flight -= 1
         status, answer = intake.take(body)
         headers = {"Retry-After": str(intake.retry_after_s)} if status == 429 else None
         return web.json_response(answer, status=status, headers=headers)
