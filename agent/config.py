@@ -188,6 +188,8 @@ class ProxyTable:
     model: str = _key("", "model name to record instead of the one in each request body")
     timeout: float = _key(600.0, "seconds to wait for the upstream before answering 504",
                           _positive)
+    max_concurrent: int = _key(1024, "requests handled at once; more get 503 with Retry-After",
+                               _positive)
 
 
 SCRAPE_KINDS = ("vllm", "sglang", "tgi", "triton", "llamacpp")

@@ -131,7 +131,8 @@ async def serve(config: Config, gpu_source: GpuSource) -> None:
         runners.append(await start_site(metrics, config.agent.listen, "/metrics and /api/v1"))
         runners.append(await start_site(ingest, config.ingest.listen, "the ingest API"))
         proxies = {table.name: proxy_app(table, node.engine,
-                                         resolver(node, table.gpus, table.upstream).current)
+                                         resolver(node, table.gpus, table.upstream).current,
+                                         max_concurrent=table.max_concurrent)
                    for table in config.proxy}
         node.collector.add(ProxyMetrics({n: app[PROXY_STATS] for n, app in proxies.items()})
                            .families)

@@ -170,7 +170,8 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
             runners.append(upstream)
             table = ProxyTable(name=f"gpu{gpu}", listen="127.0.0.1:0",
                                upstream=_url(upstream), gpus=(gpu,))
-            proxy = await start_site(proxy_app(table, node.engine, lambda gpu=gpu: (gpu,)),
+            proxy = await start_site(proxy_app(table, node.engine, lambda gpu=gpu: (gpu,),
+                                               max_concurrent=table.max_concurrent),
                                      table.listen, f"proxy {table.name}", **PROXY_RUNNER_OPTIONS)
             runners.append(proxy)
             proxies.append(_url(proxy))

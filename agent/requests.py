@@ -12,6 +12,8 @@ from typing import Literal, get_args
 
 RequestStatus = Literal["ok", "cancelled", "failed"]
 STATUSES: tuple[RequestStatus, ...] = get_args(RequestStatus)
+MAX_TOKENS = 2**53
+"""Largest token count taken: beyond it a count no longer converts to a float exactly."""
 
 
 @dataclass(slots=True)
@@ -50,8 +52,8 @@ class Request:
             raise ValueError(f"request {self.id!r}: first token outside its lifetime")
         for name in ("prompt_tokens", "completion_tokens"):
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"request {self.id!r}: negative {name}")
+            if value is not None and not 0 <= value <= MAX_TOKENS:
+                raise ValueError(f"request {self.id!r}: {name} outside 0..{MAX_TOKENS}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,11 @@ class ProxyMetrics:
             "Measured requests that attribution did not accept (proxied all the same).",
             labels=("proxy",),
         )
+        busy = CounterMetricFamily(
+            "jouleprobe_proxy_requests_busy",
+            "Requests answered 503 at once because max_concurrent were being handled.",
+            labels=("proxy",),
+        )
         upstream = CounterMetricFamily(
             "jouleprobe_proxy_upstream_errors",
             "Upstream failures: unreachable (502) or timeout (504, or cut off mid-answer).",
@@ -41,6 +46,7 @@ class ProxyMetrics:
                 requests.add_metric([name, status], getattr(stats, status))
             running.add_metric([name], stats.running)
             refused.add_metric([name], stats.refused)
+            busy.add_metric([name], stats.busy)
             upstream.add_metric([name, "unreachable"], stats.upstream_unreachable)
             upstream.add_metric([name, "timeout"], stats.upstream_timeouts)
-        yield from (requests, running, refused, upstream)
+        yield from (requests, running, refused, busy, upstream)

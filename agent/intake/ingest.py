@@ -43,7 +43,7 @@ from aiohttp import web
 from agent.attribution import AttributionEngine, CapacityExceeded
 from agent.config import parse_listen
 from agent.intake.client import EVENTS_PATH
-from agent.requests import STATUSES, Request
+from agent.requests import MAX_TOKENS, STATUSES, Request
 from agent.sources.base import GpuInfo
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,6 @@ MAX_EVENTS = 10_000
 MAX_ID_LENGTH = 128
 MAX_STRING_LENGTH = 256
 """Longest model name accepted; it becomes a Prometheus label value."""
-MAX_TOKENS = 2**53
-"""Largest token count accepted: every count up to it is exact as a float."""
 DEFAULT_MAX_CONCURRENT = 32
 """POSTs handled at once by default; each may hold up to `max_body_bytes` while its body
 arrives, so this bounds what a flood of connections can make the agent buffer."""

@@ -8,13 +8,17 @@ the attribution engine when it starts and ended when it ends:
 - start: when its handler starts, i.e. once the request line and headers have arrived, the
   first bytes of the request; end: once the last byte of the response is handed to the
   socket (or the client has gone, or the upstream has failed);
-- model: `table.model` when set, else the body's `model`;
-- tokens: the response's `usage`. In a stream, the first token is the first chunk whose
-  choices carry content (`delta.content`, `delta.reasoning_content`, `delta.tool_calls`
-  or `text`); the proxy asks the upstream for `stream_options.include_usage` when the
-  client did not, and drops the usage-only chunk (empty `choices`, a `usage` object) that
-  this adds, so the client gets what the upstream would have sent it. A client that asked
-  for usage itself gets every chunk untouched;
+- model: `table.model` when set, else the body's `model` (a non-empty string of at most
+  `MAX_MODEL_LENGTH` characters, valid Unicode: it becomes a label value), else "unknown";
+- tokens: the response's `usage` (counts up to `MAX_TOKENS`). In a stream, the first token
+  is the first chunk whose choices carry content (`delta.content`,
+  `delta.reasoning_content`, `delta.tool_calls` or `text`); the proxy asks the upstream for
+  `stream_options.include_usage` when the client plainly did not (no `stream_options`, or
+  `include_usage: false`), and drops the usage-only chunk (empty `choices`, a `usage`
+  object) that this adds, so the client gets what the upstream would have sent it. Other
+  `stream_options` are left as they are: servers disagree on what `{}` means (vLLM long
+  took it for `include_usage: true`), and a client that asked for usage itself gets every
+  chunk untouched;
 - status: "ok" for a 2xx answer delivered whole, "failed" for any other upstream status,
   an unreachable upstream (answered 502) or one that timed out (answered 504: no byte for
   `table.timeout` seconds, while connecting, waiting for the answer or between two of its
@@ -40,13 +44,17 @@ compression would hold back tokens; the proxy needs to see, and sometimes drop, 
 a non-streaming answer for the client's own choice among gzip, deflate and identity; a
 copy of that body (at most `MAX_PARSE_BYTES`) is decompressed for parsing only.
 
-Bounds. A measured request body is parsed only up to `MAX_PARSE_BYTES`; a larger or
-compressed one passes through unparsed (model from the table or "unknown", no usage asked
-for). A stream is handled chunk by chunk, each passed on as it arrives and parsed on the
-side; only while the usage chunk is to be dropped are events passed on whole, an event's
-incomplete end waiting for the rest of its bytes. Either way at most one incomplete event
-(`MAX_EVENT_BYTES`) is held. Prompts and completions are never logged or stored; only
-their sizes are logged, at debug level.
+Bounds. At most `max_concurrent` requests are handled at once; any further one is answered
+503 with Retry-After at once, unread and unmeasured, instead of waiting: without a bound,
+aiohttp takes every connection's request, each holding its buffers. A measured request
+body is parsed only up to `MAX_PARSE_BYTES`, and not kept parsed while the upstream
+answers; a larger or compressed one passes through unparsed (model from the table or
+"unknown", no usage asked for). A stream is handled chunk by chunk, each passed on as it
+arrives and parsed on the side; only while the usage chunk is to be dropped are events
+passed on whole, an event's incomplete end waiting for the rest of its bytes. Either way at
+most one incomplete event (`MAX_EVENT_BYTES`) is held, and its bytes are scanned once,
+however finely the upstream cuts them. Prompts and completions are never logged or stored;
+only their sizes are logged, at debug level.
 
 An engine that refuses a request (capacity, unknown GPU, no GPU set yet) costs the client
 nothing: the request is proxied all the same, and the refusal counted and logged (one
@@ -81,7 +89,7 @@ from yarl import URL
 
 from agent.attribution import AttributionEngine, CapacityExceeded
 from agent.config import ProxyTable
-from agent.requests import Request, RequestStatus
+from agent.requests import MAX_TOKENS, Request, RequestStatus
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +104,13 @@ MAX_MODEL_LENGTH = 256
 UNKNOWN_MODEL = "unknown"
 POOL_SIZE = 1024
 """Upstream connections at most: far above 64 concurrent clients, below fd limits."""
+DEFAULT_MAX_CONCURRENT = POOL_SIZE
+"""Requests handled at once by default: as many as the pool has connections, so that none
+waits for one. Far above what one server batches (vLLM: 256 sequences by default); what
+the proxy holds per request (a body of at most `MAX_PARSE_BYTES`, one SSE event, socket
+buffers) times this bounds its memory."""
+BUSY_RETRY_AFTER_S = 1
+"""Retry-After of a 503 for too many requests at once."""
 KEEPALIVE_S = 4.0
 """Idle upstream connections are closed after this: below uvicorn's 5 s (vLLM, SGLang), so
 that the proxy never sends a request on a connection the upstream is closing."""
@@ -131,6 +146,8 @@ class ProxyStats:
     ok: int = 0
     failed: int = 0
     cancelled: int = 0
+    busy: int = 0
+    """Answered 503 without being forwarded or measured: `max_concurrent` were running."""
     upstream_unreachable: int = 0
     """Answered 502: the upstream could not be reached or broke the connection."""
     upstream_timeouts: int = 0
@@ -180,15 +197,19 @@ def proxy_app(
     *,
     clock: Callable[[], float] = time.monotonic,
     session_factory: Callable[[], aiohttp.ClientSession] = default_session,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
 ) -> web.Application:
     """A reverse proxy to `table.upstream` that reports each inference request to `engine`
     (an `AttributionEngine`) on the GPUs `gpus()` names when it starts.
 
     Serve it with `web.AppRunner(app, **RUNNER_OPTIONS)`. Its counters are `app[PROXY_STATS]`.
     `clock` must be the clock of the engine's timelines; `session_factory` is called once,
-    on the app's event loop, at startup.
+    on the app's event loop, at startup. Beyond `max_concurrent` requests at once, further
+    ones are answered 503 with Retry-After.
     """
-    proxy = _Proxy(table, engine, gpus, clock)
+    if max_concurrent < 1:
+        raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+    proxy = _Proxy(table, engine, gpus, clock, max_concurrent)
     app = web.Application()
     app[PROXY_STATS] = proxy.stats
 
@@ -231,7 +252,8 @@ class _Measurement:
 
 class _Proxy:
     def __init__(self, table: ProxyTable, engine: AttributionEngine,
-                 gpus: Callable[[], tuple[int, ...]], clock: Callable[[], float]) -> None:
+                 gpus: Callable[[], tuple[int, ...]], clock: Callable[[], float],
+                 max_concurrent: int) -> None:
         self.table = table
         self.engine = engine
         self.gpus = gpus
@@ -242,13 +264,31 @@ class _Proxy:
                                              sock_read=table.timeout)
         self.stats = ProxyStats()
         self.session: aiohttp.ClientSession | None = None
+        self.max_concurrent = max_concurrent
+        self._in_flight = 0
         self._warned: dict[str, float] = {}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if request.method == hdrs.METH_POST and request.path.rstrip("/").endswith(
-                MEASURED_SUFFIXES):
-            return await self._measured(request)
-        return await self._plain(request)
+        if self._in_flight >= self.max_concurrent:
+            return self._busy()
+        self._in_flight += 1  # the event loop runs one handler at a time: no lock needed
+        try:
+            if request.method == hdrs.METH_POST and request.path.rstrip("/").endswith(
+                    MEASURED_SUFFIXES):
+                return await self._measured(request)
+            return await self._plain(request)
+        finally:
+            self._in_flight -= 1
+
+    def _busy(self) -> web.Response:
+        self.stats.busy += 1
+        message = (f"the jouleprobe proxy is handling {self.max_concurrent} requests already "
+                   "(max_concurrent); retry later")
+        self._warn("busy", "%s (%d answered 503 so far)", message, self.stats.busy)
+        body = {"error": {"message": message, "type": "proxy_busy", "param": None,
+                          "code": 503}}
+        return web.json_response(body, status=503,
+                                 headers={hdrs.RETRY_AFTER: str(BUSY_RETRY_AFTER_S)})
 
     # --- pass-through --------------------------------------------------------------------
 
@@ -281,28 +321,7 @@ class _Proxy:
         self.stats.measured += 1
         status: RequestStatus = "failed"
         try:
-            prefix, whole = await _read_prefix(request.content, MAX_PARSE_BYTES)
-            document = None
-            if whole and not request.headers.get(hdrs.CONTENT_ENCODING):
-                document = _json_object(prefix)
-            model = self.table.model or _model(document)
-            self._open(measurement, model)
-            log.debug("%s %s: %d-byte request body, model %s", measurement.id, request.path,
-                      len(prefix), model)
-            headers = _forward_headers(request.headers)
-            stream = document is not None and document.get("stream") is True
-            strip_usage = stream and _wants_no_usage(document)
-            body: bytes | AsyncIterator[bytes] = prefix
-            if strip_usage:
-                assert document is not None
-                body = _with_usage(document)
-                headers.popall(hdrs.CONTENT_LENGTH, None)
-            elif not whole:
-                body = _relay(prefix, request.content)
-            if stream:
-                headers[hdrs.ACCEPT_ENCODING] = "identity"
-            elif hdrs.ACCEPT_ENCODING in headers:
-                headers[hdrs.ACCEPT_ENCODING] = _decodable(headers[hdrs.ACCEPT_ENCODING])
+            headers, body, strip_usage = await self._outgoing(request, measurement)
             try:
                 upstream = await self._send(request, headers, body)
             except _UpstreamError as exc:
@@ -326,6 +345,37 @@ class _Proxy:
             return web.Response(status=499, reason="Client Closed Request")
         finally:
             self._close(measurement, status)
+
+    async def _outgoing(self, request: web.Request, measurement: _Measurement
+                        ) -> tuple[CIMultiDict[str], bytes | AsyncIterator[bytes], bool]:
+        """Reads the start of the body and opens the measurement; returns the headers and
+        body to send upstream, and whether to drop the usage chunk from the answer.
+
+        The parsed body goes with this call: JSON takes several times its size in Python
+        objects, and the upstream may take minutes to answer."""
+        prefix, whole = await _read_prefix(request.content, MAX_PARSE_BYTES)
+        document = None
+        if whole and not request.headers.get(hdrs.CONTENT_ENCODING):
+            document = _json_object(prefix)
+        model = self.table.model or _model(document)
+        self._open(measurement, model)
+        log.debug("%s %s: %d-byte request body, model %s", measurement.id, request.path,
+                  len(prefix), model)
+        headers = _forward_headers(request.headers)
+        stream = document is not None and document.get("stream") is True
+        strip_usage = stream and _wants_no_usage(document)
+        body: bytes | AsyncIterator[bytes] = prefix
+        if strip_usage:
+            assert document is not None
+            body = _with_usage(document)
+            headers.popall(hdrs.CONTENT_LENGTH, None)
+        elif not whole:
+            body = _relay(prefix, request.content)
+        if stream:
+            headers[hdrs.ACCEPT_ENCODING] = "identity"
+        elif hdrs.ACCEPT_ENCODING in headers:
+            headers[hdrs.ACCEPT_ENCODING] = _decodable(headers[hdrs.ACCEPT_ENCODING])
+        return headers, body, strip_usage
 
     async def _answer(self, request: web.Request, upstream: aiohttp.ClientResponse,
                       measurement: _Measurement, strip_usage: bool
@@ -472,6 +522,11 @@ class _EventStream:
     Without `rewrites`, every chunk is returned as received and parsed on the side. With
     it, the complete events of each chunk are returned (minus the usage-only one) and an
     incomplete last event waits for the rest of its bytes.
+
+    An incomplete event is held in a growing buffer, and only the bytes that a chunk adds
+    are searched for the event's end: an event that arrives in many small chunks costs its
+    length once, not once per chunk (a 1 MiB event in 1 KiB chunks held the event loop
+    for seconds when the whole of it was copied and searched again at each chunk).
     """
 
     __slots__ = ("_clock", "_measurement", "_parsing", "_tail", "rewrites")
@@ -481,42 +536,60 @@ class _EventStream:
         self.rewrites = rewrites
         self._measurement = measurement
         self._clock = clock
-        self._tail = b""
+        self._tail = bytearray()
         self._parsing = True
 
     def feed(self, chunk: bytes) -> bytes:
         """Takes a chunk from the upstream; returns the bytes to send on now."""
         if not self._parsing:
             return chunk
-        buffer = self._tail + chunk if self._tail else chunk
+        held = len(self._tail)
+        buffer: bytes | bytearray = chunk
+        if held:
+            self._tail += chunk
+            buffer = self._tail
         position = 0
         kept: list[bytes] = []
-        for match in _EVENT_END.finditer(buffer):
-            event = buffer[position:match.end()]
+        # The blank line that ends an event may have begun in the last 3 bytes held
+        # ("\r\n\r", waiting to know whether "\n" follows); no earlier held byte can be
+        # part of one.
+        for match in _EVENT_END.finditer(buffer, max(held - 3, 0)):
+            event = bytes(buffer[position:match.end()])
             position = match.end()
             if self._read(event) and self.rewrites:
                 kept.append(event)
-        self._tail = buffer[position:]
+        if held:
+            del self._tail[:position]
+        else:
+            self._tail += chunk[position:]
         if len(self._tail) > MAX_EVENT_BYTES:
             log.warning("an SSE event exceeds %d bytes: the rest of the stream passes "
                         "through unparsed", MAX_EVENT_BYTES)
             self._parsing = False
-            tail, self._tail = self._tail, b""
+            tail = self._take_tail()
             return b"".join(kept) + tail if self.rewrites else chunk
         if not self.rewrites:
             return chunk
         return kept[0] if len(kept) == 1 else b"".join(kept)
 
     def finish(self) -> bytes:
-        """The end of the stream: what is held back, passed on as it is."""
-        tail, self._tail = self._tail, b""
-        if tail and self._parsing:
-            self._read(tail)
-        return tail if self.rewrites else b""
+        """The end of the stream: what is held back, passed on as it is; but a usage-only
+        event that only the end shows complete (its blank line a CR, which might have been
+        the first half of a CRLF) is dropped like any other."""
+        tail = self._take_tail()
+        keep = not (tail and self._parsing) or self._read(tail)
+        if not self.rewrites or (not keep and tail.endswith((b"\r\r", b"\n\r"))):
+            return b""
+        return tail
 
     def settle(self) -> None:
         """Nothing more will come (the stream ended, or was cut off)."""
-        self._tail = b""
+        self._tail = bytearray()
+
+    def _take_tail(self) -> bytes:
+        tail = bytes(self._tail)
+        self._tail = bytearray()
+        return tail
 
     def _read(self, event: bytes) -> bool:
         """Reads one event; False for the usage-only event that is to be dropped."""
@@ -601,7 +674,7 @@ def _inflate(body: bytes, wbits: int) -> bytes:
 
 
 def _count(value: Any) -> bool:
-    return type(value) is int and value >= 0
+    return type(value) is int and 0 <= value <= MAX_TOKENS
 
 
 def _carries_token(choice: Any) -> bool:
@@ -618,8 +691,10 @@ def _carries_token(choice: Any) -> bool:
 
 def _event_data(event: bytes) -> bytes | None:
     """The `data` of one SSE event (its data lines joined), or None if it has none."""
-    if event.startswith(b"data: ") and event.count(b"\n") + event.count(b"\r") <= 2:
-        return event[6:].rstrip(b"\r\n")  # the usual event: one data line
+    if event.startswith(b"data: "):
+        data = event[6:].rstrip(b"\r\n")
+        if b"\n" not in data and b"\r" not in data:
+            return data  # the usual event: one data line
     data = [line[5:].removeprefix(b" ") for line in _LINE_END.split(event)
             if line.startswith(b"data:")]
     return b"\n".join(data) if data else None
@@ -635,23 +710,38 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
 
 def _model(document: dict[str, Any] | None) -> str:
     model = None if document is None else document.get("model")
-    if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_LENGTH:
+    if isinstance(model, str) and 0 < len(model) <= MAX_MODEL_LENGTH and _unicode(model):
         return model
     return UNKNOWN_MODEL
 
 
+def _unicode(text: str) -> bool:
+    """False for a string with a lone surrogate: JSON may escape one ("\\ud800"), and no
+    UTF-8 text can hold it (a label with one would fail every /metrics render)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _wants_no_usage(document: dict[str, Any]) -> bool:
-    """A streaming request that did not ask for usage, and can be made to."""
+    """A streaming request that plainly did not ask for usage: no `stream_options`, or
+    `include_usage: false`. (What `{}` or a value of another type means depends on the
+    server; such a request is passed as it is.)"""
     options = document.get("stream_options")
-    if options is None:
-        return True
-    return isinstance(options, dict) and options.get("include_usage") is not True
+    return options is None or (
+        isinstance(options, dict) and options.get("include_usage") is False)
 
 
 def _with_usage(document: dict[str, Any]) -> bytes:
     options = document.get("stream_options") or {}
     changed = {**document, "stream_options": {**options, "include_usage": True}}
-    return json.dumps(changed, ensure_ascii=False, separators=(",", ":")).encode()
+    text = json.dumps(changed, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate, which JSON can escape: escape it again
+        return json.dumps(changed, separators=(",", ":")).encode()
 
 
 def _decodable(accept_encoding: str) -> str:
