@@ -8,7 +8,6 @@ the requests come from differs.
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import time
@@ -26,10 +25,10 @@ from exporters.prometheus import NodeCollector, build_registry
 from exporters.request_metrics import RequestMetrics
 from exporters.window_metrics import WindowMetrics
 
-log = logging.getLogger(__name__)
-
 
 class Node:
+    """One node's sampler, attribution engine, record store and metrics, wired together."""
+
     def __init__(self, config: Config, gpu_source: GpuSource, host_source: HostSource | None):
         self.config = config
         self.gpu_source = gpu_source
