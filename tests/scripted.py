@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -10,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,24 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def prometheus_server(config: Path, workdir: Path) -> Iterator[str]:
+    """A real Prometheus on a free loopback port with `config`; yields its base URL once it
+    is ready and stops it afterwards. Skips (fails under CI) where it is not installed."""
+    binary = require_binary("prometheus")
+    address = f"127.0.0.1:{free_port()}"
+    log = workdir / "prometheus.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address={address}", "--log.level=warn"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        ready = f"http://{address}/-/ready"
+        wait_for("prometheus", lambda: http_get(ready)[0] == 200, proc, log, timeout_s=30)
+        yield f"http://{address}"
+    finally:
+        stop_process(proc)

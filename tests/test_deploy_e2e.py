@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scripted import free_port, http_get, require_binary, stop_process, wait_for
+from scripted import free_port, http_get, prometheus_server, stop_process, wait_for
 from test_deploy_queries import RULE_FILES, dashboard_targets, substitute
 
 from agent.intake.client import Tracker
@@ -100,7 +100,6 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
 @pytest.fixture
 def prometheus(agent: Agent, tmp_path: Path) -> Iterator[str]:
     """Prometheus scraping the agent as job "jouleprobe", with the rules loaded."""
-    binary = require_binary("prometheus")
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n"
@@ -112,16 +111,8 @@ def prometheus(agent: Agent, tmp_path: Path) -> Iterator[str]:
         "  - job_name: jouleprobe\n"
         f"    static_configs: [{{targets: ['{agent.metrics}']}}]\n"
     )
-    address = f"127.0.0.1:{free_port()}"
-    log = tmp_path / "prometheus.log"
-    proc = _start([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                   f"--web.listen-address={address}", "--log.level=warn"], log)
-    try:
-        ready = f"http://{address}/-/ready"
-        wait_for("prometheus", lambda: http_get(ready)[0] == 200, proc, log, timeout_s=30)
-        yield f"http://{address}"
-    finally:
-        stop_process(proc)
+    with prometheus_server(config, tmp_path) as url:
+        yield url
 
 
 def _query(prometheus: str, promql: str) -> list[dict[str, Any]]:

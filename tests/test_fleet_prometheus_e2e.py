@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from scripted import agent_env, free_port, http_get, require_binary, stop_process, wait_for
+from scripted import (
+    agent_env,
+    free_port,
+    http_get,
+    prometheus_server,
+    stop_process,
+    wait_for,
+)
 
 from agent.cli import main
 from agent.intake.client import Tracker
@@ -91,7 +98,6 @@ def agents(tmp_path: Path) -> Iterator[list[Agent]]:
 
 @pytest.fixture
 def prometheus(agents: list[Agent], tmp_path: Path) -> Iterator[str]:
-    binary = require_binary("prometheus")
     config = tmp_path / "prometheus.yml"
     targets = ", ".join(f"'{agent.metrics}'" for agent in agents)
     config.write_text(
@@ -104,20 +110,8 @@ def prometheus(agents: list[Agent], tmp_path: Path) -> Iterator[str]:
         "  - job_name: jouleprobe\n"
         f"    static_configs: [{{targets: [{targets}]}}]\n"
     )
-    address = f"127.0.0.1:{free_port()}"
-    log = tmp_path / "prometheus.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address={address}", "--log.level=warn"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for("prometheus", lambda: http_get(f"http://{address}/-/ready")[0] == 200,
-                  proc, log, timeout_s=30)
-        yield f"http://{address}"
-    finally:
-        stop_process(proc)
+    with prometheus_server(config, tmp_path) as url:
+        yield url
 
 
 def _load(agent: Agent, prefix: str, seconds: float, seed: int) -> int:

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scripted import agent_env, free_port, http_get, require_binary, stop_process, wait_for
+from scripted import (
+    agent_env,
+    free_port,
+    http_get,
+    prometheus_server,
+    require_binary,
+    stop_process,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +76,8 @@ def agent(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def prometheus(prometheus_binary: str, agent: str, tmp_path: Path) -> Iterator[str]:
-    """A Prometheus server scraping the agent; yields its base URL once it is ready."""
+    """A Prometheus server scraping the agent; yields its base URL once it is ready.
+    (`prometheus_binary` comes first so that a missing server skips before the agent starts.)"""
     config = tmp_path / "prometheus.yml"
     interval = f"{round(SCRAPE_INTERVAL_S * 1000)}ms"
     config.write_text(
@@ -79,21 +88,8 @@ def prometheus(prometheus_binary: str, agent: str, tmp_path: Path) -> Iterator[s
         "  - job_name: jouleprobe\n"
         f"    static_configs: [{{targets: ['{agent}']}}]\n"
     )
-    address = f"127.0.0.1:{free_port()}"
-    log = tmp_path / "prometheus.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [prometheus_binary, f"--config.file={config}",
-             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={address}",
-             "--log.level=warn"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for("prometheus", lambda: http_get(f"http://{address}/-/ready")[0] == 200,
-                  proc, log, timeout_s=30)
-        yield f"http://{address}"
-    finally:
-        stop_process(proc)
+    with prometheus_server(config, tmp_path) as url:
+        yield url
 
 
 def _query(base: str, promql: str, at: float) -> dict[str, float]:
