@@ -133,6 +133,7 @@ _EVENT_END = re.compile(rb"(?:\r\n|\r(?=[^\n])|\n)(?:\r\n|\r(?=[^\n])|\n)")
 bytes received so far may be the first half of a `\r\n`: it ends a line only once the
 next byte is known."""
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+_DECODER = json.JSONDecoder()
 
 
 @dataclass(slots=True)
@@ -597,8 +598,8 @@ class _EventStream:
         if data is None or data == b"[DONE]":
             return True
         try:
-            chunk = json.loads(data)
-        except (ValueError, RecursionError):
+            chunk = _DECODER.decode(data.decode())  # SSE is UTF-8: json.loads would guess
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             return True
         if not isinstance(chunk, dict):
             return True
