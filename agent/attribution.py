@@ -21,14 +21,16 @@ The rules are those of DESIGN.md §4:
   weighs zero (all token counts zero), the interval is split by overlap.
 - Prefill weight: a fixed number, or `"auto"` (the default), which measures it per GPU as
   the ratio of dynamic energy per prompt token to dynamic energy per completion token
-  (`_PrefillWeightLearner`). Until a GPU's measurement can be trusted, its intervals are
+  (`_PrefillWeightLearner`). Until a GPU's weight has first been measured, its intervals are
   split by overlap, as under `equal`: a prompt token costs one to two orders of magnitude
   less than a generated one on current hardware, so a guessed weight such as 1.0 would hand
   most of a busy interval to whichever request is in prefill, whereas time is a neutral
-  proxy. The weight in use applies to the intervals processed while it is in use: figures
-  already credited stay as they are, and since weights only split an interval's energy,
-  conservation holds whatever the weight does. The host, which has no idle baseline to
-  separate dynamic energy from, splits by overlap under `"auto"`.
+  proxy. Once measured, the last measured weight is held while the load (a board at its
+  power limit, say) does not let it be measured again. The weight in use applies to the
+  intervals processed while it is in use: figures already credited stay as they are, and
+  since weights only split an interval's energy, conservation holds whatever the weight
+  does. The host, which has no idle baseline to separate dynamic energy from, splits by
+  overlap under `"auto"`.
 - Idle power: configured per GPU, or learned as a low percentile of the power of stretches
   with no active request. Until something is learned it is taken as 0 W, so all GPU energy
   counts as dynamic: the IT total is exact either way and only the static/dynamic split
@@ -59,12 +61,13 @@ conserved even when rates differ by many orders of magnitude.
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import itertools
 import math
 import threading
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
@@ -80,13 +83,19 @@ DEFAULT_PREFILL_WEIGHT: PrefillWeight = "auto"
 """Measure the weight on the node's own hardware. A fixed number is a guess about the model,
 the board, the batch size and the serving engine all at once; the measurement is not."""
 
+SATURATION_FRACTION = 0.95
+"""A learner's sample whose mean power is at least this fraction of the board's power limit
+is left out of the fit: there the firmware lowers clocks to hold the power, so energy stops
+following the work done and the fit would learn nothing but noise."""
+
 PREFILL_WEIGHT_BOUNDS = (1e-3, 1.0)
-"""The range a learned prefill weight is clamped to. Above 1: a prompt token carries the
-same matrix FLOPs as a generated one and prefill runs them in large, compute-bound batches,
-so it never costs more. Below 1e-3: fast prefill (~50,000 tokens/s on an H100-class board)
-against slow single-stream decode (~50 tokens/s) at similar power gives ~1e-3, so anything
-lower is not a property of prefill but a fit that found no marginal cost of prompt tokens
-(a board saturated at its power limit, where more work does not draw more power)."""
+"""The range of a plausible measured prefill weight; a fit outside it is not trusted. Above 1:
+a prompt token carries the same matrix FLOPs as a generated one and prefill runs them in
+large, compute-bound batches, so it never costs more. Below 1e-3: fast prefill (~50,000
+tokens/s on an H100-class board) against slow single-stream decode (~50 tokens/s) at similar
+power gives ~1e-3, so anything lower is not a property of prefill but a fit that found no
+marginal cost of prompt tokens (a board saturated at its power limit, where more work does
+not draw more power)."""
 
 
 class CapacityExceeded(RuntimeError):
@@ -248,16 +257,18 @@ class _PrefillWeightLearner:
     it, and T, the seconds when some request was active. Pooling matters: one ~100 ms
     interval's energy is unreliable, and the counter refreshes up to one period after the
     work it counts, which moves energy across the boundary between a prefill interval and
-    the decode interval after it.
+    the decode interval after it. A sample whose mean power was within
+    `SATURATION_FRACTION` of the board's power limit is left out (it would teach the fit
+    that work costs nothing), and so is one with no tokens.
 
     Fit. E ≈ a·P + b·D by least squares over exponentially weighted samples (time constant
     `window` samples, so that the weight follows changes of batch size or model), kept as
     running sums of products: O(1) memory and work per sample. Both coefficients are kept
     non-negative (where the unconstrained optimum has a < 0, the best fit with a = 0), and
-    the weight is a / b clamped to `PREFILL_WEIGHT_BOUNDS`.
+    the weight is a / b.
 
-    Trust. `value` is None (intervals are split by time) unless the current window can
-    measure the weight:
+    Trust. `value` is None (intervals are split by time) until a window first measures the
+    weight, which it can when:
     - it has seen at least `min_samples` samples;
     - P and D vary independently: weight × (1 − r²), with r their (uncentred) correlation,
       is at least `min_samples / 3`, that many samples' worth of variation of P that D does
@@ -267,44 +278,59 @@ class _PrefillWeightLearner:
     - tokens explain the energy better than busy time does: the fit's residual variance
       (per degree of freedom) is below that of E ≈ c·T. A board held at its power limit
       draws the same power whatever it runs, so its energy follows time, not tokens: the
-      ratio of such a fit is noise, and splitting by time is what the measurement supports.
+      ratio of such a fit is noise, and splitting by time is what the measurement supports;
+    - the ratio is within `PREFILL_WEIGHT_BOUNDS`.
+
+    Hold. Once measured, `value` keeps the last trusted weight while the window cannot
+    measure it. Saturation is the common case: a board at its power limit lowers its clocks
+    for all the work it runs alike, so the relative cost of a prompt and a completion token
+    measured below the limit still says how to share the energy at the limit, whereas
+    splitting by time there would give a request in prefill the weight of one in decode.
+    The weight in use is exported (`jouleprobe_gpu_prefill_weight_ratio`); a fresh agent
+    that meets saturation before any measurement splits by time until the load drops.
     """
 
     def __init__(self, sample_s: float, window: int, min_samples: int) -> None:
         self.sample_s = sample_s
         self.min_samples = min_samples
         self._keep = 1.0 - 1.0 / window
-        self._pool = [0.0] * 5  # energy, prompt tokens, completion tokens, busy s, seconds
+        self._pool = [0.0] * 6  # energy, prompt and completion tokens, busy s, seconds, limit
         self._sums = [0.0] * 9  # weight, then the products named in `_estimate`
         self._count = 0
         self.value: float | None = None
 
     def observe(
-        self, dynamic_j: float, prompt: float, completion: float, busy_s: float, seconds: float
+        self, dynamic_j: float, prompt: float, completion: float, busy_s: float, seconds: float,
+        limit_j: float = math.inf,
     ) -> None:
+        """One interval: its dynamic energy, tokens, busy and whole seconds, and the dynamic
+        energy at which it would be at the board's power limit (inf where unknown)."""
         pool = self._pool
         pool[0] += dynamic_j
         pool[1] += prompt
         pool[2] += completion
         pool[3] += busy_s
         pool[4] += seconds
+        pool[5] += limit_j
         if pool[4] >= self.sample_s * (1 - 1e-9):  # ten 0.1 s intervals make one second
-            energy, p, d, t, _ = pool
+            energy, p, d, t, _, limit = pool
             self.interrupt()
-            if p > 0 or d > 0:  # an idle stretch says nothing about either coefficient
+            if (p > 0 or d > 0) and energy < limit:  # idle or at the limit: says nothing
                 self._add(energy, p, d, t)
 
     def interrupt(self) -> None:
         """An interval that cannot be used (a gap, unknown token counts, no idle baseline)
         ends the current sample, so that no sample holds energy it has no tokens for."""
-        self._pool = [0.0] * 5
+        self._pool = [0.0] * 6
 
     def _add(self, e: float, p: float, d: float, t: float) -> None:
         keep, sums = self._keep, self._sums
         self._count += 1
         for i, x in enumerate((1.0, p * p, p * d, d * d, p * e, d * e, e * e, t * t, t * e)):
             sums[i] = sums[i] * keep + x
-        self.value = self._estimate()
+        estimate = self._estimate()
+        if estimate is not None:
+            self.value = estimate
 
     def _estimate(self) -> float | None:
         """a / b of the non-negative least-squares fit, or None where it is not trusted."""
@@ -325,7 +351,7 @@ class _PrefillWeightLearner:
         if tokens_rss / (n - 2) >= time_rss / (n - 1):
             return None
         low, high = PREFILL_WEIGHT_BOUNDS
-        return min(max(a / b, low), high)
+        return a / b if low <= a / b <= high else None
 
 
 class _Lane:
@@ -334,9 +360,12 @@ class _Lane:
     def __init__(
         self, timeline: Timeline, *, host: bool, idle_w: float | None,
         idle_learner: _IdleBaseline | None, prefill: float | _PrefillWeightLearner | None,
+        power_limit_w: Callable[[], float | None] | None = None,
     ) -> None:
-        """`prefill` is a fixed prefill weight, a learner of it, or None to split by time."""
+        """`prefill` is a fixed prefill weight, a learner of it, or None to split by time.
+        `power_limit_w`: the board's power limit now, for the learner."""
         self.timeline = timeline
+        self.power_limit_w = power_limit_w
         self.host = host
         self.configured_idle_w = idle_w
         self.idle_learner = idle_learner
@@ -539,8 +568,10 @@ class _Lane:
         if idle_w is None or usage.fallback_s > 0:
             learner.interrupt()  # no dynamic energy to fit, or tokens it cannot count
             return
+        limit_w = self.power_limit_w() if self.power_limit_w is not None else None
+        limit_j = (SATURATION_FRACTION * limit_w - idle_w) * seconds if limit_w else math.inf
         learner.observe(energy - idle_w * seconds, usage.prompt_tokens, usage.completion_tokens,
-                        seconds - usage.empty_s, seconds)
+                        seconds - usage.empty_s, seconds, limit_j)
 
     def _interrupt_learners(self) -> None:
         if self.idle_learner is not None:
@@ -634,10 +665,13 @@ class AttributionEngine:
         prefill_sample_s: float = 1.0,
         prefill_window: int = 600,
         prefill_min_samples: int = 30,
+        power_limit_w: Callable[[int], float | None] | None = None,
     ) -> None:
         """`prefill_*` tune the learner of `prefill_weight="auto"`: seconds pooled into one
         sample, the time constant of its exponential forgetting (samples), and the samples
-        needed before it is trusted (`_PrefillWeightLearner`)."""
+        needed before it is trusted (`_PrefillWeightLearner`). `power_limit_w`: a GPU's
+        power limit now (`Sampler.power_limit_w`), None where unknown; the learner leaves
+        out samples taken at the limit."""
         if policy not in ("equal", "tokens"):
             raise ValueError(f"unknown attribution policy {policy!r} (equal or tokens)")
         if prefill_weight != "auto" and (
@@ -681,6 +715,7 @@ class AttributionEngine:
                 idle_learner=None if gpu in configured
                 else _IdleBaseline(idle_sample_s, idle_window, idle_percentile),
                 prefill=prefill(host=False),
+                power_limit_w=functools.partial(power_limit_w, gpu) if power_limit_w else None,
             )
             for gpu, timeline in timelines.items()
         }

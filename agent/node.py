@@ -50,6 +50,7 @@ class Node:
             settle_s=attribution.settle,
             max_age_s=attribution.max_age,
             max_pending=attribution.max_pending,
+            power_limit_w=self.sampler.power_limit_w,
         )
         self.store = RecordStore(
             config.records.path,

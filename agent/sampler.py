@@ -1,7 +1,8 @@
 """The sampler: reads every energy source on a fixed period and keeps per-GPU timelines.
 
-Each GPU is its own APScheduler job (at most one instance running), so a GPU whose read
-hangs or fails only ever delays itself. Each read becomes an `EnergyPoint` through the
+One APScheduler job ticks every `interval_s` and wakes one reader thread, which reads every
+GPU, then the host (`Sampler.start` says why one thread and how a hung read is left behind:
+it delays the other GPUs by at most one tick, once). Each read becomes an `EnergyPoint` through the
 GPU's `EnergyAccumulator`, which is where counter resets, implausible jumps and power
 integration are handled, once for every kind of source.
 """
@@ -55,18 +56,19 @@ class EnergyAccumulator:
         self._last_raw_j: float | None = None
         self._last_power_w: float | None = None
         self._energy_j = 0.0
-        self._power_limit_w: float | None = None
+        self.power_limit_w: float | None = None
+        """The latest power limit read (they come with the slow fields, about once a second)."""
 
     def update(self, reading: GpuReading) -> EnergyPoint | None:
         """The point this reading adds to the timeline, or None if it measured no energy."""
         if reading.power_limit_w:
-            self._power_limit_w = reading.power_limit_w
+            self.power_limit_w = reading.power_limit_w
         if self.info.energy_source == "counter":
             return self._from_counter(reading)
         return self._from_power(reading)
 
     def _plausible(self, joules: float, seconds: float) -> bool:
-        ceiling = 2 * self._power_limit_w if self._power_limit_w else FALLBACK_MAX_POWER_W
+        ceiling = 2 * self.power_limit_w if self.power_limit_w else FALLBACK_MAX_POWER_W
         return joules <= ceiling * seconds
 
     def _from_counter(self, reading: GpuReading) -> EnergyPoint | None:
@@ -204,6 +206,10 @@ class Sampler:
     @property
     def timelines(self) -> dict[int, Timeline]:
         return {index: state.timeline for index, state in self._gpus.items()}
+
+    def power_limit_w(self, index: int) -> float | None:
+        """GPU `index`'s power limit as last read; None until read."""
+        return self._gpus[index].accumulator.power_limit_w
 
     def gpus(self) -> list[GpuInfo]:
         return [state.info for state in self._gpus.values()]

@@ -1,6 +1,7 @@
 """Accuracy of per-request GPU energy against a simulator that knows the truth.
 
 Run: python bench/accuracy.py [--concurrency 1 8 32 64] [--seed 0] [--prefill-weight W|auto]
+                              [--quiet-s 300]
 
 For each concurrency (closed-loop clients per GPU), a synthetic trace of two model sizes on
 two simulated H100s (`agent.sources.simload`) drives a `SimulatedGpuSource` with its real
@@ -9,7 +10,10 @@ NVML behaviour (integer-mJ counter refreshed every 50 ms), read by the real `Sam
 refreshes: they start at a random phase and jitter by ±2 ms, as a real scheduler's do.
 The intake is realistic too: the engine hears of a request when it starts (open, no
 counts) and gets its first-token time and token counts when it ends, at the next tick.
-The first 10 s are idle, so the engine learns the idle baseline as it would on a node.
+The first 10 s are idle, so the engine learns the idle baseline as it would on a node;
+then `--quiet-s` seconds of single-stream load (the quieter hours an agent has seen before
+a peak, in which it can measure the prefill weight) come before the level's own load.
+Errors are computed over the level's own requests only.
 
 Each request's attributed GPU energy (gpu_dynamic + gpu_static) is compared with its truth
 (its own dynamic energy plus its equal share of idle while it ran), for both engine
@@ -37,7 +41,7 @@ import random
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from agent.attribution import DEFAULT_PREFILL_WEIGHT, AttributionEngine, PrefillWeight
 from agent.requests import Request
@@ -49,6 +53,9 @@ GPUS = "2xH100"
 SAMPLE_INTERVAL_S = 0.1
 READ_JITTER_S = 0.002
 WARMUP_S = 10.0
+QUIET_S = 300.0
+"""Single-stream load before each level's: an agent on a node has seen quieter hours before
+a peak, and measures its prefill weight there (at the power limit it cannot)."""
 DURATION_S = {1: 600.0, 8: 120.0, 32: 90.0, 64: 90.0}
 """How long clients send at each concurrency: a few hundred requests or more, and several
 lifetimes of the slow model, so that most requests run at the target concurrency."""
@@ -90,22 +97,29 @@ class Level:
 
 
 def run_level(concurrency: int, duration_s: float, seed: int,
-              prefill_weight: PrefillWeight = DEFAULT_PREFILL_WEIGHT) -> Level:
+              prefill_weight: PrefillWeight = DEFAULT_PREFILL_WEIGHT,
+              quiet_s: float = QUIET_S) -> Level:
     models = parse_spec(GPUS)
+    quiet = [replace(r, id=f"quiet-{r.id}") for r in synthetic_trace(
+        len(models), concurrency=1, duration_s=quiet_s, start=WARMUP_S, seed=seed + 1
+    )] if quiet_s > 0 else []
+    start = max((r.end for r in quiet), default=WARMUP_S)
     trace = synthetic_trace(len(models), concurrency=concurrency, duration_s=duration_s,
-                            start=WARMUP_S, seed=seed)
+                            start=start, seed=seed)
     load = RequestLoad(models)
-    load.schedule(trace)
+    load.schedule(sorted(quiet + trace, key=lambda r: r.start))
     clock = SimClock(0.0)
     source = SimulatedGpuSource(models, load, clock=clock)
     sampler = Sampler(source, interval_s=SAMPLE_INTERVAL_S)
     engines = {policy: AttributionEngine(sampler.timelines, policy=policy,
-                                         prefill_weight=prefill_weight)
+                                         prefill_weight=prefill_weight,
+                                         power_limit_w=sampler.power_limit_w)
                for policy in POLICIES}
     finals: dict[str, dict[str, float]] = {policy: {} for policy in POLICIES}
 
     # Intake events in time order: (time, 0 = start | 1 = end, request).
-    events = sorted([(r.start, 0, r) for r in trace] + [(r.end, 1, r) for r in trace],
+    events = sorted([(r.start, 0, r) for r in quiet + trace]
+                    + [(r.end, 1, r) for r in quiet + trace],
                     key=lambda e: (e[0], e[1]))
     counter_at: dict[tuple[str, int], float] = {}
     rng = random.Random(seed)
@@ -134,8 +148,8 @@ def run_level(concurrency: int, duration_s: float, seed: int,
         if now > stop:
             break
 
-    level = Level(concurrency, len(trace), _in_flight(trace, len(models), WARMUP_S,
-                                                      WARMUP_S + duration_s))
+    level = Level(concurrency, len(trace), _in_flight(trace, len(models), start,
+                                                      start + duration_s))
     truth = {r.id: load.truth_j(r.id) for r in trace}
     for policy, engine in engines.items():
         totals = engine.totals()
@@ -220,6 +234,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prefill-weight", type=_prefill_weight, default=DEFAULT_PREFILL_WEIGHT,
                         help=f"the engine's prefill weight ({DEFAULT_PREFILL_WEIGHT}, its default)")
+    parser.add_argument("--quiet-s", type=float, default=QUIET_S,
+                        help=f"seconds of single-stream load before each level's "
+                             f"({QUIET_S:g}; 0: a fresh agent meets the level's load)")
     args = parser.parse_args()
 
     results: list[dict[str, float | int | str]] = []
@@ -227,11 +244,11 @@ def main() -> None:
     verdicts: list[str] = []
     prefill_weights: dict[int, list[float | None]] = {}
     print(f"{GPUS} simulated, 10 Hz sampling, prefill_weight {args.prefill_weight}, "
-          f"seed {args.seed}")
+          f"{args.quiet_s:g} s of single-stream load first, seed {args.seed}")
     for concurrency in args.concurrency:
         started = time.process_time()
         level = run_level(concurrency, DURATION_S.get(concurrency, 90.0), args.seed,
-                          args.prefill_weight)
+                          args.prefill_weight, args.quiet_s)
         conservation = max(conservation, level.conservation)
         idle = ", ".join("?" if w is None else f"{w:.1f}" for w in level.idle_learned_w)
         print(f"concurrency {concurrency}: {level.requests} requests, in flight per GPU "
@@ -239,7 +256,7 @@ def main() -> None:
               f"late {level.late}, conservation {level.conservation:.1e}, simulation "
               f"{level.simulation_error:.1e}, {time.process_time() - started:.1f} s CPU")
         weights = ", ".join("time" if w is None else f"{w:.4f}" for w in level.prefill_weight)
-        print(f"  tokens prefill weight {weights} (simulation's ratio "
+        print(f"  tokens prefill weight at the end {weights} (simulation's ratio "
               f"{', '.join(f'{r:.4f}' for r in level.simulated_ratio)})")
         prefill_weights[concurrency] = level.prefill_weight
         print(f"  {'method':<16}{'median':>10}{'p95':>10}{'bias':>10}")

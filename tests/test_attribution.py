@@ -429,13 +429,75 @@ def test_learner_refuses_energy_that_follows_time_not_tokens() -> None:
     assert learn.value is None
 
 
-def test_learner_clamps_the_weight_to_a_sane_range() -> None:
+def test_learner_holds_the_last_measured_weight_while_it_cannot_measure() -> None:
+    """Once measured, the weight stays while the window cannot measure it (here every
+    request comes to have the same shape), and a new measurement replaces it once the load
+    lets the fit be trusted again."""
+    learn = learner(window=50, min_samples=10)
+    rng = random.Random(8)
+    feed(learn, work(rng, a=0.004, b=0.25, count=200))
+    assert learn.value == pytest.approx(0.016)
+    same_shape = [(0.004 * 4 * d + 0.25 * d, 4 * d, d, 1.0)
+                  for d in (rng.uniform(50, 500) for _ in range(500))]
+    fresh = learner(window=50, min_samples=10)
+    feed(fresh, same_shape)
+    assert fresh.value is None  # such a window alone measures nothing
+    feed(learn, same_shape)
+    assert learn.value == pytest.approx(0.016)
+    feed(learn, work(rng, a=0.01, b=0.25, count=500))
+    assert learn.value == pytest.approx(0.04, rel=1e-3)
+
+
+def test_learner_refuses_a_weight_outside_the_plausible_range() -> None:
+    low, high = PREFILL_WEIGHT_BOUNDS
     learn = learner(min_samples=10)
     feed(learn, work(random.Random(6), a=0.0, b=0.25, count=100))  # prompts are free
-    assert learn.value == PREFILL_WEIGHT_BOUNDS[0]
+    assert learn.value is None
     learn = learner(min_samples=10)
-    feed(learn, work(random.Random(7), a=1.0, b=0.25, count=100))
-    assert learn.value == PREFILL_WEIGHT_BOUNDS[1]
+    feed(learn, work(random.Random(7), a=1.0, b=0.25, count=100))  # a prompt token costs 4
+    assert learn.value is None
+    learn = learner(min_samples=10, window=50)
+    feed(learn, work(random.Random(7), a=high * 0.25, b=0.25, count=100))
+    assert learn.value == pytest.approx(high)
+    feed(learn, work(random.Random(6), a=low * 0.25, b=0.25, count=2000))
+    assert learn.value == pytest.approx(low)
+
+
+def test_learner_leaves_out_samples_at_the_power_limit() -> None:
+    """Samples at the limit are not fitted at all: they neither move the weight nor count."""
+    learn = learner(min_samples=10)
+    samples = work(random.Random(9), a=0.004, b=0.25, count=100)
+    for energy, prompt, completion, busy in samples:
+        learn.observe(energy, prompt, completion, busy, 1.0, energy * 1.01)  # below the limit
+    assert learn.value == pytest.approx(0.016)
+    for energy, prompt, completion, busy in work(random.Random(10), 0.0, 0.25, 500):
+        learn.observe(energy, prompt, completion, busy, 1.0, energy)  # at the limit
+    assert learn.value == pytest.approx(0.016)
+
+
+def test_engine_learns_only_below_the_power_limit() -> None:
+    """The engine hands the learner the board's power limit: with the limit just above
+    what the board draws, it measures the weight; at the limit, it never does."""
+
+    def learned(limit_w: float) -> float | None:
+        points, t, energy = [(0.0, 0.0)], 0.0, 0.0
+        requests = []
+        rng = random.Random(11)
+        for n in range(120):  # one request per second: 0.2 s prefill, then decode
+            prompt, completion = rng.randint(100, 4000), rng.randint(20, 200)
+            requests.append(req(f"r{n}", t, t + 1.0, first_token=t + 0.2,
+                                prompt_tokens=prompt, completion_tokens=completion))
+            for part, joules in ((0.2, 0.004 * prompt), (0.8, 0.25 * completion)):
+                t += part
+                energy += joules
+                points.append((t, energy))
+        eng = engine({0: timeline(*points)}, policy="tokens", idle_power_w={0: 0.0},
+                     power_limit_w=lambda gpu: limit_w)
+        run(eng, *requests)
+        return eng.totals().gpus[0].prefill_weight
+
+    assert learned(1e6) == pytest.approx(0.016)
+    assert learned(1.0) is None
 
 
 def test_learner_ignores_idle_samples_and_restarts_a_sample_after_an_interruption() -> None:

@@ -108,6 +108,22 @@ def test_snapshot_counts_samples_errors_and_durations() -> None:
     assert gpu0.durations.bucket_counts[-1] == 3
 
 
+def test_the_power_limit_is_the_last_one_read() -> None:
+    """What the attribution engine's prefill-weight learner compares sample power with."""
+    limits = iter([None, 700.0, None, 350.0, None])
+    source = ScriptedSource({
+        0: lambda: reading(time.monotonic(), energy=1.0, limit=next(limits)),
+        1: lambda: reading(time.monotonic(), energy=1.0, limit=None),
+    })
+    sampler = Sampler(source, interval_s=0.1)
+    seen = []
+    for _ in range(5):
+        sampler.sample_all()
+        seen.append(sampler.power_limit_w(0))
+    assert seen == [None, 700.0, 700.0, 350.0, 350.0]
+    assert sampler.power_limit_w(1) is None
+
+
 def test_a_hanging_gpu_does_not_delay_the_others() -> None:
     release = threading.Event()
 
