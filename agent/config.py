@@ -172,7 +172,7 @@ class IngestSection:
 
 @dataclass(frozen=True)
 class RecordsSection:
-    path: str = _key("jouleprobe.db", "SQLite file of per-request records (WAL)")
+    path: str = _key("jouleprobe.db", "SQLite file of request records and scrape windows (WAL)")
     flush_interval: float = _key(1.0, "seconds between two batched writes", _positive)
     retention_days: float = _key(30.0, "records older than this are deleted", _positive)
 

@@ -78,13 +78,15 @@ def resolver(node: Node, spec: GpuSpec, url: str) -> GpuResolver:
 
 
 def start_scrapers(node: Node) -> list[asyncio.Task[None]]:
-    """One task per `[[scrape]]` table: window-level figures from the server's own metrics."""
+    """One task per `[[scrape]]` table: window-level figures from the server's own metrics,
+    exported as metrics and kept in the record store for the report."""
     tasks = []
     for table in node.config.scrape:
         gpus = resolver(node, table.gpus, table.url).current
         scraper = WindowScraper(
             table.kind, table.url, gpus=gpus, timelines=node.sampler.timelines,
             idle_power_w=node.engine.idle_power_w, metrics=node.window_metrics,
+            store=node.store,
         )
         tasks.append(asyncio.create_task(scraper.run(table.interval)))
     return tasks

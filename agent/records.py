@@ -1,9 +1,13 @@
-"""The per-request record store: one SQLite file, written in batches off the hot path.
+"""The record store: one SQLite file, written in batches off the hot path.
 
-Finished requests arrive through `RecordStore.submit`, which only converts them to rows and
-queues them; a writer thread commits the queue every `flush_interval_s` in one
-transaction, and deletes records past their retention now and then. `close()` (what
-SIGTERM calls) commits everything still queued before it returns.
+It holds two kinds of records. Per-request records (table `requests`) come from the
+attribution engine through `RecordStore.submit`. Scrape windows (tables `windows`, one row
+per window, and `window_models`, one row per model of a window) come from the scrapers
+through `RecordStore.submit_windows`: a scraped server gives per-model counts per window,
+not per request, so its figures are kept apart and never mixed into request rows. Both
+calls only convert to rows and queue them; a writer thread commits the queue every
+`flush_interval_s` in one transaction, and deletes records past their retention now and
+then. `close()` (what SIGTERM calls) commits everything still queued before it returns.
 
 The file is in WAL mode, so readers (the report, the HTTP API) never wait for the writer
 and see only committed batches; each read opens its own read-only connection, which
@@ -11,9 +15,13 @@ makes reads safe from any thread and lets `jouleprobe report` read a store it ca
 write. `synchronous=NORMAL` means a power cut may lose the last committed batches but
 never corrupts the file; a killed process loses nothing committed.
 
-Times: requests are timed on the monotonic clock; records hold UTC epoch seconds,
-`monotonic + wall_offset`, with the offset taken once at agent start
+Times: requests and windows are timed on the monotonic clock; records hold UTC epoch
+seconds, `monotonic + wall_offset`, with the offset taken once at agent start
 (`wall_clock_offset()`).
+
+Schema versions (`PRAGMA user_version`): 1 has the requests; 2 adds the windows. The agent
+(the writer) migrates an older file in place when it opens it; a reader never writes, so a
+reader of a version-1 file simply finds no windows.
 """
 
 from __future__ import annotations
@@ -25,19 +33,19 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent import report
 from agent.requests import RequestEnergy, RequestStatus
 from agent.units import JOULES_PER_WH
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from agent.intake.scrapers.window import WindowFigures
 
-SCHEMA_VERSION = 1
-"""Kept in `PRAGMA user_version`; bump it with a migration when the table changes."""
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_S = 10.0
 """How long one statement waits for another connection's lock before failing."""
@@ -47,29 +55,61 @@ _COLUMNS = (
     "prompt_tokens", "completion_tokens", "gpu_dynamic_j", "gpu_static_j", "host_j",
     "facility_j", "pue", "late", "simulated",
 )
-_SCHEMA = (
-    """CREATE TABLE requests (
-        id                TEXT PRIMARY KEY,
-        model             TEXT NOT NULL,
-        source            TEXT NOT NULL,
-        gpus              TEXT NOT NULL,  -- GPU indices, comma-separated: "0,1"
-        status            TEXT NOT NULL CHECK (status IN ('ok', 'cancelled', 'failed')),
-        start_time        REAL NOT NULL,  -- UTC epoch seconds
-        end_time          REAL,           -- NULL: still running at the maximum age (expired)
-        first_token_time  REAL,
-        prompt_tokens     INTEGER,
-        completion_tokens INTEGER,
-        gpu_dynamic_j     REAL NOT NULL,
-        gpu_static_j      REAL NOT NULL,
-        host_j            REAL NOT NULL,
-        facility_j        REAL NOT NULL,  -- (dynamic + static + host) × (pue − 1)
-        pue               REAL NOT NULL,
-        late              INTEGER NOT NULL CHECK (late IN (0, 1)),
-        simulated         INTEGER NOT NULL CHECK (simulated IN (0, 1))  -- the node's GPUs
-    ) WITHOUT ROWID""",
-    "CREATE INDEX requests_by_end ON requests (end_time)",
-    "CREATE INDEX requests_by_model ON requests (model, end_time)",
+_SCHEMA_STEPS: tuple[tuple[str, ...], ...] = (
+    (  # version 1: per-request records
+        """CREATE TABLE requests (
+            id                TEXT PRIMARY KEY,
+            model             TEXT NOT NULL,
+            source            TEXT NOT NULL,
+            gpus              TEXT NOT NULL,  -- GPU indices, comma-separated: "0,1"
+            status            TEXT NOT NULL CHECK (status IN ('ok', 'cancelled', 'failed')),
+            start_time        REAL NOT NULL,  -- UTC epoch seconds
+            end_time          REAL,           -- NULL: still running at the maximum age (expired)
+            first_token_time  REAL,
+            prompt_tokens     INTEGER,
+            completion_tokens INTEGER,
+            gpu_dynamic_j     REAL NOT NULL,
+            gpu_static_j      REAL NOT NULL,
+            host_j            REAL NOT NULL,
+            facility_j        REAL NOT NULL,  -- (dynamic + static + host) × (pue − 1)
+            pue               REAL NOT NULL,
+            late              INTEGER NOT NULL CHECK (late IN (0, 1)),
+            simulated         INTEGER NOT NULL CHECK (simulated IN (0, 1))  -- the node's GPUs
+        ) WITHOUT ROWID""",
+        "CREATE INDEX requests_by_end ON requests (end_time)",
+        "CREATE INDEX requests_by_model ON requests (model, end_time)",
+    ),
+    (  # version 2: scrape windows (agent.intake.scrapers.window.WindowFigures)
+        """CREATE TABLE windows (
+            id             INTEGER PRIMARY KEY,
+            source         TEXT NOT NULL,  -- scrape:vllm, ...
+            start_time     REAL NOT NULL,  -- UTC epoch seconds
+            end_time       REAL NOT NULL,
+            gpus           TEXT NOT NULL,  -- GPU indices, comma-separated: "0,1"
+            weighting      TEXT NOT NULL CHECK (weighting IN ('tokens', 'requests', 'none')),
+            measured_j     REAL NOT NULL,  -- all GPU energy of the window on its GPUs
+            unattributed_j REAL NOT NULL,  -- the part no model received
+            simulated      INTEGER NOT NULL CHECK (simulated IN (0, 1))  -- the node's GPUs
+        )""",
+        "CREATE INDEX windows_by_end ON windows (end_time)",
+        """CREATE TABLE window_models (
+            window_id         INTEGER NOT NULL REFERENCES windows (id) ON DELETE CASCADE,
+            model             TEXT NOT NULL,
+            requests          REAL,  -- NULL: the server does not count it (0 is a count)
+            prompt_tokens     REAL,
+            completion_tokens REAL,
+            gpu_dynamic_j     REAL NOT NULL,
+            gpu_static_j      REAL NOT NULL,
+            PRIMARY KEY (window_id, model)
+        ) WITHOUT ROWID""",
+    ),
 )
+"""What each schema version adds: step n brings a file from version n to n + 1."""
+SCHEMA_VERSION = len(_SCHEMA_STEPS)
+"""Kept in `PRAGMA user_version`. A change to the tables appends a step above, which
+migrates older files in place when the agent opens them."""
+_WINDOWS_VERSION = 2
+"""The schema version that added the windows."""
 _UPSERT = f"INSERT OR REPLACE INTO requests ({', '.join(_COLUMNS)}) VALUES "
 _ROW_VALUES = f"({', '.join('?' * len(_COLUMNS))})"
 ROWS_PER_STATEMENT = 1000
@@ -80,8 +120,36 @@ statement, each of those hand-overs can wait a whole switch interval (5 ms) for 
 thread to let the GIL go, so a batch of many rows would crawl while the agent is busy.
 Many rows per statement keep the hand-overs few."""
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM requests"
+_INSERT_WINDOW = (
+    "INSERT INTO windows (source, start_time, end_time, gpus, weighting, measured_j, "
+    "unattributed_j, simulated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_WINDOW_MODEL = (
+    "INSERT INTO window_models (window_id, model, requests, prompt_tokens, completion_tokens, "
+    "gpu_dynamic_j, gpu_static_j) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_WINDOWS_SINCE = "(?1 IS NULL OR w.end_time >= ?1)"
+_SELECT_WINDOW_MODELS = f"""
+    SELECT w.source, m.model, count(*), sum(m.requests), sum(m.prompt_tokens),
+           sum(m.completion_tokens), sum(m.gpu_dynamic_j), sum(m.gpu_static_j), max(w.simulated)
+    FROM windows AS w JOIN window_models AS m ON m.window_id = w.id
+    WHERE {_WINDOWS_SINCE} AND (?2 IS NULL OR m.model = ?2)
+    GROUP BY w.source, m.model ORDER BY w.source, m.model"""
+"""Per (source, model). SQL's sum() is NULL over only NULLs: a quantity no window counted
+stays None, apart from a counted 0."""
+_SELECT_WINDOW_SOURCES = f"""
+    SELECT w.source, count(*), sum(w.measured_j), sum(w.unattributed_j), max(w.simulated)
+    FROM windows AS w
+    WHERE {_WINDOWS_SINCE} AND (?2 IS NULL OR w.source IN (
+        SELECT DISTINCT w.source FROM windows AS w JOIN window_models AS m ON m.window_id = w.id
+        WHERE {_WINDOWS_SINCE} AND m.model = ?2))
+    GROUP BY w.source ORDER BY w.source"""
+"""Per source, over all its windows: with a model, the sources that served that model."""
 
 Row = tuple[Any, ...]
+_WindowRows = tuple[Row, list[Row]]
+"""A queued window: its `windows` row, and its `window_models` rows without the window id."""
+_Queued = TypeVar("_Queued", Row, _WindowRows)
 
 
 class RecordStoreError(Exception):
@@ -189,23 +257,27 @@ class RecordReader:
         """Wall clock (UTC epoch seconds), for the summary's window."""
         if not os.path.exists(self.path):
             raise RecordStoreError(f"no record store at {self.path}")
-        try:
-            with closing(self._connect()) as connection:
-                _check_version(connection, self.path)
-        except sqlite3.Error as exc:
-            raise RecordStoreError(f"cannot read {self.path}: {exc}") from exc
+        with self._reading() as connection:
+            _check_version(connection, self.path)
 
     def _connect(self) -> sqlite3.Connection:
         uri = f"file:{urllib.parse.quote(os.path.abspath(self.path))}?mode=ro"
         return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
 
-    def get(self, request_id: str) -> dict[str, Any] | None:
-        """The JSON-ready record of one request (`StoredRequest.to_json`), None if unknown."""
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A read-only connection, closed afterwards; any SQLite failure in the block
+        becomes a RecordStoreError naming the file."""
         try:
             with closing(self._connect()) as connection:
-                row = connection.execute(f"{_SELECT} WHERE id = ?", (request_id,)).fetchone()
+                yield connection
         except sqlite3.Error as exc:
             raise RecordStoreError(f"cannot read {self.path}: {exc}") from exc
+
+    def get(self, request_id: str) -> dict[str, Any] | None:
+        """The JSON-ready record of one request (`StoredRequest.to_json`), None if unknown."""
+        with self._reading() as connection:
+            row = connection.execute(f"{_SELECT} WHERE id = ?", (request_id,)).fetchone()
         return StoredRequest.from_row(row).to_json() if row is not None else None
 
     def query(self, since: float | None = None, model: str | None = None
@@ -221,29 +293,51 @@ class RecordReader:
             clauses.append("model = ?")
             params.append(model)
         where = " AND ".join(clauses)
-        try:
-            with closing(self._connect()) as connection:
-                for row in connection.execute(
-                    f"{_SELECT} WHERE {where} ORDER BY end_time", params
-                ):
-                    yield StoredRequest.from_row(row)
-        except sqlite3.Error as exc:
-            raise RecordStoreError(f"cannot read {self.path}: {exc}") from exc
+        with self._reading() as connection:
+            for row in connection.execute(
+                f"{_SELECT} WHERE {where} ORDER BY end_time", params
+            ):
+                yield StoredRequest.from_row(row)
+
+    def window_totals(self, since: float | None = None, model: str | None = None
+                      ) -> report.WindowTotals:
+        """Sums over the scrape windows that ended at or after `since` (UTC epoch seconds):
+        per (source, model), of `model` if given; and per source, over all its windows
+        (with `model`, only the sources that served it). Summed in SQL, from one snapshot
+        of the file, so that the two agree; none from a version-1 file."""
+        with self._reading() as connection:
+            connection.execute("BEGIN")  # one read transaction: one snapshot for both
+            if _version(connection) < _WINDOWS_VERSION:
+                return report.WindowTotals()
+            params = (since, model)
+            models = connection.execute(_SELECT_WINDOW_MODELS, params).fetchall()
+            sources = connection.execute(_SELECT_WINDOW_SOURCES, params).fetchall()
+        return report.WindowTotals(
+            models=tuple(
+                report.ModelWindows(*row[:-1], simulated=bool(row[-1])) for row in models
+            ),
+            sources=tuple(
+                report.SourceWindows(*row[:-1], simulated=bool(row[-1])) for row in sources
+            ),
+        )
 
     def summary(self, window_s: float) -> dict[str, Any]:
         """Per model over the last `window_s` seconds: count, mean Wh per query at each
-        boundary, J per token (`report.summary`, computed as the report computes them)."""
+        boundary, J per token; and the scrape windows' figures (`report.summary`, computed
+        as the report computes them)."""
         if not window_s > 0:
             raise ValueError(f"window_s must be > 0, got {window_s}")
         now = self._clock()
         since = now - window_s
-        built = report.build_report(self.query(since=since), generated=now, since=since)
+        built = report.build_report(self.query(since=since), generated=now, since=since,
+                                    windows=self.window_totals(since=since))
         return report.summary(built, window_s)
 
 
 @dataclass(frozen=True, slots=True)
 class StoreStats:
-    """The writer's counters since the store was opened, for the exporter."""
+    """The writer's counters since the store was opened, for the exporter. A record is a
+    request record or a scrape window (with its models' rows)."""
 
     pending: int
     """Records queued, not yet committed."""
@@ -258,8 +352,10 @@ class StoreStats:
 class RecordStore(RecordReader):
     """The store as the agent holds it: batched writes on a thread, retention, and reads.
 
-    `submit` never waits on the disk: it is called on the attribution path, which must not
-    stall behind a slow or locked file. The queue holds at most `max_pending` records; past
+    `submit` and `submit_windows` never wait on the disk: they are called on the
+    attribution path and on the event loop, which must not stall behind a slow or locked
+    file. Both feed one queue, committed in one transaction per flush, which holds at most
+    `max_pending` records (requests and windows together); past
     that, new records are refused, counted in `dropped_total` (for the exporter) and logged,
     while everything already queued is kept. A write that fails for a passing reason
     (file locked, disk full: `sqlite3.OperationalError`) keeps its batch queued for the
@@ -267,7 +363,8 @@ class RecordStore(RecordReader):
     dropped rather than blocking every later record behind it.
 
     Retention: the writer deletes records whose end (for an expired request, its start)
-    is older than `retention_days`, on its first pass and every `prune_interval_s` after.
+    is older than `retention_days`, windows with their models' rows, on its first pass and
+    every `prune_interval_s` after.
     """
 
     def __init__(
@@ -314,6 +411,7 @@ class RecordStore(RecordReader):
             raise
         self._lock = threading.Lock()
         self._pending: list[Row] = []
+        self._pending_windows: list[_WindowRows] = []
         self._closed = False
         self._wake = threading.Event()
         self._written = self._dropped = self._write_errors = self._pruned = 0
@@ -326,18 +424,28 @@ class RecordStore(RecordReader):
         """Queue the records of finished (or expired) requests; returns at once. A request
         id already stored is replaced. Raises ValueError for a record that could never be
         stored (unknown status, non-finite energy), RuntimeError once closed."""
-        rows = [self._row(energy) for energy in energies]
+        self._enqueue(self._pending, [self._row(energy) for energy in energies])
+
+    def submit_windows(self, source: str, figures: Sequence[WindowFigures]) -> None:
+        """Queue settled scrape windows of `source` (`scrape:vllm`, ...); returns at once.
+        Raises ValueError for a window that could never be stored (a non-finite figure),
+        RuntimeError once closed."""
+        self._enqueue(self._pending_windows,
+                      [self._window_rows(source, window) for window in figures])
+
+    def _enqueue(self, queue: list[_Queued], items: list[_Queued]) -> None:
+        """Append what fits under `max_pending` to `queue`; refuse and count the rest."""
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"record store {self.path} is closed")
-            room = max(0, self.max_pending - len(self._pending))
-            self._pending.extend(rows[:room])
-            refused = len(rows) - min(room, len(rows))
+            room = max(0, self.max_pending - len(self._pending) - len(self._pending_windows))
+            queue.extend(items[:room])
+            refused = len(items) - min(room, len(items))
             self._dropped += refused
             warn = refused > 0 and not self._dropping
             self._dropping = self._dropping or refused > 0
         if warn:
-            log.warning("record queue full (%d records): new request records are dropped, and "
+            log.warning("record queue full (%d records): new records are dropped, and "
                         "counted, until the writer catches up", self.max_pending)
 
     def _row(self, energy: RequestEnergy) -> Row:
@@ -353,20 +461,40 @@ class RecordStore(RecordReader):
             raise ValueError(f"request {request.id}: non-finite energy {joules}")
         return (
             str(request.id), str(request.model), str(request.source),
-            ",".join(str(int(gpu)) for gpu in request.gpus), request.status,
+            _gpu_list(request.gpus), request.status,
             self._wall(request.start), _optional(self._wall, request.end),
             _optional(self._wall, request.first_token),
             _optional(int, request.prompt_tokens), _optional(int, request.completion_tokens),
             *joules, self.pue, int(energy.late), int(self.simulated),
         )
 
+    def _window_rows(self, source: str, window: WindowFigures) -> _WindowRows:
+        """Converts now, like `_row`; a quantity the server does not count stays None,
+        apart from a counted 0."""
+        shares = [
+            (str(name), _optional(float, share.usage.requests),
+             _optional(float, share.usage.prompt_tokens),
+             _optional(float, share.usage.completion_tokens),
+             float(share.gpu_dynamic_j), float(share.gpu_static_j))
+            for name, share in window.models.items()
+        ]
+        start, end = self._wall(window.start), self._wall(window.end)
+        measured, unattributed = float(window.measured_j), float(window.unattributed_j)
+        numbers = [start, end, measured, unattributed,
+                   *(value for share in shares for value in share[1:] if value is not None)]
+        if not all(math.isfinite(value) for value in numbers):
+            raise ValueError(f"window of {source} ending {window.end}: non-finite figure")
+        row = (str(source), start, end, _gpu_list(window.gpus), window.weighting, measured,
+               unattributed, int(self.simulated))
+        return row, shares
+
     def _wall(self, monotonic: float) -> float:
         return float(monotonic) + self.wall_offset
 
     def stats(self) -> StoreStats:
         with self._lock:
-            return StoreStats(len(self._pending), self._written, self._dropped,
-                              self._write_errors, self._pruned)
+            return StoreStats(len(self._pending) + len(self._pending_windows), self._written,
+                              self._dropped, self._write_errors, self._pruned)
 
     def close(self) -> None:
         """Commit every queued record, stop the writer and close the file. Idempotent."""
@@ -392,24 +520,28 @@ class RecordStore(RecordReader):
     def _flush(self, *, final: bool) -> None:
         with self._lock:
             batch, self._pending = self._pending, []
-        if not batch:
+            windows, self._pending_windows = self._pending_windows, []
+        if not batch and not windows:
             return
         try:
             with _transaction(self._writer):
                 _insert(self._writer, batch)
+                _insert_windows(self._writer, windows)
         except Exception as exc:  # the writer thread must outlive any one bad batch
             retry = isinstance(exc, sqlite3.OperationalError) and not final
             with self._lock:
                 self._write_errors += 1
                 if retry:
                     self._pending[:0] = batch
+                    self._pending_windows[:0] = windows
                 else:
-                    self._dropped += len(batch)
-            log.exception("writing %d request records to %s failed%s", len(batch), self.path,
+                    self._dropped += len(batch) + len(windows)
+            log.exception("writing %d request records and %d windows to %s failed%s",
+                          len(batch), len(windows), self.path,
                           "; will retry" if retry else "; they are lost")
             return
         with self._lock:
-            self._written += len(batch)
+            self._written += len(batch) + len(windows)
             self._dropping = False
 
     def _prune(self, retention_days: float) -> None:
@@ -419,6 +551,9 @@ class RecordStore(RecordReader):
                 deleted = self._writer.execute(
                     "DELETE FROM requests WHERE end_time < ?1"
                     " OR (end_time IS NULL AND start_time < ?1)", (cutoff,)
+                ).rowcount
+                deleted += self._writer.execute(  # their window_models rows cascade
+                    "DELETE FROM windows WHERE end_time < ?", (cutoff,)
                 ).rowcount
         except sqlite3.Error:
             log.exception("deleting records older than %g days from %s failed",
@@ -432,6 +567,10 @@ def _optional(convert: Callable[[Any], Any], value: Any) -> Any:
     return None if value is None else convert(value)
 
 
+def _gpu_list(gpus: Iterable[int]) -> str:
+    return ",".join(str(int(gpu)) for gpu in gpus)
+
+
 def _insert(connection: sqlite3.Connection, rows: list[Row]) -> None:
     """Upserts `rows`: full chunks many per statement (see ROWS_PER_STATEMENT), the rest
     one per row. Only two statement texts ever exist, so sqlite3's statement cache stays
@@ -443,6 +582,14 @@ def _insert(connection: sqlite3.Connection, rows: list[Row]) -> None:
     for first in range(0, whole, per_statement):
         connection.execute(many, [v for row in rows[first:first + per_statement] for v in row])
     connection.executemany(_UPSERT + _ROW_VALUES, rows[whole:])
+
+
+def _insert_windows(connection: sqlite3.Connection, windows: list[_WindowRows]) -> None:
+    """Inserts each window, then its models' rows under the id SQLite gave it. Windows are
+    few (one per scrape interval and source), so one statement per row costs nothing."""
+    for row, models in windows:
+        window_id = connection.execute(_INSERT_WINDOW, row).lastrowid
+        connection.executemany(_INSERT_WINDOW_MODEL, [(window_id, *model) for model in models])
 
 
 class _transaction:
@@ -464,8 +611,12 @@ class _transaction:
                 self._connection.execute("ROLLBACK")
 
 
+def _version(connection: sqlite3.Connection) -> int:
+    return int(connection.execute("PRAGMA user_version").fetchone()[0])
+
+
 def _check_version(connection: sqlite3.Connection, path: str) -> None:
-    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    version = _version(connection)
     if version > SCHEMA_VERSION:
         raise RecordStoreError(
             f"{path} has schema version {version}, written by a newer jouleprobe "
@@ -506,11 +657,14 @@ def _prepare(connection: sqlite3.Connection, path: str) -> None:
             f"put the store on a local filesystem"
         )
     connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute("PRAGMA foreign_keys=ON")  # pruning a window prunes its models' rows
     with _transaction(connection):
-        if connection.execute("PRAGMA user_version").fetchone()[0] == 0:
-            if connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-                raise RecordStoreError(f"{path} is not a jouleprobe record store")
-            for statement in _SCHEMA:
-                connection.execute(statement)
+        version = _version(connection)
+        if version == 0 and connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise RecordStoreError(f"{path} is not a jouleprobe record store")
+        if version < SCHEMA_VERSION:  # a new file, or one an older jouleprobe wrote
+            for step in _SCHEMA_STEPS[version:]:
+                for statement in step:
+                    connection.execute(statement)
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     _check_version(connection, path)

@@ -1,4 +1,5 @@
-"""Per-model energy report over stored request records (`jouleprobe report`, /api/v1/summary).
+"""Per-model energy report over the record store (`jouleprobe report`, /api/v1/summary):
+per-request records, and the windows of scraped servers.
 
 Every figure is computed one way, here, for every output (table, JSON, CSV, the summary
 endpoint):
@@ -24,15 +25,34 @@ endpoint):
   requests that reported both token counts (so a long request weighs by its size, as in
   fleet extrapolation E = J/token × tokens):
   `it_j_per_completion_token` = IT energy ÷ completion tokens (prefill energy included),
-  `it_j_per_token_all` = IT energy ÷ (prompt + completion tokens).
+  `it_j_per_token_all` = IT energy ÷ (prompt + completion tokens); and the same two at the
+  GPU boundary (`gpu_j_per_…`), to compare with scrape windows, which have no host energy.
+- **Scrape windows** (servers scraped for their own metrics, which count requests and
+  tokens per model but time no request): per (source, model), the windows' summed
+  requests, tokens and GPU energy (`gpu_dynamic`, `gpu_static`), and ratios of those sums:
+  `gpu_wh_per_query` = GPU energy ÷ requests, `gpu_j_per_completion_token` and
+  `gpu_j_per_token_all` as above (all: where both kinds are counted). They are means, with
+  no percentiles (a window holds no per-request values), at the GPU boundary only: host
+  and facility energy are not given to windows (`agent.intake.scrapers.window` says why).
+  A quantity the server does not count is None (shown "-", empty in CSV), never 0. Per
+  source, the unattributed share is the part of its windows' GPU energy that no model
+  received (windows in which its server did nothing). Windows are selected by their end,
+  as requests are; `--model` selects theirs too.
 - **Unattributed share** (only when the caller supplies node totals, e.g. from the
   `jouleprobe_gpu_energy_joules_total` and `jouleprobe_gpu_unattributed_energy_joules_total`
   counters over the same period): unattributed GPU energy ÷ GPU energy. It is a node figure,
   not a per-model one.
-- **Simulated GPUs**: a model is `simulated` when any of its records was measured on
-  simulated GPUs, and so is the report when any model is; every format says so (a first
-  line in the table, `simulated` in JSON and in each CSV row), so that a simulated figure
-  is never mistaken for a measurement.
+- **Simulated GPUs**: a model (or a source's windows) is `simulated` when any of its
+  records (windows) was measured on simulated GPUs, and so is the report when any is;
+  every format says so (a first line in the table, `simulated` in JSON and in each CSV
+  row), so that a simulated figure is never mistaken for a measurement.
+- **CSV** holds both levels in one table, one row per model (`level` = `request`, over
+  every intake source, `source` empty) or per (source, model) (`level` = `window`). A
+  column that does not apply to a level is empty. Window rows fill `source`, `windows`,
+  `requests`, the token counts, `gpu_wh_mean` (their Wh per query: a mean of per-request
+  values is also GPU energy ÷ requests), the two `gpu_j_per_…` ratios, `unattributed_share`
+  (their source's) and `simulated`; request rows fill all but `source` and `windows`. The
+  GPU-boundary columns are thus comparable across levels.
 
 Times are UTC. The functions are pure except `run_report`, which reads a store.
 """
@@ -44,8 +64,9 @@ import io
 import json
 import math
 import re
+import textwrap
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -73,7 +94,15 @@ PERCENTILE_METHOD = "linear interpolation between closest ranks (Hyndman-Fan typ
 TOKEN_DEFINITIONS: Mapping[str, str] = {
     "it_j_per_completion_token": "IT energy ÷ completion tokens (prefill energy included)",
     "it_j_per_token_all": "IT energy ÷ (prompt + completion tokens)",
+    "gpu_j_per_completion_token": "GPU energy ÷ completion tokens (prefill energy included)",
+    "gpu_j_per_token_all": "GPU energy ÷ (prompt + completion tokens)",
 }
+WINDOW_DEFINITION = (
+    "ratio-of-sums means over whole scrape windows, whose GPU energy on the source's GPUs is "
+    "shared among its models by tokens (by requests where the server counts no tokens): "
+    "no percentiles (a window has no per-request values), GPU boundary only (the host "
+    "serves every server of the node, and a window has no per-request timing to share it by)"
+)
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -123,6 +152,8 @@ class ModelReport:
     completion_tokens: int
     it_j_per_completion_token: float | None
     it_j_per_token_all: float | None
+    gpu_j_per_completion_token: float | None
+    gpu_j_per_token_all: float | None
     simulated: bool
     """Some of its records were measured on simulated GPUs."""
 
@@ -149,6 +180,71 @@ class NodeTotals:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelWindows:
+    """One model's scrape windows from one source over the period, summed
+    (`agent.records.RecordReader.window_totals`); None for a quantity the server does not
+    count."""
+
+    source: str
+    model: str
+    windows: int
+    """Windows in which the server listed the model (whether it did work in them or not)."""
+    requests: float | None
+    prompt_tokens: float | None
+    completion_tokens: float | None
+    gpu_dynamic_j: float
+    gpu_static_j: float
+    simulated: bool
+
+    @property
+    def gpu_j(self) -> float:
+        return self.gpu_dynamic_j + self.gpu_static_j
+
+    @property
+    def gpu_wh_per_query(self) -> float | None:
+        return self.gpu_j / JOULES_PER_WH / self.requests if self.requests else None
+
+    @property
+    def gpu_j_per_completion_token(self) -> float | None:
+        return self.gpu_j / self.completion_tokens if self.completion_tokens else None
+
+    @property
+    def gpu_j_per_token_all(self) -> float | None:
+        if self.prompt_tokens is None or self.completion_tokens is None:
+            return None
+        tokens = self.prompt_tokens + self.completion_tokens
+        return self.gpu_j / tokens if tokens else None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceWindows:
+    """One source's scrape windows over the period: all their GPU energy, and the part
+    that no model received."""
+
+    source: str
+    windows: int
+    measured_j: float
+    unattributed_j: float
+    simulated: bool
+
+    @property
+    def unattributed_share(self) -> float | None:
+        return self.unattributed_j / self.measured_j if self.measured_j > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class WindowTotals:
+    """The scrape windows of a report's period: per (source, model), and per source."""
+
+    models: tuple[ModelWindows, ...] = ()
+    sources: tuple[SourceWindows, ...] = ()
+
+    def by_source(self) -> Iterator[tuple[SourceWindows, list[ModelWindows]]]:
+        for source in self.sources:
+            yield source, [model for model in self.models if model.source == source.source]
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     generated: float
     """Wall-clock time (UTC epoch seconds) the report was computed."""
@@ -158,11 +254,14 @@ class Report:
     """The model the report was restricted to, if any."""
     models: tuple[ModelReport, ...]
     node_totals: NodeTotals | None = None
+    windows: WindowTotals = WindowTotals()
 
     @property
     def simulated(self) -> bool:
-        """Some of its records were measured on simulated GPUs."""
-        return any(model.simulated for model in self.models)
+        """Some of its records or windows were measured on simulated GPUs."""
+        return any(model.simulated for model in self.models) or any(
+            source.simulated for source in self.windows.sources
+        )
 
 
 @dataclass(slots=True)
@@ -172,6 +271,7 @@ class _ModelAccumulator:
     )
     statuses: Counter[str] = field(default_factory=Counter)
     token_requests: int = 0
+    token_gpu_j: list[float] = field(default_factory=list)
     token_it_j: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -188,12 +288,13 @@ class _ModelAccumulator:
         self.simulated = self.simulated or record.simulated
         if record.prompt_tokens is not None and record.completion_tokens is not None:
             self.token_requests += 1
+            self.token_gpu_j.append(gpu)
             self.token_it_j.append(it)
             self.prompt_tokens += record.prompt_tokens
             self.completion_tokens += record.completion_tokens
 
     def finish(self, model: str) -> ModelReport:
-        it_j = math.fsum(self.token_it_j)
+        gpu_j, it_j = math.fsum(self.token_gpu_j), math.fsum(self.token_it_j)
         all_tokens = self.prompt_tokens + self.completion_tokens
         return ModelReport(
             model=model,
@@ -210,6 +311,10 @@ class _ModelAccumulator:
                 it_j / self.completion_tokens if self.completion_tokens else None
             ),
             it_j_per_token_all=it_j / all_tokens if all_tokens else None,
+            gpu_j_per_completion_token=(
+                gpu_j / self.completion_tokens if self.completion_tokens else None
+            ),
+            gpu_j_per_token_all=gpu_j / all_tokens if all_tokens else None,
             simulated=self.simulated,
         )
 
@@ -221,8 +326,10 @@ def build_report(
     since: float | None = None,
     model: str | None = None,
     node_totals: NodeTotals | None = None,
+    windows: WindowTotals | None = None,
 ) -> Report:
-    """The report over `records` (already selected by `since` and `model`), models by name.
+    """The report over `records` and `windows` (both already selected by `since` and
+    `model`), models by name.
 
     Memory grows with the number of records (four floats each, for the percentiles).
     """
@@ -230,7 +337,7 @@ def build_report(
     for record in records:
         accumulators.setdefault(record.model, _ModelAccumulator()).add(record)
     models = tuple(accumulators[name].finish(name) for name in sorted(accumulators))
-    return Report(generated, since, model, models, node_totals)
+    return Report(generated, since, model, models, node_totals, windows or WindowTotals())
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhdw])")
@@ -287,8 +394,46 @@ def _model_json(model: ModelReport) -> dict[str, Any]:
         "completion_tokens": model.completion_tokens,
         "it_j_per_completion_token": model.it_j_per_completion_token,
         "it_j_per_token_all": model.it_j_per_token_all,
+        "gpu_j_per_completion_token": model.gpu_j_per_completion_token,
+        "gpu_j_per_token_all": model.gpu_j_per_token_all,
         "simulated": model.simulated,
     }
+
+
+def _window_ratios(model: ModelWindows) -> dict[str, Any]:
+    return {
+        "windows": model.windows,
+        "requests": model.requests,
+        "gpu_wh_per_query": model.gpu_wh_per_query,
+        "gpu_j_per_completion_token": model.gpu_j_per_completion_token,
+        "gpu_j_per_token_all": model.gpu_j_per_token_all,
+    }
+
+
+def _windows_json(windows: WindowTotals) -> list[dict[str, Any]]:
+    return [
+        {
+            "source": source.source,
+            "windows": source.windows,
+            "gpu_j": source.measured_j,
+            "unattributed_j": source.unattributed_j,
+            "unattributed_share": source.unattributed_share,
+            "simulated": source.simulated,
+            "models": [
+                {
+                    "model": model.model,
+                    **_window_ratios(model),
+                    "prompt_tokens": model.prompt_tokens,
+                    "completion_tokens": model.completion_tokens,
+                    "gpu_dynamic_j": model.gpu_dynamic_j,
+                    "gpu_static_j": model.gpu_static_j,
+                    "simulated": model.simulated,
+                }
+                for model in models
+            ],
+        }
+        for source, models in windows.by_source()
+    ]
 
 
 def _definitions() -> dict[str, Any]:
@@ -297,11 +442,13 @@ def _definitions() -> dict[str, Any]:
         "percentiles": PERCENTILE_METHOD,
         "tokens": dict(TOKEN_DEFINITIONS),
         "statuses_included": list(STATUSES),
+        "windows": WINDOW_DEFINITION,
     }
 
 
 def to_json(report: Report) -> dict[str, Any]:
-    """The whole report as JSON-ready data (energy in Wh per query, J per token)."""
+    """The whole report as JSON-ready data (energy in Wh per query, J per token; the
+    windows' energy sums in J)."""
     totals = report.node_totals
     return {
         "generated": _iso(report.generated),
@@ -312,12 +459,14 @@ def to_json(report: Report) -> dict[str, Any]:
         "unattributed_share": totals.unattributed_share if totals else None,
         "node_gpu_j": totals.gpu_j if totals else None,
         "models": [_model_json(model) for model in report.models],
+        "windows": _windows_json(report.windows),
     }
 
 
 def summary(report: Report, window_s: float) -> dict[str, Any]:
     """The compact per-model figures of GET /api/v1/summary: count, mean Wh per query at
-    each boundary, J per token; and whether any came from simulated GPUs."""
+    each boundary, J per token; the scrape windows' figures per source and model; and
+    whether any came from simulated GPUs."""
     return {
         "window_s": window_s,
         "since": _iso(report.since) if report.since is not None else None,
@@ -333,42 +482,71 @@ def summary(report: Report, window_s: float) -> dict[str, Any]:
             }
             for model in report.models
         },
+        "windows": {
+            source.source: {
+                "windows": source.windows,
+                "unattributed_share": source.unattributed_share,
+                "models": {model.model: _window_ratios(model) for model in models},
+            }
+            for source, models in report.windows.by_source()
+        },
     }
 
 
-def _csv_header() -> list[str]:
-    header = ["model", "requests", *(f"requests_{status}" for status in STATUSES)]
-    for boundary in BOUNDARIES:
-        header += [f"{boundary}_wh_{stat}" for stat in ("mean", "median", "p90", "p99")]
-    return [
-        *header, "requests_with_tokens", "prompt_tokens", "completion_tokens",
-        "it_j_per_completion_token", "it_j_per_token_all", "unattributed_share", "simulated",
-    ]
+_STATS = ("mean", "median", "p90", "p99")
+_CSV_HEADER = [
+    "level", "source", "model", "windows", "requests",
+    *(f"requests_{status}" for status in STATUSES),
+    *(f"{boundary}_wh_{stat}" for boundary in BOUNDARIES for stat in _STATS),
+    "requests_with_tokens", "prompt_tokens", "completion_tokens",
+    "it_j_per_completion_token", "it_j_per_token_all",
+    "gpu_j_per_completion_token", "gpu_j_per_token_all", "unattributed_share", "simulated",
+]
 
 
 def _render_csv(report: Report) -> str:
-    """One row per model; `unattributed_share` is the node's, repeated, empty when unknown;
-    `simulated` is the model's, true or false."""
+    """One row per model, then one per (source, model) of the windows (module docstring:
+    CSV); empty cells where a figure does not apply or is unknown."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(_csv_header())
+    writer = csv.DictWriter(out, _CSV_HEADER, restval="", lineterminator="\n")
+    writer.writeheader()
     share = report.node_totals.unattributed_share if report.node_totals else None
     for model in report.models:
-        row: list[object] = [
-            model.model, model.requests, *(model.by_status[status] for status in STATUSES)
-        ]
+        row: dict[str, object] = {
+            "level": "request", "model": model.model, "requests": model.requests,
+            **{f"requests_{status}": model.by_status[status] for status in STATUSES},
+            "requests_with_tokens": model.requests_with_tokens,
+            "prompt_tokens": model.prompt_tokens, "completion_tokens": model.completion_tokens,
+            "it_j_per_completion_token": _csv_number(model.it_j_per_completion_token),
+            "it_j_per_token_all": _csv_number(model.it_j_per_token_all),
+            "gpu_j_per_completion_token": _csv_number(model.gpu_j_per_completion_token),
+            "gpu_j_per_token_all": _csv_number(model.gpu_j_per_token_all),
+            "unattributed_share": _csv_number(share), "simulated": _csv_bool(model.simulated),
+        }
         for boundary in BOUNDARIES:
             dist = model.wh_per_query[boundary]
-            row += [repr(dist.mean), repr(dist.median), repr(dist.p90), repr(dist.p99)]
-        row += [
-            model.requests_with_tokens, model.prompt_tokens, model.completion_tokens,
-            *(_csv_number(value) for value in (
-                model.it_j_per_completion_token, model.it_j_per_token_all, share,
-            )),
-            "true" if model.simulated else "false",
-        ]
+            for stat, value in zip(_STATS, (dist.mean, dist.median, dist.p90, dist.p99),
+                                   strict=True):
+                row[f"{boundary}_wh_{stat}"] = repr(value)
         writer.writerow(row)
+    for source, models in report.windows.by_source():
+        for window in models:
+            writer.writerow({
+                "level": "window", "source": window.source, "model": window.model,
+                "windows": window.windows, "requests": _csv_number(window.requests),
+                "prompt_tokens": _csv_number(window.prompt_tokens),
+                "completion_tokens": _csv_number(window.completion_tokens),
+                "gpu_wh_mean": _csv_number(window.gpu_wh_per_query),
+                "gpu_j_per_completion_token": _csv_number(window.gpu_j_per_completion_token),
+                "gpu_j_per_token_all": _csv_number(window.gpu_j_per_token_all),
+                "unattributed_share": _csv_number(source.unattributed_share),
+                "simulated": _csv_bool(window.simulated),
+            })
     return out.getvalue()
+
+
+def _csv_bool(value: bool) -> str:
+    return "true" if value else "false"
 
 
 def _csv_number(value: float | None) -> str:
@@ -399,21 +577,29 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> 
 def _period(report: Report) -> str:
     scope = f"model {report.model}, " if report.model else ""
     if report.since is None:
-        return f"{scope}all stored requests (report at {_iso(report.generated)})"
-    return f"{scope}requests that ended {_iso(report.since)} … {_iso(report.generated)}"
+        return f"{scope}all stored requests and windows (report at {_iso(report.generated)})"
+    return (f"{scope}requests and windows that ended {_iso(report.since)} … "
+            f"{_iso(report.generated)}")
 
 
 def _render_table(report: Report) -> str:
     lines = [SIMULATED_LINE] if report.simulated else []
     lines += [f"jouleprobe report: {_period(report)}", ""]
-    if not report.models:
+    if report.models:
+        lines += _request_section(report)
+    else:
         lines.append("no requests in the record store for this period")
-        return "\n".join(lines) + "\n"
+    if report.windows.models:
+        lines += ["", *_window_section(report.windows)]
+    return "\n".join(lines) + "\n"
+
+
+def _request_section(report: Report) -> list[str]:
     per_token = _formatter(
         value for m in report.models
         for value in (m.it_j_per_completion_token, m.it_j_per_token_all)
     )
-    lines.append("Requests, and energy per token at the IT boundary")
+    lines = ["Requests, and energy per token at the IT boundary"]
     lines += _table(
         ["model", "requests", *STATUSES, "with tokens", "prompt tokens", "completion tokens",
          "J/completion token", "J/token (all)"],
@@ -454,11 +640,60 @@ def _render_table(report: Report) -> str:
             f"Unattributed GPU energy (node): {totals.unattributed_share:.1%} of "
             f"{totals.gpu_j / JOULES_PER_WH:.4g} Wh."
         )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _window_section(windows: WindowTotals) -> list[str]:
+    models = windows.models
+    energy = _formatter(j / JOULES_PER_WH for m in models for j in (m.gpu_dynamic_j,
+                                                                    m.gpu_static_j))
+    per_query = _formatter(m.gpu_wh_per_query for m in models)
+    per_token = _formatter(
+        value for m in models for value in (m.gpu_j_per_completion_token, m.gpu_j_per_token_all)
+    )
+    lines = ["Scraped windows (window-level, GPU boundary)"]
+    lines += _table(
+        ["source", "model", "windows", "requests", "prompt tokens", "completion tokens",
+         "dynamic Wh", "static Wh", "Wh/query", "J/completion token", "J/token (all)"],
+        [
+            [m.source, m.model, str(m.windows), *(_count(value) for value in (
+                m.requests, m.prompt_tokens, m.completion_tokens)),
+             energy(m.gpu_dynamic_j / JOULES_PER_WH), energy(m.gpu_static_j / JOULES_PER_WH),
+             per_query(m.gpu_wh_per_query), per_token(m.gpu_j_per_completion_token),
+             per_token(m.gpu_j_per_token_all)]
+            for m in models
+        ],
+        left=2,
+    )
+    lines.append("")
+    for source in windows.sources:
+        share = source.unattributed_share
+        lines.append(
+            f"{source.source}: {source.windows} window(s), "
+            f"{source.measured_j / JOULES_PER_WH:.4g} Wh of GPU energy"
+            + (f", {share:.1%} of it unattributed (windows in which the server did nothing)."
+               if share is not None else ".")
+        )
+    lines += [
+        *textwrap.wrap(f"Window figures are {WINDOW_DEFINITION}.", width=90),
+        "Wh/query = GPU energy ÷ requests,",
+        "J/completion token = " + TOKEN_DEFINITIONS["gpu_j_per_completion_token"] + ",",
+        "J/token (all) = " + TOKEN_DEFINITIONS["gpu_j_per_token_all"] + ";",
+        "dynamic and static Wh: the windows' GPU energy; \"-\": the server does not count it.",
+    ]
+    return lines
+
+
+def _count(value: float | None) -> str:
+    """A count from a server's counters: a whole number as such, "-" where not counted."""
+    if value is None:
+        return "-"
+    return str(int(value)) if value.is_integer() else f"{value:.1f}"
 
 
 def render(report: Report, fmt: str) -> str:
-    """The report as `table` (fixed-width text), `json` or `csv` (one row per model)."""
+    """The report as `table` (fixed-width text), `json` or `csv` (one row per model, and
+    per scraped source and model)."""
     if fmt == "table":
         return _render_table(report)
     if fmt == "json":
@@ -492,6 +727,7 @@ def run_report(
         report = build_report(
             reader.query(since=since_s, model=model),
             generated=now, since=since_s, model=model, node_totals=node_totals,
+            windows=reader.window_totals(since=since_s, model=model),
         )
     except RecordStoreError as exc:
         raise ValueError(f"--store: {exc}") from None

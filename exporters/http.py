@@ -1,5 +1,5 @@
 """The agent's HTTP listener: `/metrics` for Prometheus, `/healthz` for probes, and the
-per-request records (`/api/v1/requests/{id}`, `/api/v1/summary`).
+record store (`/api/v1/requests/{id}`; `/api/v1/summary`, per-request and window figures).
 
 Other parts of the agent add their routes (`/api/v1/...`) to the Application that
 `metrics_app` returns, so that the node has one port to open and to scrape.

@@ -13,6 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from scripted import agent_env, free_port, http_get, stop_process, wait_for
 
+from agent.cli import main
+from agent.records import RecordReader
+from agent.report import SIMULATED_LINE
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -47,10 +51,13 @@ def vllm_metrics() -> Iterator[str]:
         server.server_close()
 
 
-def test_a_configured_scraper_exports_window_figures(tmp_path: Path, vllm_metrics: str) -> None:
+def test_a_configured_scraper_exports_and_records_window_figures(
+    tmp_path: Path, vllm_metrics: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "records.db"
     config = tmp_path / "jouleprobe.toml"
     config.write_text(
-        f'[records]\npath = "{tmp_path / "records.db"}"\n'
+        f'[records]\npath = "{store}"\n'
         '[ingest]\nlisten = "127.0.0.1:0"\n'
         f'[[scrape]]\nkind = "vllm"\nurl = "{vllm_metrics}"\ngpus = [0]\ninterval = 0.5\n'
     )
@@ -63,20 +70,37 @@ def test_a_configured_scraper_exports_window_figures(tmp_path: Path, vllm_metric
             cwd=ROOT, env=agent_env(), stdout=out, stderr=subprocess.STDOUT,
         )
     try:
-        def window_requests() -> float:
+        def exported(name: str) -> dict[str, float]:
+            """The model's samples of `name`, by component (or "" without one)."""
             text = http_get(f"http://{address}/metrics")[1].decode()
-            return sum(
-                sample.value for family in text_string_to_metric_families(text)
+            return {
+                sample.labels.get("component", ""): sample.value
+                for family in text_string_to_metric_families(text)
                 for sample in family.samples
-                if sample.name == "jouleprobe_window_requests_total"
-                and sample.labels.get("model") == MODEL
-            )
+                if sample.name == name and sample.labels.get("model") == MODEL
+            }
+
+        def window_requests() -> float:
+            return sum(exported("jouleprobe_window_requests_total").values())
 
         wait_for("window figures", lambda: window_requests() > 0, proc, log, timeout_s=30)
         assert window_requests() == 20.0  # 120 - 100 requests between the two fixtures
+        # Only the first window saw requests: every later one gives the model 0 J, so
+        # these totals are final although the agent goes on scraping until it stops.
+        energy = exported("jouleprobe_window_energy_joules_total")
     finally:
         stop_process(proc)
     assert proc.returncode == 0, log.read_text()[-4000:]
+
+    (stored,) = RecordReader(store).window_totals(model=MODEL).models
+    assert stored.requests == 20.0 and stored.gpu_j > 0
+    assert stored.gpu_dynamic_j == pytest.approx(energy["gpu_dynamic"], rel=1e-9)
+    assert stored.gpu_static_j == pytest.approx(energy["gpu_static"], rel=1e-9)
+    assert main(["report", "--store", str(store)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == SIMULATED_LINE
+    row = next(line.split() for line in table if line.startswith("scrape:vllm"))
+    assert row[:6] == ["scrape:vllm", MODEL, str(stored.windows), "20", "2000", "8000"]
 
 
 def test_auto_gpus_on_simulated_gpus_stop_the_agent_with_a_reason(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The record store: a real SQLite file, its writer thread, retention and crash safety."""
+"""The record store: a real SQLite file, its writer thread, retention and crash safety; the
+scrape windows beside the requests, and the migration of a version-1 file."""
 
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ from pathlib import Path
 import pytest
 
 from agent import records
+from agent.intake.scrapers import GpuWindowEnergy, Usage, WindowFigures, split_window
 from agent.records import RecordReader, RecordStore, RecordStoreError, StoredRequest
+from agent.report import ModelWindows, SourceWindows, WindowTotals
 from agent.requests import Request, RequestEnergy
 
 OFFSET = 1_750_000_000.0
 """Wall-clock offset used throughout: monotonic time t is UTC epoch OFFSET + t."""
 REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def energy(
@@ -349,6 +353,10 @@ def test_summary_covers_only_its_window(open_store: Callable[..., RecordStore]) 
         energy("in", model="a", start=900.0, end=950.0, dynamic=7200.0, static=0.0, host=0.0,
                facility=720.0, prompt=10, completion=90),
     ])
+    store.submit_windows("scrape:vllm", [  # 3000 J each; the first ends before the window
+        window(190.0, models={"w": Usage(1, 1, 1)}),
+        window(950.0, models={"w": Usage(5, 100, 500)}),
+    ])
     store.close()
     summary = store.summary(window_s=300.0)
     assert summary["window_s"] == 300.0
@@ -358,5 +366,160 @@ def test_summary_covers_only_its_window(open_store: Callable[..., RecordStore]) 
         "it_j_per_completion_token": 80.0,
         "it_j_per_token_all": 72.0,
     }}
+    assert summary["windows"] == {"scrape:vllm": {
+        "windows": 1,
+        "unattributed_share": 0.0,
+        "models": {"w": {
+            "windows": 1, "requests": 5.0, "gpu_wh_per_query": 3000.0 / 3600 / 5,
+            "gpu_j_per_completion_token": 6.0, "gpu_j_per_token_all": 5.0,
+        }},
+    }}
     with pytest.raises(ValueError, match="window_s"):
         store.summary(window_s=0)
+
+
+# --- scrape windows ------------------------------------------------------------------------
+
+
+def window(start: float, *, models: dict[str, Usage] | None = None, gpus: tuple[int, ...] = (0,),
+           watts: float = 300.0, idle_w: float = 100.0) -> WindowFigures:
+    """A 10 s window from `start` at `watts` on each of `gpus`, split by `split_window`."""
+    energy = {gpu: GpuWindowEnergy(idle_w * 10, (watts - idle_w) * 10, 10.0) for gpu in gpus}
+    return split_window(models or {}, energy, start, start + 10.0)
+
+
+def test_windows_round_trip_with_uncounted_quantities_apart_from_zero(
+    path: Path, open_store: Callable[..., RecordStore]
+) -> None:
+    store = open_store()
+    store.submit_windows("scrape:vllm", [
+        window(100.0, models={"a": Usage(4, 100, 300), "b": Usage(0, 0, 100)}, gpus=(0, 1)),
+        window(110.0, models={"a": Usage(0, 0, 0), "b": Usage(1, 0, 0)}, gpus=(0, 1)),
+    ])
+    store.submit_windows("scrape:triton", [window(100.0, models={"r": Usage(requests=7)})])
+    store.close()
+
+    with closing(sqlite3.connect(path)) as connection:
+        assert connection.execute(
+            "SELECT source, start_time, end_time, gpus, weighting, measured_j, unattributed_j, "
+            "simulated FROM windows ORDER BY id").fetchall() == [
+            ("scrape:vllm", OFFSET + 100.0, OFFSET + 110.0, "0,1", "tokens", 6000.0, 0.0, 0),
+            ("scrape:vllm", OFFSET + 110.0, OFFSET + 120.0, "0,1", "requests", 6000.0, 0.0, 0),
+            ("scrape:triton", OFFSET + 100.0, OFFSET + 110.0, "0", "requests", 3000.0, 0.0, 0),
+        ]
+        assert connection.execute(
+            "SELECT model, requests, prompt_tokens, completion_tokens FROM window_models "
+            "WHERE window_id = 3").fetchall() == [("r", 7.0, None, None)]
+
+    totals = RecordReader(path).window_totals()
+    # GPU energy 6000 J per vllm window (2000 static): by tokens 400 : 100 in the first,
+    # by requests 0 : 1 in the second.
+    assert totals.models == (
+        ModelWindows("scrape:triton", "r", 1, 7.0, None, None, 2000.0, 1000.0, simulated=False),
+        ModelWindows("scrape:vllm", "a", 2, 4.0, 100.0, 300.0, 3200.0, 1600.0,
+                     simulated=False),
+        ModelWindows("scrape:vllm", "b", 2, 1.0, 0.0, 100.0, 800.0 + 4000.0, 400.0 + 2000.0,
+                     simulated=False),
+    )
+    assert totals.sources == (
+        SourceWindows("scrape:triton", 1, 3000.0, 0.0, simulated=False),
+        SourceWindows("scrape:vllm", 2, 12000.0, 0.0, simulated=False),
+    )
+
+
+def test_window_totals_select_by_end_and_model(
+    path: Path, open_store: Callable[..., RecordStore]
+) -> None:
+    store = open_store(simulated=True)
+    store.submit_windows("scrape:vllm", [
+        window(100.0, models={"a": Usage(1, 1, 1)}),
+        window(200.0, models={"a": Usage(2, 2, 2), "b": Usage(3, 3, 3)}),
+        window(300.0, models={"a": Usage(0, 0, 0)}),  # nothing done: all unattributed
+    ])
+    store.submit_windows("scrape:tgi", [window(200.0, models={"c": Usage(1, 1, 1)})])
+    store.close()
+    reader = RecordReader(path)
+
+    since = reader.window_totals(since=OFFSET + 210.0)  # windows ending at 210 and later
+    assert [(m.source, m.model, m.windows, m.requests) for m in since.models] == [
+        ("scrape:tgi", "c", 1, 1.0), ("scrape:vllm", "a", 2, 2.0), ("scrape:vllm", "b", 1, 3.0),
+    ]
+    vllm = since.sources[1]
+    assert (vllm.windows, vllm.measured_j, vllm.unattributed_j) == (2, 6000.0, 3000.0)
+    assert vllm.unattributed_share == 0.5 and vllm.simulated
+    only_b = reader.window_totals(model="b")
+    assert [(m.source, m.model) for m in only_b.models] == [("scrape:vllm", "b")]
+    assert [(s.source, s.windows) for s in only_b.sources] == [("scrape:vllm", 3)], \
+        "a source's figures cover all its windows"
+    assert reader.window_totals(model="nobody") == WindowTotals()
+
+
+def test_a_version_1_file_is_read_without_windows_and_migrated_by_the_writer(
+    path: Path, open_store: Callable[..., RecordStore]
+) -> None:
+    with closing(sqlite3.connect(path)) as connection:
+        connection.executescript((FIXTURES / "records_v1.sql").read_text())
+    reader = RecordReader(path)
+    assert [r.id for r in reader.query()] == ["v1-request"]
+    assert reader.window_totals() == WindowTotals()
+
+    store = open_store()
+    store.submit_windows("scrape:vllm", [window(100.0, models={"a": Usage(1, 1, 1)})])
+    store.close()
+    with closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert [r.id for r in reader.query()] == ["v1-request"]
+    assert [m.model for m in reader.window_totals().models] == ["a"]
+
+
+def test_retention_removes_old_windows_with_their_models(
+    path: Path, open_store: Callable[..., RecordStore]
+) -> None:
+    day = 86400.0
+    writer = open_store()
+    writer.submit_windows("scrape:vllm", [
+        window(7 * day, models={"a": Usage(1, 1, 1), "b": Usage(1, 1, 1)}),
+        window(10 * day - 60, models={"a": Usage(1, 1, 1)}),
+    ])
+    writer.close()
+    pruner = open_store(retention_days=2, clock=lambda: OFFSET + 10 * day)
+    pruner.close()
+    assert pruner.stats().pruned_total == 1
+    with closing(sqlite3.connect(path)) as connection:
+        assert connection.execute("SELECT count(*) FROM windows").fetchone()[0] == 1
+        assert connection.execute("SELECT model FROM window_models").fetchall() == [("a",)]
+
+
+def test_windows_wait_for_the_flush_and_close_commits_them(
+    path: Path, open_store: Callable[..., RecordStore]
+) -> None:
+    store = open_store()  # the timed flush is an hour away
+    store.submit([energy("r")])
+    store.submit_windows("scrape:vllm", [window(100.0, models={"a": Usage(1, 1, 1)})])
+    assert store.stats().pending == 2
+    assert store.window_totals() == WindowTotals()
+    store.close()
+    assert store.stats().written_total == 2
+    assert [m.model for m in RecordReader(path).window_totals().models] == ["a"]
+
+
+def test_a_full_queue_refuses_windows_and_counts_them(
+    path: Path, open_store: Callable[..., RecordStore]
+) -> None:
+    store = open_store(max_pending=3)
+    store.submit([energy("a"), energy("b")])
+    store.submit_windows("scrape:vllm", [window(100.0), window(110.0)])
+    stats = store.stats()
+    assert (stats.pending, stats.dropped_total) == (3, 1)
+    store.close()
+    assert RecordReader(path).window_totals().sources[0].windows == 1, "oldest kept"
+    with pytest.raises(RuntimeError, match="closed"):
+        store.submit_windows("scrape:vllm", [window(120.0)])
+
+
+def test_windows_that_could_never_be_stored_are_refused_at_submit(
+    open_store: Callable[..., RecordStore]
+) -> None:
+    bad = window(100.0, models={"a": Usage(requests=math.inf)})
+    with pytest.raises(ValueError, match="non-finite"):
+        open_store().submit_windows("scrape:vllm", [bad])

@@ -1,4 +1,5 @@
-"""The per-model report: statistics against hand-computed values, formats, --since, run_report."""
+"""The per-model report: statistics against hand-computed values, formats, --since, run_report;
+and the scrape windows' figures beside the requests'."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from agent.intake.scrapers import GpuWindowEnergy, Usage, split_window
 from agent.records import RecordStore, StoredRequest
 from agent.report import (
     BOUNDARIES,
     SIMULATED_LINE,
+    ModelWindows,
     NodeTotals,
     Report,
+    SourceWindows,
+    WindowTotals,
     build_report,
     parse_since,
     percentile,
@@ -267,3 +272,145 @@ def test_run_report_errors_name_the_argument(tmp_path: Path, store_path: Path) -
         run_report(str(store_path), None, "yaml", None)
     with pytest.raises(ValueError, match=r"^--since:"):
         run_report(str(store_path), "yesterday", "table", None)
+
+
+# --- scrape windows ------------------------------------------------------------------------
+
+# Sums chosen so that ratios are round: "llama" 7200 J over 4 requests and 300 tokens
+# (100 prompt); "resnet" counts requests only; "idle" did nothing at all. The vllm
+# source measured 9000 J, of which 1800 J fell in windows in which nothing happened.
+WINDOWS = WindowTotals(
+    models=(
+        ModelWindows("scrape:triton", "resnet", 2, 10.0, None, None, 300.0, 60.0,
+                     simulated=False),
+        ModelWindows("scrape:vllm", "idle", 3, 0.0, 0.0, 0.0, 0.0, 0.0, simulated=False),
+        ModelWindows("scrape:vllm", "llama", 3, 4.0, 100.0, 200.0, 5400.0, 1800.0,
+                     simulated=False),
+    ),
+    sources=(
+        SourceWindows("scrape:triton", 2, 360.0, 0.0, simulated=False),
+        SourceWindows("scrape:vllm", 3, 9000.0, 1800.0, simulated=False),
+    ),
+)
+
+
+def windowed(**kwargs: object) -> Report:
+    return build_report(RECORDS, generated=NOW, windows=WINDOWS, **kwargs)  # type: ignore[arg-type]
+
+
+def test_window_figures_are_ratios_of_sums_at_the_gpu_boundary() -> None:
+    resnet, idle, llama = WINDOWS.models
+    assert llama.gpu_j == 7200.0
+    assert llama.gpu_wh_per_query == 0.5  # 7200 J ÷ 4 requests ÷ 3600
+    assert llama.gpu_j_per_completion_token == 36.0  # 7200 ÷ 200
+    assert llama.gpu_j_per_token_all == 24.0  # 7200 ÷ 300
+    assert resnet.gpu_wh_per_query == pytest.approx(360 / 10 / 3600)
+    assert resnet.gpu_j_per_completion_token is None and resnet.gpu_j_per_token_all is None
+    assert (idle.gpu_wh_per_query, idle.gpu_j_per_token_all) == (None, None)
+    assert [s.unattributed_share for s in WINDOWS.sources] == [0.0, 0.2]
+    assert SourceWindows("x", 1, 0.0, 0.0, simulated=False).unattributed_share is None
+    # Per-request records gain the same GPU-boundary ratios, for comparison: model "a"'s
+    # requests with tokens (r1, r3) hold 5400 + 3600 J of GPU energy.
+    a = windowed().models[0]
+    assert a.gpu_j_per_completion_token == pytest.approx(9000 / 200)
+    assert a.gpu_j_per_token_all == pytest.approx(9000 / 310)
+
+
+def test_windows_in_json_and_summary() -> None:
+    data = json.loads(render(windowed(), "json"))
+    assert [s["source"] for s in data["windows"]] == ["scrape:triton", "scrape:vllm"]
+    vllm = data["windows"][1]
+    assert (vllm["windows"], vllm["gpu_j"], vllm["unattributed_share"]) == (3, 9000.0, 0.2)
+    assert [m["model"] for m in vllm["models"]] == ["idle", "llama"]
+    assert vllm["models"][1] == {
+        "model": "llama", "windows": 3, "requests": 4.0, "gpu_wh_per_query": 0.5,
+        "gpu_j_per_completion_token": 36.0, "gpu_j_per_token_all": 24.0,
+        "prompt_tokens": 100.0, "completion_tokens": 200.0,
+        "gpu_dynamic_j": 5400.0, "gpu_static_j": 1800.0, "simulated": False,
+    }
+    assert data["windows"][0]["models"][0]["prompt_tokens"] is None, "not counted: null"
+    assert "no percentiles" in data["definitions"]["windows"]
+    assert data["models"][0]["gpu_j_per_completion_token"] == pytest.approx(45.0)
+    compact = summary(windowed(), 3600.0)["windows"]
+    assert compact["scrape:vllm"]["unattributed_share"] == 0.2
+    assert compact["scrape:vllm"]["models"]["llama"]["gpu_wh_per_query"] == 0.5
+    assert json.loads(render(report(), "json"))["windows"] == []
+    assert summary(report(), 3600.0)["windows"] == {}
+
+
+def test_windows_in_csv_beside_the_requests_at_the_same_boundary() -> None:
+    rows = list(csv.DictReader(io.StringIO(render(windowed(), "csv"))))
+    assert [(r["level"], r["source"], r["model"]) for r in rows] == [
+        ("request", "", "a"), ("request", "", "b"), ("window", "scrape:triton", "resnet"),
+        ("window", "scrape:vllm", "idle"), ("window", "scrape:vllm", "llama"),
+    ]
+    a, llama, resnet = rows[0], rows[4], rows[2]
+    assert float(a["gpu_j_per_completion_token"]) == pytest.approx(45.0)
+    assert a["windows"] == "" and a["gpu_wh_mean"] != ""
+    assert (llama["windows"], float(llama["requests"]), float(llama["gpu_wh_mean"])) == (
+        "3", 4.0, 0.5)
+    assert (float(llama["gpu_j_per_completion_token"]), float(llama["gpu_j_per_token_all"])
+            ) == (36.0, 24.0)
+    assert float(llama["unattributed_share"]) == 0.2, "the source's share"
+    assert llama["simulated"] == "false"
+    not_for_windows = ("requests_ok", "gpu_wh_p99", "it_wh_mean", "facility_wh_mean",
+                       "it_j_per_token_all", "requests_with_tokens")
+    assert all(llama[column] == "" for column in not_for_windows)
+    assert resnet["prompt_tokens"] == "" and float(resnet["requests"]) == 10.0
+
+
+def test_windows_in_the_table_with_what_they_are_not() -> None:
+    text = render(windowed(), "table")
+    section = text[text.index("Scraped windows (window-level, GPU boundary)"):]
+    lines = section.splitlines()
+    assert lines[1].split()[:4] == ["source", "model", "windows", "requests"]
+    assert lines[2].split() == ["scrape:triton", "resnet", "2", "10", "-", "-", "0.08333",
+                                "0.01667", "0.01000", "-", "-"]
+    assert lines[4].split() == ["scrape:vllm", "llama", "3", "4", "100", "200", "1.50000",
+                                "0.50000", "0.50000", "36.00", "24.00"]
+    assert len({len(line) for line in lines[1:5]}) == 1, "right-aligned numbers line up"
+    assert "scrape:vllm: 3 window(s), 2.5 Wh of GPU energy, 20.0% of it unattributed" in section
+    assert "no percentiles" in section and "GPU boundary only" in section
+    assert "Scraped windows" not in render(report(), "table")
+    no_requests = render(build_report([], generated=NOW, windows=WINDOWS), "table")
+    assert "no requests" in no_requests and "scrape:vllm" in no_requests
+
+
+def test_simulated_windows_are_labelled_in_every_format() -> None:
+    simulated = WindowTotals(
+        models=(ModelWindows("scrape:vllm", "llama", 1, 1.0, 1.0, 1.0, 1.0, 1.0,
+                             simulated=True),),
+        sources=(SourceWindows("scrape:vllm", 1, 2.0, 0.0, simulated=True),),
+    )
+    built = build_report(RECORDS, generated=NOW, windows=simulated)
+    assert built.simulated
+    assert render(built, "table").splitlines()[0] == SIMULATED_LINE
+    data = json.loads(render(built, "json"))
+    assert data["simulated"] is True and data["windows"][0]["simulated"] is True
+    assert data["windows"][0]["models"][0]["simulated"] is True
+    rows = list(csv.DictReader(io.StringIO(render(built, "csv"))))
+    assert [row["simulated"] for row in rows] == ["false", "false", "true"]
+    assert summary(built, 3600.0)["simulated"] is True
+
+
+def test_run_report_shows_the_stored_windows_and_selects_them_by_model(
+    tmp_path: Path
+) -> None:
+    path = tmp_path / "records.db"
+    now = time.monotonic()
+    energy = {0: GpuWindowEnergy(1000.0, 2600.0, 10.0)}
+    store = RecordStore(path, pue=1.2, simulated=False, flush_interval_s=3600.0)
+    store.submit_windows("scrape:vllm", [
+        split_window({"llama": Usage(4, 0, 100), "qwen": Usage(1, 0, 100)}, energy,
+                     now - 7200, now - 7190),
+        split_window({"llama": Usage(2, 0, 50)}, energy, now - 20, now - 10),
+    ])
+    store.close()
+    table = run_report(str(path), None, "table", None)
+    assert "Scraped windows" in table and "qwen" in table
+    last_hour = json.loads(run_report(str(path), "1h", "json", None))["windows"]
+    assert [(m["model"], m["requests"]) for m in last_hour[0]["models"]] == [("llama", 2.0)]
+    only_qwen = list(csv.DictReader(io.StringIO(run_report(str(path), None, "csv", "qwen"))))
+    assert [(row["level"], row["model"], row["windows"]) for row in only_qwen] == [
+        ("window", "qwen", "1")]
+    assert float(only_qwen[0]["gpu_j_per_completion_token"]) == 18.0  # 3600 J ÷ 2 ÷ 100

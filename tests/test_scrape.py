@@ -9,7 +9,7 @@ import asyncio
 import logging
 import socket
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from agent.intake.scrapers import (
     CounterDeltas,
     GpuWindowEnergy,
     Usage,
+    WindowFigures,
     WindowScraper,
     gpu_window_energy,
     read_counts,
@@ -140,8 +141,6 @@ def test_split_by_weighted_tokens() -> None:
     assert figures.weighting == "tokens" and figures.gpus == (0, 1)
     assert (a.gpu_dynamic_j, a.gpu_static_j) == pytest.approx((400.0, 100.0))
     assert (b.gpu_dynamic_j, b.gpu_static_j) == pytest.approx((400.0, 100.0))
-    assert a.wh_per_query == pytest.approx(500.0 / 3600 / 4)
-    assert b.j_per_token == pytest.approx(500.0 / 600)
     assert figures.measured_j == pytest.approx(1000.0) and figures.unattributed_j == 0.0
     # Weight 1 (the default): a = 400, b = 600 tokens.
     plain = split_window(usage, energy, 10.0, 20.0)
@@ -153,7 +152,6 @@ def test_split_by_requests_without_tokens_and_idle_windows() -> None:
     figures = split_window({"x": Usage(requests=1), "y": Usage(requests=2)}, energy, 0, 1)
     assert figures.weighting == "requests"
     assert figures.models["y"].gpu_j == pytest.approx(80.0)
-    assert figures.models["y"].j_per_token is None
     idle = split_window({"x": Usage(requests=0, prompt_tokens=0)}, energy, 0, 1)
     assert idle.weighting == "none" and idle.unattributed_j == pytest.approx(120.0)
     assert idle.models["x"].gpu_j == 0.0
@@ -211,21 +209,31 @@ def samples(metrics: WindowMetrics) -> dict[tuple[str, tuple[tuple[str, str], ..
     return out
 
 
+class Sink:
+    """A `WindowSink` that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.submitted: list[tuple[str, list[WindowFigures]]] = []
+
+    def submit_windows(self, source: str, figures: Sequence[WindowFigures]) -> None:
+        self.submitted.append((source, list(figures)))
+
+
 def test_two_scrapes_of_a_real_server_give_one_window() -> None:
-    metrics, clock = WindowMetrics(), Clock(10.0)
+    metrics, clock, sink = WindowMetrics(), Clock(10.0), Sink()
 
     async def test(url: str) -> None:
-        vllm = scraper(url, "vllm", clock, metrics)
+        vllm = scraper(url, "vllm", clock, metrics, store=sink)
         assert await vllm.scrape_once() == []  # the baseline
+        assert sink.submitted == [], "nothing settled, nothing stored"
         clock.now = 20.0
         (figures,) = await vllm.scrape_once()  # the timeline is already past t = 20
         await vllm.close()
+        assert sink.submitted == [("scrape:vllm", [figures])], "once per settling scrape"
         window = figures.models[LLAMA]
         assert (figures.start, figures.end, figures.gpus) == (10.0, 20.0, (0,))
         # 200 W for 10 s on GPU 0, idle baseline 50 W.
         assert (window.gpu_static_j, window.gpu_dynamic_j) == pytest.approx((500.0, 1500.0))
-        assert window.wh_per_query == pytest.approx(2000.0 / 3600 / 20)
-        assert window.j_per_token == pytest.approx(2000.0 / 10_000)
 
     asyncio.run(serving([fixture("vllm_1.txt"), fixture("vllm_2.txt")], None, test))
     got = samples(metrics)

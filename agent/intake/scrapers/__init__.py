@@ -1,12 +1,13 @@
 """Scrapers of inference servers' own Prometheus endpoints (DESIGN.md §5 item 3): zero-touch
-intake that gives window-level figures per model, with no per-request records.
+intake that gives window-level figures per model, with no per-request records (the windows
+are kept in the record store apart from them).
 
 `kinds` says what each server exports, `window` turns two scrapes and the GPU timelines
 into a window's figures (pure), `scraper` does the HTTP and the bookkeeping.
 """
 
 from agent.intake.scrapers.kinds import KINDS, ServerKind, read_counts
-from agent.intake.scrapers.scraper import WindowScraper
+from agent.intake.scrapers.scraper import WindowScraper, WindowSink
 from agent.intake.scrapers.window import (
     CounterDeltas,
     GpuWindowEnergy,
@@ -26,6 +27,7 @@ __all__ = [
     "Usage",
     "WindowFigures",
     "WindowScraper",
+    "WindowSink",
     "gpu_window_energy",
     "read_counts",
     "split_window",

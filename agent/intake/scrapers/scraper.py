@@ -1,6 +1,9 @@
 """`WindowScraper`: scrapes one inference server's /metrics and turns each pair of
 consecutive scrapes into a window of per-model requests, tokens and GPU energy.
 
+Each settled window goes to the window metrics and, where the agent keeps a record store,
+into it (`WindowSink`), so that `jouleprobe report` and /api/v1/summary show it too.
+
 A window [previous scrape, this scrape] is settled (its energy computed) once the sampler
 has read every one of its GPUs past the window's end, which in practice is at the next
 scrape: energy of the last ~0.1 s before a scrape is not yet sampled when the scrape
@@ -21,8 +24,9 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -57,6 +61,13 @@ class _Window:
     usage: dict[str, Usage]
 
 
+class WindowSink(Protocol):
+    """Where settled windows are kept (`agent.records.RecordStore` is one). Called on the
+    event loop, so it must not wait on the disk."""
+
+    def submit_windows(self, source: str, figures: Sequence[WindowFigures]) -> None: ...
+
+
 class ScrapeError(Exception):
     """A failed scrape; `kind` is its label in jouleprobe_scrape_errors_total."""
 
@@ -77,6 +88,7 @@ class WindowScraper:
         timelines: dict[int, Timeline],
         idle_power_w: Callable[[int], float | None],
         metrics: WindowMetrics,
+        store: WindowSink | None = None,
         model: str | None = None,
         source: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -86,6 +98,7 @@ class WindowScraper:
     ) -> None:
         """`gpus`: the GPU set now (`GpuResolver.current`; raises ValueError when unknown).
         `timelines`: the sampler's, and `idle_power_w` the engine's baseline per GPU.
+        `store`: keeps the settled windows, if given (the metrics always get them).
         `model`: the model name of a server whose metrics carry none (TGI, llama.cpp);
         by default the first id of its OpenAI /v1/models. `clock` stamps window bounds and
         must be the sampler's (time.monotonic)."""
@@ -98,6 +111,7 @@ class WindowScraper:
         self._timelines = timelines
         self._idle_power_w = idle_power_w
         self._metrics = metrics
+        self._store = store
         self._model = model
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.max_settle_s = max_settle_s
@@ -110,7 +124,8 @@ class WindowScraper:
         self._session: aiohttp.ClientSession | None = None
 
     async def scrape_once(self) -> list[WindowFigures]:
-        """One scrape; returns the windows settled by it (already given to the metrics)."""
+        """One scrape; returns the windows settled by it (already given to the metrics
+        and the store)."""
         now = self._clock()
         self._metrics.scraped(self.source)
         try:
@@ -201,6 +216,8 @@ class WindowScraper:
                                    prefill_weight=self.prefill_weight)
             self._metrics.observe(self.source, figures)
             settled.append(figures)
+        if settled and self._store is not None:
+            self._store.submit_windows(self.source, settled)
         return settled
 
     def _ready(self, window: _Window, now: float) -> bool:

@@ -40,8 +40,6 @@ from typing import Literal
 from agent.intake.scrapers.kinds import Quantity, SeriesKey
 from agent.timeline import EnergyPoint
 
-JOULES_PER_WH = 3600.0
-
 Weighting = Literal["tokens", "requests", "none"]
 
 
@@ -52,12 +50,6 @@ class Usage:
     requests: float | None = None
     prompt_tokens: float | None = None
     completion_tokens: float | None = None
-
-    @property
-    def tokens(self) -> float | None:
-        if self.prompt_tokens is None and self.completion_tokens is None:
-            return None
-        return (self.prompt_tokens or 0.0) + (self.completion_tokens or 0.0)
 
 
 class CounterDeltas:
@@ -122,7 +114,8 @@ def gpu_window_energy(
 
 @dataclass(frozen=True, slots=True)
 class ModelWindow:
-    """One model's share of one window."""
+    """One model's share of one window. Its ratios (Wh per query, J per token) are the
+    report's, over the windows of a period (`agent.report.ModelWindows`)."""
 
     model: str
     usage: Usage
@@ -132,19 +125,6 @@ class ModelWindow:
     @property
     def gpu_j(self) -> float:
         return self.gpu_dynamic_j + self.gpu_static_j
-
-    @property
-    def wh_per_query(self) -> float | None:
-        """GPU energy (dynamic + static) per finished request, where requests are counted."""
-        if not self.usage.requests:
-            return None
-        return self.gpu_j / JOULES_PER_WH / self.usage.requests
-
-    @property
-    def j_per_token(self) -> float | None:
-        """GPU energy per token (prompt + completion), where tokens are counted."""
-        tokens = self.usage.tokens
-        return self.gpu_j / tokens if tokens else None
 
 
 @dataclass(frozen=True, slots=True)
