@@ -7,16 +7,20 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 from agent.sources.base import GpuInfo, GpuReading, HostReading
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The repository root: where the agent under test is started from."""
 
 
 class ScriptedGpuSource:
@@ -73,6 +77,17 @@ def agent_env() -> dict[str, str]:
         key: value for key, value in os.environ.items()
         if key != "PYTHONPATH" and not key.startswith("JOULEPROBE_")
     }
+
+
+def start_agent(args: Sequence[str], log: Path, env: Mapping[str, str] | None = None
+                ) -> subprocess.Popen[bytes]:
+    """`jouleprobe run ARGS` as its own process from the repository root, in `agent_env()`
+    plus `env`, its output appended to `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", *args], cwd=ROOT,
+            env={**agent_env(), **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+        )
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:

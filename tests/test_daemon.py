@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from scripted import agent_env, free_port, http_get, stop_process, wait_for
+from scripted import ROOT, agent_env, free_port, http_get, start_agent, stop_process, wait_for
 
 from agent.cli import main
 from agent.records import RecordReader
 from agent.report import SIMULATED_LINE
 
-ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -63,12 +62,8 @@ def test_a_configured_scraper_exports_and_records_window_figures(
     )
     address = f"127.0.0.1:{free_port()}"
     log = tmp_path / "agent.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config), "--simulate",
-             "1xH100", "--listen", address],
-            cwd=ROOT, env=agent_env(), stdout=out, stderr=subprocess.STDOUT,
-        )
+    proc = start_agent(["--config", str(config), "--simulate", "1xH100", "--listen", address],
+                       log)
     try:
         def exported(name: str) -> dict[str, float]:
             """The model's samples of `name`, by component (or "" without one)."""
@@ -158,12 +153,8 @@ def test_a_configured_proxy_measures_requests(tmp_path: Path, fake_upstream: str
     )
     address = f"127.0.0.1:{free_port()}"
     log = tmp_path / "agent.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config), "--simulate",
-             "1xH100", "--listen", address],
-            cwd=ROOT, env=agent_env(), stdout=out, stderr=subprocess.STDOUT,
-        )
+    proc = start_agent(["--config", str(config), "--simulate", "1xH100", "--listen", address],
+                       log)
     try:
         wait_for("the proxy", lambda: http_get(f"http://{proxy}/v1/models")[0] == 200, proc,
                  log, timeout_s=30)

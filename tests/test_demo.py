@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from scripted import ROOT
+
 from agent.records import RecordReader
 from agent.report import run_report
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_demo_runs_the_whole_pipeline_and_conserves_energy(tmp_path: Path) -> None:

@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -40,12 +37,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scripted import free_port, http_get, prometheus_server, stop_process, wait_for
+from scripted import (
+    free_port,
+    http_get,
+    prometheus_server,
+    start_agent,
+    stop_process,
+    wait_for,
+)
 from test_deploy_queries import RULE_FILES, dashboard_targets, substitute
 
 from agent.intake.client import Tracker
 
-ROOT = Path(__file__).resolve().parent.parent
 INTERVAL = "500ms"
 """Scrape and rule evaluation interval."""
 MODELS = ("llama-8b", "mistral-7b")
@@ -63,12 +66,6 @@ class Agent:
     ingest: str
 
 
-def _start(command: list[str], log: Path, env: dict[str, str] | None = None
-           ) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-
-
 def _wait_until(what: str, done: Callable[[], bool], timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():
@@ -80,15 +77,13 @@ def _wait_until(what: str, done: Callable[[], bool], timeout_s: float = 20.0) ->
 def agent(tmp_path: Path) -> Iterator[Agent]:
     """An agent on two simulated H100s that settles requests quickly."""
     agent = Agent(f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
-    env = {key: value for key, value in os.environ.items()
-           if key != "PYTHONPATH" and not key.startswith("JOULEPROBE_")}
-    env |= {"JOULEPROBE_RECORDS_PATH": str(tmp_path / "records.db"),
-            "JOULEPROBE_INGEST_LISTEN": agent.ingest, "JOULEPROBE_SITE_PUE": str(PUE),
-            "JOULEPROBE_ATTRIBUTION_SETTLE": "0.5", "JOULEPROBE_RECORDS_FLUSH_INTERVAL": "0.2",
-            "JOULEPROBE_ATTRIBUTION_IDLE_WATTS": "60"}
+    env = {"JOULEPROBE_RECORDS_PATH": str(tmp_path / "records.db"),
+           "JOULEPROBE_INGEST_LISTEN": agent.ingest, "JOULEPROBE_SITE_PUE": str(PUE),
+           "JOULEPROBE_ATTRIBUTION_SETTLE": "0.5", "JOULEPROBE_RECORDS_FLUSH_INTERVAL": "0.2",
+           "JOULEPROBE_ATTRIBUTION_IDLE_WATTS": "60"}
     log = tmp_path / "agent.log"
-    proc = _start([sys.executable, "-m", "agent", "run", "--simulate", "2xH100",
-                   "--listen", agent.metrics, "--sample-interval", "0.1"], log, env)
+    proc = start_agent(["--simulate", "2xH100", "--listen", agent.metrics,
+                        "--sample-interval", "0.1"], log, env)
     try:
         healthy = f"http://{agent.metrics}/healthz"
         wait_for("the agent", lambda: http_get(healthy)[0] == 200, proc, log, timeout_s=30)

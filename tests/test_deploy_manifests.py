@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scripted import ROOT
 
 from agent.config import Config, load, parse_listen
 
 yaml = pytest.importorskip("yaml")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 DOCKERFILE = ROOT / "deploy" / "container" / "Dockerfile"
 KUBERNETES_VERSION = "1.29.0"

@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from scripted import require_binary
+from scripted import ROOT, require_binary
 
 from agent.config import load
 from agent.node import Node
@@ -28,7 +28,6 @@ from agent.sources.simulated import SimulatedGpuSource
 
 yaml = pytest.importorskip("yaml")
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 RULE_FILES = (PROMETHEUS / "rules.yml", PROMETHEUS / "recording.yml")
 OWN_RULES = PROMETHEUS / "rules.yml"

@@ -17,10 +17,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from scripted import ROOT
 
 from agent.config import Config, load, parse_listen
 
-ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "deploy" / "systemd"
 UNIT = SYSTEMD / "jouleprobe.service"
 DOCKERFILE = ROOT / "deploy" / "container" / "Dockerfile"

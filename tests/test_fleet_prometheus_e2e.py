@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -33,10 +31,11 @@ from pathlib import Path
 
 import pytest
 from scripted import (
-    agent_env,
+    ROOT,
     free_port,
     http_get,
     prometheus_server,
+    start_agent,
     stop_process,
     wait_for,
 )
@@ -44,7 +43,6 @@ from scripted import (
 from agent.cli import main
 from agent.intake.client import Tracker
 
-ROOT = Path(__file__).resolve().parent.parent
 INTERVAL = "500ms"
 """Scrape and rule evaluation interval."""
 PUES = (1.1, 1.2, 1.4)
@@ -77,16 +75,12 @@ def agents(tmp_path: Path) -> Iterator[list[Agent]]:
             metrics, ingest = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
             records = tmp_path / f"records-{index}.db"
             log = tmp_path / f"agent-{index}.log"
-            with log.open("wb") as out:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "agent", "run", "--simulate", "2xH100",
-                     "--listen", metrics, "--sample-interval", "0.1"],
-                    cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                    env={**agent_env(), "JOULEPROBE_RECORDS_PATH": str(records),
-                         "JOULEPROBE_INGEST_LISTEN": ingest, "JOULEPROBE_SITE_PUE": str(pue),
-                         "JOULEPROBE_ATTRIBUTION_SETTLE": "0.5",
-                         "JOULEPROBE_RECORDS_FLUSH_INTERVAL": "0.2"},
-                )
+            proc = start_agent(
+                ["--simulate", "2xH100", "--listen", metrics, "--sample-interval", "0.1"], log,
+                {"JOULEPROBE_RECORDS_PATH": str(records), "JOULEPROBE_INGEST_LISTEN": ingest,
+                 "JOULEPROBE_SITE_PUE": str(pue), "JOULEPROBE_ATTRIBUTION_SETTLE": "0.5",
+                 "JOULEPROBE_RECORDS_FLUSH_INTERVAL": "0.2"},
+            )
             stack.callback(stop_process, proc)
             started.append((proc, log, Agent(metrics, ingest, records,
                                              (f"model-{index}", "shared"))))

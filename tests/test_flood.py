@@ -32,7 +32,7 @@ import psutil
 import pytest
 from aiohttp import ClientSession, TCPConnector
 from aiohttp.test_utils import TestServer
-from scripted import agent_env, free_port, http_get, stop_process, wait_for
+from scripted import ROOT, agent_env, free_port, http_get, start_agent, stop_process, wait_for
 from test_ingest import GPUS, POWER_W
 
 from agent.attribution import AttributionEngine
@@ -42,8 +42,6 @@ from agent.records import RecordStore
 from agent.requests import RequestEnergy
 from agent.timeline import EnergyPoint, Timeline
 from exporters.request_metrics import RequestMetrics
-
-ROOT = Path(__file__).resolve().parent.parent
 
 CAP = 200
 """The engine's max_pending: what one round can finish."""
@@ -253,15 +251,15 @@ def agent_config(tmp_path: Path, ingest_port: int, token_file: Path | None) -> P
     return config
 
 
-def agent_command(config: Path, listen: str) -> list[str]:
-    return [sys.executable, "-m", "agent", "run", "--config", str(config), "--simulate",
-            "1xH100", "--listen", listen]
+def agent_args(config: Path, listen: str) -> list[str]:
+    return ["--config", str(config), "--simulate", "1xH100", "--listen", listen]
 
 
 def test_off_loopback_without_a_token_the_agent_refuses_to_start(tmp_path: Path) -> None:
     config = agent_config(tmp_path, free_port(), token_file=None)
     result = subprocess.run(
-        agent_command(config, f"127.0.0.1:{free_port()}"), cwd=ROOT, env=agent_env(),
+        [sys.executable, "-m", "agent", "run", *agent_args(config, f"127.0.0.1:{free_port()}")],
+        cwd=ROOT, env=agent_env(),
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2, result.stderr
@@ -295,9 +293,7 @@ def test_off_loopback_only_the_token_gets_in_and_metrics_carry_no_request_conten
     log = tmp_path / "agent.log"
     ids = [f"secret-request-{uuid.uuid4().hex}" for _ in range(5)]
     model = "llama-probe"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(agent_command(config, metrics_address), cwd=ROOT,
-                                env=agent_env(), stdout=out, stderr=subprocess.STDOUT)
+    proc = start_agent(agent_args(config, metrics_address), log)
     try:
         wait_for("the ingest API", lambda: post(ingest_port, {"events": []}, None)[0] == 401,
                  proc, log, timeout_s=30)

@@ -21,16 +21,16 @@ from typing import Any
 
 import pytest
 from scripted import (
+    ROOT,
     agent_env,
     free_port,
     http_get,
     prometheus_server,
     require_binary,
+    start_agent,
     stop_process,
     wait_for,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
 
 SCRAPE_INTERVAL_S = 0.3
 """Why not 1 s: the power gauge is an instantaneous sensor sample, and the simulated load
@@ -58,14 +58,9 @@ def agent(tmp_path: Path) -> Iterator[str]:
     """A running agent on two simulated H100s; yields its host:port once /healthz is 200."""
     address = f"127.0.0.1:{free_port()}"
     log = tmp_path / "agent.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--simulate", "2xH100",
-             "--listen", address, "--sample-interval", "0.1"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            env={**agent_env(), "JOULEPROBE_RECORDS_PATH": str(tmp_path / "records.db"),
-                 "JOULEPROBE_INGEST_LISTEN": "127.0.0.1:0"},
-        )
+    proc = start_agent(["--simulate", "2xH100", "--listen", address, "--sample-interval", "0.1"],
+                       log, {"JOULEPROBE_RECORDS_PATH": str(tmp_path / "records.db"),
+                             "JOULEPROBE_INGEST_LISTEN": "127.0.0.1:0"})
     try:
         wait_for("the agent", lambda: http_get(f"http://{address}/healthz")[0] == 200,
                   proc, log, timeout_s=30)

@@ -32,7 +32,16 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from scripted import agent_env, free_port, http_get, require_binary, stop_process, wait_for
+from scripted import (
+    ROOT,
+    agent_env,
+    free_port,
+    http_get,
+    require_binary,
+    start_agent,
+    stop_process,
+    wait_for,
+)
 
 from agent.config import load
 from agent.daemon import ATTRIBUTION_PERIOD_S
@@ -43,7 +52,6 @@ from agent.requests import Request, RequestEnergy
 from agent.sources.simulated import SimulatedGpuSource
 from agent.timeline import EnergyPoint
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "restart-test-model"
 SAMPLE_INTERVAL_S = 0.1
 SETTLE_S = 0.5
@@ -66,19 +74,14 @@ class Agent:
         self.listen = listen
         self.ingest_url = f"http://{ingest}"
         self.log = log
-        env = {
-            **agent_env(),
-            "JOULEPROBE_RECORDS_PATH": str(records),
-            "JOULEPROBE_RECORDS_FLUSH_INTERVAL": str(FLUSH_INTERVAL_S),
-            "JOULEPROBE_INGEST_LISTEN": ingest,
-            "JOULEPROBE_ATTRIBUTION_SETTLE": str(SETTLE_S),
-        }
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "run", "--simulate", "2xH100", "--listen", listen,
-                 "--sample-interval", str(SAMPLE_INTERVAL_S)],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-            )
+        self.proc = start_agent(
+            ["--simulate", "2xH100", "--listen", listen,
+             "--sample-interval", str(SAMPLE_INTERVAL_S)], log,
+            {"JOULEPROBE_RECORDS_PATH": str(records),
+             "JOULEPROBE_RECORDS_FLUSH_INTERVAL": str(FLUSH_INTERVAL_S),
+             "JOULEPROBE_INGEST_LISTEN": ingest,
+             "JOULEPROBE_ATTRIBUTION_SETTLE": str(SETTLE_S)},
+        )
         try:
             wait_for("the agent", lambda: http_get(f"http://{listen}/healthz")[0] == 200,
                      self.proc, log, timeout_s=30)
