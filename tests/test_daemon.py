@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from scripted import ROOT, agent_env, free_port, http_get, start_agent, stop_process, wait_for
+from scripted import (
+    ROOT,
+    agent_env,
+    free_port,
+    http_get,
+    serve_app,
+    serve_http,
+    start_agent,
+    stop_process,
+    wait_for,
+)
 
 from agent.cli import main
+from agent.intake.fake_upstream import fake_upstream_app
 from agent.records import RecordReader
 from agent.report import SIMULATED_LINE
 
@@ -40,14 +50,8 @@ def vllm_metrics() -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_http(Handler) as url:
+        yield f"{url}/metrics"
 
 
 def test_a_configured_scraper_exports_and_records_window_figures(
@@ -116,27 +120,8 @@ def test_auto_gpus_on_simulated_gpus_stop_the_agent_with_a_reason(tmp_path: Path
 @pytest.fixture
 def fake_upstream() -> Iterator[str]:
     """The package's fake OpenAI-compatible server, on its own event loop in a thread."""
-    import asyncio
-
-    from aiohttp import web
-
-    from agent.intake.fake_upstream import fake_upstream_app
-
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(fake_upstream_app(models={"tiny": 1000.0}))
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
+    with serve_app(fake_upstream_app(models={"tiny": 1000.0})) as url:
+        yield url
 
 
 def test_a_configured_proxy_measures_requests(tmp_path: Path, fake_upstream: str) -> None:

@@ -27,6 +27,7 @@ import pytest
 from fake_pynvml import FakeNvml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from test_nvml_source import READING_FIELDS
 
 from agent.attribution import AttributionEngine
 from agent.health import Health, assess
@@ -59,17 +60,6 @@ ERROR_KINDS = (
     "NotSupported", "GpuIsLost", "Unknown", "Timeout", "NoPermission", "LibraryNotFound",
     "Uninitialized", "DriverNotLoaded",
 )
-
-READING_FIELDS = {
-    "energy": ("energy_j",),
-    "power": ("power_w",),
-    "power_limit": ("power_limit_w",),
-    "utilization": ("utilization",),
-    "memory": ("memory_used_bytes", "memory_total_bytes"),
-    "temperature": ("temperature_c",),
-    "clock": ("sm_clock_hz",),
-}
-"""The source's call names (the `call` label) and the GpuReading fields each one fills."""
 
 GAUGES = {
     "energy": (),

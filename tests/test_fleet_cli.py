@@ -5,14 +5,14 @@ from __future__ import annotations
 import builtins
 import json
 import math
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from scripted import serve_http
 
 from agent import report
 from agent.cli import main
@@ -257,14 +257,8 @@ class _FakeAgent(BaseHTTPRequestHandler):
 def agent_url() -> Iterator[str]:
     built = report.build_report(RECORDS, generated=2000.0, since=1000.0)
     _FakeAgent.summary = report.summary(built, 3600.0)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeAgent)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_http(_FakeAgent) as url:
+        yield url
 
 
 def test_from_agent_reads_its_summary_and_says_simulated(

@@ -18,19 +18,18 @@ The properties:
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import math
 import random
-import threading
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from scripted import serve_app
 from test_ingest import GPUS, NOW, POWER_W, T0, UUID0, UUID1, WALL_OFFSET
 
 from agent.attribution import AttributionEngine
@@ -314,19 +313,8 @@ def served() -> Iterator[tuple[int, AttributionEngine]]:
     engine = make_engine()
     app = ingest_app(engine, GPUS, token=None, max_body_bytes=MAX_BODY_BYTES,
                      clock=lambda: NOW, wall_clock=lambda: NOW + WALL_OFFSET)
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app, access_log=None)
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield runner.addresses[0][1], engine
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
+    with serve_app(app) as url:
+        yield urlsplit(url).port, engine
 
 
 class Connection:

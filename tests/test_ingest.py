@@ -10,16 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from scripted import serve_app
 
 from agent.attribution import AttributionEngine
 from agent.intake.client import EVENTS_PATH, Tracker
@@ -366,25 +365,6 @@ def test_every_gpu_of_the_api_needs_a_timeline() -> None:
 # --- the Tracker client, against a real server on loopback --------------------------------
 
 
-@contextmanager
-def serving(app: web.Application) -> Iterator[str]:
-    """Serves `app` on 127.0.0.1 from a thread of its own; yields its base URL."""
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app, access_log=None)
-    loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
-
-
 def real_time_engine() -> tuple[AttributionEngine, web.Application]:
     """An engine whose timelines cover the real monotonic clock of the next 200 s."""
     engine = make_engine(start=time.monotonic() - 1)
@@ -410,7 +390,7 @@ class NumpyLikeInt:
 
 def test_tracker_reports_requests_end_to_end() -> None:
     engine, app = real_time_engine()
-    with serving(app) as url:
+    with serve_app(app) as url:
         tracker = Tracker(url, token="t", flush_interval=60.0)  # only flush() and close() send
         early = tracker.request(model="llama-8b", gpus=[1], request_id="early")
         tracker.flush()
@@ -441,7 +421,7 @@ def test_tracker_reports_requests_end_to_end() -> None:
 
 def test_tracker_counts_what_the_agent_refuses_and_what_its_queue_drops() -> None:
     engine, app = real_time_engine()
-    with serving(app) as url:
+    with serve_app(app) as url:
         tracker = Tracker(url, token="t", flush_interval=60.0, max_queue=2)
         with tracker.request(model="m", gpus=[7]):
             pass
@@ -467,7 +447,7 @@ def test_tracker_never_raises_when_the_agent_is_unreachable_or_refuses_it() -> N
     assert tracker.stats().dropped == 1
 
     engine, app = real_time_engine()
-    with serving(app) as url:
+    with serve_app(app) as url:
         tracker = Tracker(url, token="wrong", flush_interval=60.0)
         with tracker.request(model="m", gpus=[0]):
             pass
@@ -479,7 +459,7 @@ def test_tracker_never_raises_when_the_agent_is_unreachable_or_refuses_it() -> N
 def test_tracker_resends_what_the_agent_refused_for_capacity() -> None:
     engine = make_engine(start=time.monotonic() - 1, max_pending=1)
     app = ingest_app(engine, GPUS, token=None, max_body_bytes=1 << 20)
-    with serving(app) as url:
+    with serve_app(app) as url:
         tracker = Tracker(url, flush_interval=60.0, retries=2)
         for _ in range(2):
             with tracker.request(model="m", gpus=[0]):

@@ -40,6 +40,7 @@ READING_FIELDS = {
     "temperature": ("temperature_c",),
     "clock": ("sm_clock_hz",),
 }
+"""The source's call names (the `call` label) and the GpuReading fields each one fills."""
 
 ERROR_KINDS = (
     "NotSupported", "GpuIsLost", "Unknown", "Timeout", "NoPermission", "Uninitialized",
