@@ -74,6 +74,7 @@ from typing import Literal, NamedTuple
 from agent.numeric import CompensatedSum
 from agent.requests import Request, RequestEnergy, RequestStatus
 from agent.timeline import EnergyPoint, Timeline
+from agent.units import check_pue
 
 Policy = Literal["equal", "tokens"]
 
@@ -682,8 +683,7 @@ class AttributionEngine:
         if prefill_sample_s <= 0 or not 3 <= prefill_min_samples < prefill_window:
             raise ValueError("prefill_sample_s > 0 and 3 <= prefill_min_samples < "
                              "prefill_window are required")
-        if pue < 1:
-            raise ValueError(f"PUE must be at least 1 (got {pue})")
+        check_pue(pue, "pue")
         if settle_s < 0 or max_age_s <= 0 or max_pending < 1:
             raise ValueError("settle_s >= 0, max_age_s > 0 and max_pending >= 1 are required")
         if idle_sample_s <= 0 or idle_window < 1 or not 0 < idle_percentile <= 100:

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 from agent import __version__
 from agent.config import Config, ConfigError, load
+from agent.devices.base import SourceUnavailable
 from agent.records import RecordStoreError
-from agent.sources.base import SourceUnavailable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
-    from agent.daemon import open_gpu_source, serve
+    from agent.app.daemon import open_gpu_source, serve
 
     try:
         gpu_source = open_gpu_source(config)
@@ -98,13 +98,13 @@ def _run(args: argparse.Namespace, config: Config) -> int:
 
 
 def _doctor(args: argparse.Namespace, config: Config) -> int:
-    from agent.doctor import doctor
+    from agent.app.doctor import doctor
 
     return doctor(config)
 
 
 def _demo(args: argparse.Namespace, config: Config) -> int:
-    from agent.demo import run_demo
+    from agent.app.demo import run_demo
 
     return run_demo(args.simulate, seconds=args.seconds, store=args.store,
                     queries_per_day=args.queries_per_day)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.units import pue_problem
+
 ENV_PREFIX = "JOULEPROBE_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -46,10 +48,6 @@ def _positive(value: float) -> str | None:
 
 def _non_negative(value: float) -> str | None:
     return None if value >= 0 else "a number >= 0"
-
-
-def _at_least_one(value: float) -> str | None:
-    return None if value >= 1 else "a number >= 1"
 
 
 def _one_of(*choices: str) -> Check:
@@ -140,7 +138,7 @@ class HostSection:
 @dataclass(frozen=True)
 class SiteSection:
     pue: float = _key(1.2, "power usage effectiveness of the site (facility energy / IT energy)",
-                      _at_least_one)
+                      pue_problem)
 
 
 @dataclass(frozen=True)

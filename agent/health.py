@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.devices.base import GpuReading
 from agent.sampler import GpuSnapshot, NodeSnapshot
-from agent.sources.base import GpuReading
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +60,7 @@ def _latest_read(gpu: GpuSnapshot) -> str:
         return "; last read failed: " + ", ".join(f"{call} {kind}" for call, kind in reading.errors)
     if reading.time == gpu.last_energy_time:
         return "; no read has completed since"
-    # A call that answered NotSupported once is not made again (agent.sources.nvml), so
+    # A call that answered NotSupported once is not made again (agent.devices.nvml), so
     # later reads fail silently: name it, or the operator is left with no cause at all.
     needed = "energy" if gpu.info.energy_source == "counter" else "power"
     if (needed, "NotSupported") in gpu.errors:

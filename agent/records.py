@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent import report
 from agent.requests import RequestEnergy, RequestStatus
-from agent.units import JOULES_PER_WH
+from agent.units import JOULES_PER_WH, check_pue
 
 if TYPE_CHECKING:
     from agent.intake.scrapers.window import WindowFigures
@@ -388,8 +388,7 @@ class RecordStore(RecordReader):
         `prune_interval_s` by the writer (None keeps everything). `max_pending`: the
         queue's bound, in records. `clock`: the wall clock, for retention and the summary's
         window."""
-        if pue < 1:
-            raise ValueError(f"pue must be >= 1, got {pue}")
+        check_pue(pue, "pue")
         if flush_interval_s <= 0 or prune_interval_s <= 0:
             raise ValueError("flush and prune intervals must be > 0")
         if retention_days is not None and retention_days <= 0:

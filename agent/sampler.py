@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from apscheduler.executors.debug import DebugExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from agent.sources.base import GpuInfo, GpuReading, GpuSource, HostReading, HostSource
+from agent.devices.base import GpuInfo, GpuReading, GpuSource, HostReading, HostSource
 from agent.timeline import EnergyPoint, Timeline
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ Run: python bench/accuracy.py [--concurrency 1 8 32 64] [--seed 0] [--prefill-we
                               [--quiet-s 300]
 
 For each concurrency (closed-loop clients per GPU), a synthetic trace of two model sizes on
-two simulated H100s (`agent.sources.simload`) drives a `SimulatedGpuSource` with its real
+two simulated H100s (`agent.sim.load`) drives a `SimulatedGpuSource` with its real
 NVML behaviour (integer-mJ counter refreshed every 50 ms), read by the real `Sampler` at
 10 Hz on a simulated clock (no sleeping). The reads are not aligned to the counter's
 refreshes: they start at a random phase and jitter by ±2 ms, as a real scheduler's do.
@@ -46,8 +46,8 @@ from dataclasses import dataclass, field, replace
 from agent.attribution import DEFAULT_PREFILL_WEIGHT, AttributionEngine, PrefillWeight
 from agent.requests import Request
 from agent.sampler import Sampler
-from agent.sources.simload import PROFILES, RequestLoad, TraceRequest, synthetic_trace
-from agent.sources.simulated import SimulatedGpuSource, parse_spec
+from agent.sim.gpus import SimulatedGpuSource, parse_spec
+from agent.sim.load import PROFILES, RequestLoad, TraceRequest, synthetic_trace
 
 GPUS = "2xH100"
 SAMPLE_INTERVAL_S = 0.1

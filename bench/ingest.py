@@ -39,10 +39,10 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.attribution import AttributionEngine
+from agent.devices.base import GpuInfo
 from agent.intake.client import EVENTS_PATH
 from agent.intake.ingest import ingest_app
 from agent.requests import Request
-from agent.sources.base import GpuInfo
 from agent.timeline import EnergyPoint, Timeline
 
 GPUS = 8

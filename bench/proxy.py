@@ -50,8 +50,8 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.attribution import AttributionEngine
 from agent.config import ProxyTable
-from agent.intake.fake_upstream import fake_upstream_app
 from agent.intake.proxy import PROXY_STATS, RUNNER_OPTIONS, proxy_app
+from agent.sim.upstream import fake_upstream_app
 from agent.timeline import EnergyPoint, Timeline
 
 MODEL = "llama-3.1-8b-instruct"

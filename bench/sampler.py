@@ -23,8 +23,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fake_pynvml import FakeNvml  # the scripted fake that the tests use
 
+from agent.devices.nvml import NvmlGpuSource
 from agent.sampler import Sampler
-from agent.sources.nvml import NvmlGpuSource
 
 
 def main() -> None:

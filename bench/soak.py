@@ -40,10 +40,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.attribution import AttributionEngine
 from agent.config import AttributionSection, load
+from agent.devices.base import GpuInfo
 from agent.intake.ingest import _Intake
 from agent.records import RecordStore
 from agent.sampler import NodeSnapshot
-from agent.sources.base import GpuInfo
 from agent.timeline import EnergyPoint, Timeline
 from exporters.request_metrics import RequestMetrics
 

@@ -26,8 +26,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from agent.devices.base import GpuReading
 from agent.sampler import SAMPLE_DURATION_BUCKETS, GpuSnapshot, NodeSnapshot
-from agent.sources.base import GpuReading
 
 FamilyProducer = Callable[[NodeSnapshot], Iterable[Metric]]
 """Renders some metric families from one snapshot."""

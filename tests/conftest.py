@@ -24,7 +24,7 @@ def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeNvml]:
 
 def _real_gpu_reason() -> str | None:
     """None where real NVML answers with at least one GPU; else why the GPU tests skip."""
-    from agent.sources.nvml import probe
+    from agent.devices.nvml import probe
 
     report = probe()
     if not report.available:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from agent.sources.base import GpuInfo, GpuReading, HostReading
+from agent.devices.base import GpuInfo, GpuReading, HostReading
 
 ROOT = Path(__file__).resolve().parent.parent
 """The repository root: where the agent under test is started from."""

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from scripted import ROOT, require_binary
 
+from agent.app.node import Node
 from agent.config import load
-from agent.node import Node
-from agent.sources.host import open_host_source
-from agent.sources.simulated import SimulatedGpuSource
+from agent.devices.host import open_host_source
+from agent.sim.gpus import SimulatedGpuSource
 
 yaml = pytest.importorskip("yaml")
 

@@ -13,8 +13,8 @@ import psutil
 import pytest
 from fake_pynvml import FakeNvml
 
+from agent.devices.base import GpuInfo
 from agent.intake.discovery import GpuResolutionError, GpuResolver, local_port
-from agent.sources.base import GpuInfo
 
 UUIDS = ("GPU-5d1f0c3a-9b7e-4f6a-8c2d-1e3f5a7b9c0d", "GPU-a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d",
          "GPU-00000000-1111-4222-8333-444444444444")

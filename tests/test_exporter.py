@@ -23,9 +23,9 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 from scripted import ScriptedGpuSource, ScriptedHostSource, require_binary
 
+from agent.devices.base import GpuInfo, GpuReading, HostReading
 from agent.health import assess
 from agent.sampler import SAMPLE_DURATION_BUCKETS, NodeSnapshot, Sampler
-from agent.sources.base import GpuInfo, GpuReading, HostReading
 from exporters.http import metrics_app
 from exporters.prometheus import NodeCollector, build_registry
 

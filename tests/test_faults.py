@@ -30,10 +30,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_nvml_source import READING_FIELDS
 
 from agent.attribution import AttributionEngine
+from agent.devices.nvml import NvmlGpuSource
 from agent.health import Health, assess
 from agent.requests import Request, RequestEnergy
 from agent.sampler import GpuSnapshot, NodeSnapshot, Sampler
-from agent.sources.nvml import NvmlGpuSource
 from exporters.prometheus import NodeCollector, build_registry
 from exporters.request_metrics import RequestMetrics
 

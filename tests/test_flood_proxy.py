@@ -30,8 +30,8 @@ from test_proxy import Servers, wait_for
 
 from agent.attribution import AttributionEngine
 from agent.config import ProxyTable
-from agent.intake.fake_upstream import fake_upstream_app
 from agent.intake.proxy import PROXY_STATS, RUNNER_OPTIONS, ProxyStats, proxy_app
+from agent.sim.upstream import fake_upstream_app
 from agent.timeline import EnergyPoint, Timeline
 
 MAX_CONCURRENT = 4

@@ -46,8 +46,8 @@ from test_proxy import Servers, wait_for
 
 from agent.attribution import AttributionEngine
 from agent.config import ProxyTable
+from agent.devices.base import GpuInfo
 from agent.intake import proxy as proxy_module
-from agent.intake.fake_upstream import fake_upstream_app
 from agent.intake.proxy import (
     PROXY_STATS,
     REQUEST_ID_HEADER,
@@ -58,7 +58,7 @@ from agent.intake.proxy import (
 )
 from agent.requests import Request, RequestEnergy
 from agent.sampler import Sampler
-from agent.sources.base import GpuInfo
+from agent.sim.upstream import fake_upstream_app
 from agent.timeline import EnergyPoint, Timeline
 from exporters.prometheus import NodeCollector, build_registry
 from exporters.proxy_metrics import ProxyMetrics

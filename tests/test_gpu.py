@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+from agent.devices.nvml import NvmlGpuSource, probe
 from agent.sampler import Sampler
-from agent.sources.nvml import NvmlGpuSource, probe
 
 pytestmark = pytest.mark.gpu
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.sources import host
-from agent.sources.base import SourceUnavailable
-from agent.sources.host import (
+from agent.devices import host
+from agent.devices.base import SourceUnavailable
+from agent.devices.host import (
     CpuUtilization,
     EstimatedHostSource,
     RaplHostSource,
@@ -259,7 +259,7 @@ def test_open_host_source_falls_back_to_the_estimate_and_says_why(
     powercap: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     (powercap["package-0"] / "energy_uj").chmod(0)
-    with caplog.at_level(logging.WARNING, logger="agent.sources.host"):
+    with caplog.at_level(logging.WARNING, logger="agent.devices.host"):
         source = open_host_source(powercap["root"], 100.0, 400.0, reader=unprivileged_reader)
     assert isinstance(source, EstimatedHostSource)
     assert source.read().source == "estimated"

@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from scripted import serve_app
 
 from agent.attribution import AttributionEngine
+from agent.devices.base import GpuInfo
 from agent.intake.client import EVENTS_PATH, Tracker
 from agent.intake.ingest import (
     MAX_EVENTS,
@@ -30,7 +31,6 @@ from agent.intake.ingest import (
     load_token,
 )
 from agent.requests import RequestEnergy
-from agent.sources.base import GpuInfo
 from agent.timeline import EnergyPoint, Timeline
 
 NOW = 5_000.0

@@ -13,9 +13,9 @@ import pynvml as real_pynvml
 import pytest
 from fake_pynvml import MIG_FUNCTIONS, FakeNvml, PowerTrace
 
+from agent.devices.base import GpuReading, SourceUnavailable
+from agent.devices.nvml import NvmlGpuSource, probe
 from agent.sampler import Sampler
-from agent.sources.base import GpuReading, SourceUnavailable
-from agent.sources.nvml import NvmlGpuSource, probe
 
 ENERGY = "nvmlDeviceGetTotalEnergyConsumption"
 FIELDS = "nvmlDeviceGetFieldValues"

@@ -29,7 +29,6 @@ from hypothesis import strategies as st
 from agent.attribution import AttributionEngine
 from agent.config import ProxyTable
 from agent.intake import proxy as proxy_module
-from agent.intake.fake_upstream import count_tokens, fake_upstream_app
 from agent.intake.proxy import (
     PROXY_STATS,
     REQUEST_ID_HEADER,
@@ -40,6 +39,7 @@ from agent.intake.proxy import (
     proxy_app,
 )
 from agent.requests import RequestEnergy
+from agent.sim.upstream import count_tokens, fake_upstream_app
 from agent.timeline import EnergyPoint, Timeline
 
 API_KEY = "sk-test-4f1d9c0e7b2a-never-logged"

@@ -39,11 +39,11 @@ from agent.attribution import (
     GpuTotals,
     HostTotals,
 )
+from agent.devices.base import GpuInfo, GpuReading, HostReading
 from agent.health import assess
 from agent.records import RecordStore, RecordStoreError
 from agent.requests import Request, RequestEnergy
 from agent.sampler import Sampler
-from agent.sources.base import GpuInfo, GpuReading, HostReading
 from exporters.http import metrics_app, parse_window
 from exporters.prometheus import NodeCollector, build_registry
 from exporters.request_metrics import ENERGY_BUCKETS_J, OTHER_MODEL, RequestMetrics

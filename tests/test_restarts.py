@@ -43,13 +43,13 @@ from scripted import (
     wait_for,
 )
 
+from agent.app.daemon import ATTRIBUTION_PERIOD_S
+from agent.app.node import Node
 from agent.config import load
-from agent.daemon import ATTRIBUTION_PERIOD_S
 from agent.intake.client import Tracker
-from agent.node import Node
 from agent.records import RecordReader
 from agent.requests import Request, RequestEnergy
-from agent.sources.simulated import SimulatedGpuSource
+from agent.sim.gpus import SimulatedGpuSource
 from agent.timeline import EnergyPoint
 
 MODEL = "restart-test-model"

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
+from agent.devices.base import GpuInfo, GpuReading
 from agent.sampler import EnergyAccumulator, Sampler
-from agent.sources.base import GpuInfo, GpuReading
 from agent.timeline import EnergyPoint, Timeline
 
 COUNTER = GpuInfo(0, "GPU-0", "test", "counter", "instant")

@@ -10,8 +10,8 @@ import pytest
 from agent.attribution import AttributionEngine
 from agent.requests import Request
 from agent.sampler import Sampler
-from agent.sources.simload import PROFILES, RequestLoad, TraceRequest, synthetic_trace
-from agent.sources.simulated import MODELS, SimulatedGpuSource
+from agent.sim.gpus import MODELS, SimulatedGpuSource
+from agent.sim.load import PROFILES, RequestLoad, TraceRequest, synthetic_trace
 
 H100 = MODELS["H100"]
 HEADROOM = H100.tdp_w - H100.idle_w

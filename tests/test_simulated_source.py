@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from agent.sampler import Sampler
-from agent.sources.simulated import (
+from agent.sim.gpus import (
     MODELS,
     ConstantLoad,
     SimulatedGpuSource,

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from agent.units import JOULES_PER_WH
+from agent.units import JOULES_PER_WH, check_pue
 
 DAYS_PER_YEAR = 365
 HOURS_PER_YEAR = 8760
@@ -153,8 +153,7 @@ def facility_energy(energy: Span, boundary: Boundary, pue: Span | None) -> tuple
     """
     if pue is None:
         return energy, boundary
-    if pue.low < 1:
-        raise ValueError(f"--pue: a PUE is ≥ 1, got {pue.low}")
+    check_pue(pue.low, "--pue")
     if boundary == "facility":
         raise ValueError("--pue: the energy figure is already at the facility boundary (it "
                          "includes a PUE); give an IT-boundary figure (--boundary it) to "

@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from agent.config import GpuSpec
-from agent.sources.base import GpuInfo
+from agent.devices.base import GpuInfo
 
 NOT_A_SERVER_PARENT = frozenset({
     "systemd", "init", "containerd-shim", "containerd-shim-runc-v2", "conmon", "tini",

@@ -42,9 +42,9 @@ from aiohttp import web
 
 from agent.attribution import AttributionEngine, CapacityExceeded
 from agent.config import parse_listen
+from agent.devices.base import GpuInfo
 from agent.intake.client import EVENTS_PATH
 from agent.requests import MAX_TOKENS, STATUSES, Request
-from agent.sources.base import GpuInfo
 
 log = logging.getLogger(__name__)
 

@@ -25,15 +25,15 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.app.daemon import PROXY_RUNNER_OPTIONS, attribute_periodically, build_apps, start_site
+from agent.app.node import Node
 from agent.config import ProxyTable, load
-from agent.daemon import PROXY_RUNNER_OPTIONS, attribute_periodically, build_apps, start_site
-from agent.intake.fake_upstream import fake_upstream_app
+from agent.devices.host import EstimatedHostSource
 from agent.intake.proxy import proxy_app
-from agent.node import Node
 from agent.report import run_report
-from agent.sources.host import EstimatedHostSource
-from agent.sources.simload import PROFILES, RequestLoad
-from agent.sources.simulated import SimulatedGpuSource, parse_spec
+from agent.sim.gpus import SimulatedGpuSource, parse_spec
+from agent.sim.load import PROFILES, RequestLoad
+from agent.sim.upstream import fake_upstream_app
 
 IDLE_LEAD_S = 3.0
 """Seconds of idle before the load, from which the engine learns each GPU's idle power."""

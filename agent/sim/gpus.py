@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
-from agent.sources.base import GpuInfo, GpuReading, PowerField
+from agent.devices.base import GpuInfo, GpuReading, PowerField
 
 MIB = 1024 * 1024
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, TypeVar
 
-from agent.sources.base import EnergySource, GpuInfo, GpuReading, PowerField, SourceUnavailable
+from agent.devices.base import EnergySource, GpuInfo, GpuReading, PowerField, SourceUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from agent.config import Config
+from agent.devices.base import GpuInfo
+from agent.devices.host import probe_rapl
+from agent.devices.nvml import NvmlGpuReport, probe
 from agent.intake.discovery import GpuResolver, local_port
-from agent.sources.base import GpuInfo
-from agent.sources.host import probe_rapl
-from agent.sources.nvml import NvmlGpuReport, probe
-from agent.sources.simulated import SimulatedGpuSource, parse_spec
+from agent.sim.gpus import SimulatedGpuSource, parse_spec
 
 
 def _yes(flag: bool) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from agent.sources.base import HostEnergySource, HostReading, HostSource, SourceUnavailable
+from agent.devices.base import HostEnergySource, HostReading, HostSource, SourceUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from prometheus_client import CollectorRegistry
 from agent import __version__
 from agent.attribution import AttributionEngine
 from agent.config import Config
+from agent.devices.base import GpuSource, HostSource
 from agent.records import RecordStore
 from agent.requests import RequestEnergy
 from agent.sampler import Sampler
-from agent.sources.base import GpuSource, HostSource
 from exporters.prometheus import NodeCollector, build_registry
 from exporters.request_metrics import RequestMetrics
 from exporters.window_metrics import WindowMetrics

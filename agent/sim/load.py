@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from agent.numeric import CompensatedSum
 from agent.requests import Request
-from agent.sources.simulated import GpuModel
+from agent.sim.gpus import GpuModel
 
 
 @dataclass(frozen=True, slots=True)

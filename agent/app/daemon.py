@@ -11,18 +11,18 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.app.node import Node
 from agent.config import Config, GpuSpec, parse_listen
+from agent.devices.base import GpuSource
+from agent.devices.host import open_host_source
+from agent.devices.nvml import NvmlGpuSource
 from agent.health import assess
 from agent.intake.discovery import GpuResolver, local_port
 from agent.intake.ingest import check_listen_access, ingest_app, load_token
 from agent.intake.proxy import PROXY_STATS, proxy_app
 from agent.intake.proxy import RUNNER_OPTIONS as PROXY_RUNNER_OPTIONS
 from agent.intake.scrapers import WindowScraper
-from agent.node import Node
-from agent.sources.base import GpuSource
-from agent.sources.host import open_host_source
-from agent.sources.nvml import NvmlGpuSource
-from agent.sources.simulated import SimulatedGpuSource
+from agent.sim.gpus import SimulatedGpuSource
 from exporters.http import metrics_app
 from exporters.proxy_metrics import ProxyMetrics
 

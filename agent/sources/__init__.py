@@ -1,1 +1,0 @@
-"""Energy sources: where joules come from (NVML, RAPL, a stated host model, simulated GPUs)."""
