@@ -191,13 +191,16 @@ class ProxyTable:
 
 
 SCRAPE_KINDS = ("vllm", "sglang", "tgi", "triton", "llamacpp")
+"""The servers a `[[scrape]]` table can read, named here for the config check (config is
+below intake); `agent.intake.scrapers.kinds.KINDS` says how to read each."""
 
 
 @dataclass(frozen=True)
 class ScrapeTable:
     """One `[[scrape]]` table: an inference server's own Prometheus endpoint."""
 
-    kind: str = _key(REQUIRED, "vllm, sglang, tgi, triton or llamacpp", _one_of(*SCRAPE_KINDS))
+    kind: str = _key(REQUIRED, f"{', '.join(SCRAPE_KINDS[:-1])} or {SCRAPE_KINDS[-1]}",
+                     _one_of(*SCRAPE_KINDS))
     url: str = _key(REQUIRED, "its metrics URL, e.g. http://127.0.0.1:8000/metrics", _url)
     gpus: GpuSpec = _key(REQUIRED, 'GPUs serving it: [0, 1], UUIDs, or "auto"')
     interval: float = _key(15.0, "seconds between two scrapes (one attribution window)",

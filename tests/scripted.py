@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import os
 import shutil
 import socket
@@ -17,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from aiohttp import web
@@ -66,6 +68,14 @@ def require_binary(binary: str) -> str:
         print(f"skipping: {reason}")
         pytest.skip(reason)
     return path
+
+
+def require_module(name: str) -> ModuleType:
+    """The imported module; skip where it is missing, except under CI where that fails
+    (`.ci/run` installs the test extras, so a missing one there is a broken install)."""
+    if os.environ.get("CI") == "true":
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
 
 
 def free_port() -> int:

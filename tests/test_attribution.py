@@ -16,8 +16,8 @@ from agent.attribution import (
     AttributionEngine,
     CapacityExceeded,
     Policy,
-    _PrefillWeightLearner,
 )
+from agent.attribution.learners import PrefillWeightLearner
 from agent.requests import Request, RequestEnergy
 from agent.timeline import EnergyPoint, Timeline
 
@@ -347,11 +347,11 @@ def test_finished_requests_and_processed_intervals_are_dropped() -> None:
 # --- the prefill weight: fixed, or measured ("auto") ---------------------------------------
 
 
-def learner(**kw: float) -> _PrefillWeightLearner:
-    return _PrefillWeightLearner(**{"sample_s": 1.0, "window": 600, "min_samples": 30, **kw})
+def learner(**kw: float) -> PrefillWeightLearner:
+    return PrefillWeightLearner(**{"sample_s": 1.0, "window": 600, "min_samples": 30, **kw})
 
 
-def feed(learn: _PrefillWeightLearner, samples: Sequence[tuple[float, float, float, float]]
+def feed(learn: PrefillWeightLearner, samples: Sequence[tuple[float, float, float, float]]
          ) -> None:
     """(dynamic J, prompt tokens, completion tokens, busy s) samples of one second each."""
     for energy, prompt, completion, busy in samples:

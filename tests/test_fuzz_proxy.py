@@ -53,9 +53,11 @@ from agent.intake.proxy import (
     REQUEST_ID_HEADER,
     RUNNER_OPTIONS,
     ProxyStats,
-    _EventStream,
     proxy_app,
 )
+from agent.intake.proxy import openai as proxy_openai
+from agent.intake.proxy.openai import EventStream
+from agent.intake.validate import MAX_MODEL_LENGTH
 from agent.requests import Request, RequestEnergy
 from agent.sampler import Sampler
 from agent.sim.upstream import fake_upstream_app
@@ -159,7 +161,7 @@ class ScriptedUpstream:
 
 
 class ProxyErrors(logging.Handler):
-    """Keeps every record logged with a traceback that passes through the proxy's module."""
+    """Keeps every record logged with a traceback that passes through the proxy's modules."""
 
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
@@ -167,7 +169,7 @@ class ProxyErrors(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         text = self.format(record)
-        if "intake/proxy.py" in text:
+        if "intake/proxy/" in text:
             self.records.append(text)
 
 
@@ -349,7 +351,7 @@ def json_object(body: bytes) -> dict[str, Any] | None:
 def expected_model(document: dict[str, Any] | None) -> str:
     """The model to record: the body's, where a Prometheus label can hold it."""
     model = None if document is None else document.get("model")
-    if not isinstance(model, str) or not 0 < len(model) <= proxy_module.MAX_MODEL_LENGTH:
+    if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_LENGTH:
         return "unknown"
     try:
         model.encode()
@@ -374,7 +376,7 @@ def usage_asked(sent: dict[str, Any] | None, parsed: dict[str, Any] | None) -> b
 
 @pytest.fixture
 def parse_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(proxy_module, "MAX_PARSE_BYTES", PARSE_LIMIT)
+    monkeypatch.setattr(proxy_openai, "MAX_PARSE_BYTES", PARSE_LIMIT)
 
 
 @pytest.mark.usefixtures("parse_limit")
@@ -565,16 +567,16 @@ ASKS = {
 @pytest.fixture
 def event_limit(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """MAX_EVENT_BYTES made small; the list holds the most the proxy held of an event."""
-    monkeypatch.setattr(proxy_module, "MAX_EVENT_BYTES", EVENT_LIMIT)
+    monkeypatch.setattr(proxy_openai, "MAX_EVENT_BYTES", EVENT_LIMIT)
     held = [0]
-    feed = _EventStream.feed
+    feed = EventStream.feed
 
-    def watched(self: _EventStream, chunk: bytes) -> bytes:
+    def watched(self: EventStream, chunk: bytes) -> bytes:
         sent = feed(self, chunk)
         held[0] = max(held[0], len(self._tail))
         return sent
 
-    monkeypatch.setattr(_EventStream, "feed", watched)
+    monkeypatch.setattr(EventStream, "feed", watched)
     return held
 
 

@@ -28,16 +28,15 @@ from hypothesis import strategies as st
 
 from agent.attribution import AttributionEngine
 from agent.config import ProxyTable
-from agent.intake import proxy as proxy_module
 from agent.intake.proxy import (
     PROXY_STATS,
     REQUEST_ID_HEADER,
     RUNNER_OPTIONS,
     ProxyStats,
-    _EventStream,
-    _Measurement,
     proxy_app,
 )
+from agent.intake.proxy import openai as proxy_openai
+from agent.intake.proxy.openai import EventStream, Measurement
 from agent.requests import RequestEnergy
 from agent.sim.upstream import count_tokens, fake_upstream_app
 from agent.timeline import EnergyPoint, Timeline
@@ -256,9 +255,9 @@ _BETWEEN_CR_AND_LF = _stream(EVENTS, _CRLF)[0].index(USAGE_EVENT) + len(USAGE_EV
 def test_sse_events_are_read_and_the_usage_event_dropped_however_the_bytes_are_cut(
         separators: list[bytes], cuts: list[int], rewrites: bool) -> None:
     whole, kept = _stream(EVENTS, separators)
-    measurement = _Measurement("r", 0.0)
+    measurement = Measurement("r", 0.0)
     ticks = iter(range(1, 1_000))
-    events = _EventStream(rewrites, measurement, lambda: float(next(ticks)))
+    events = EventStream(rewrites, measurement, lambda: float(next(ticks)))
     bounds = sorted({0, len(whole), *(min(c, len(whole)) for c in cuts)})
     sent = [events.feed(whole[a:b]) for a, b in itertools.pairwise(bounds)]
     sent.append(events.finish())
@@ -478,7 +477,7 @@ def test_a_compressed_answer_passes_as_is_and_its_usage_is_read(
 
 def test_a_body_too_large_to_parse_passes_through_unparsed(
         servers: Servers, engine: AttributionEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(proxy_module, "MAX_PARSE_BYTES", 1024)
+    monkeypatch.setattr(proxy_openai, "MAX_PARSE_BYTES", 1024)
     echo = servers.serve(echo_app())
     proxied, _ = start_proxy(servers, engine, echo)
     body = json.dumps({"model": "llama", "prompt": "x" * 5000, "stream": True}).encode()

@@ -36,7 +36,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -44,7 +44,14 @@ from agent.attribution import AttributionEngine, CapacityExceeded
 from agent.config import parse_listen
 from agent.devices.base import GpuInfo
 from agent.intake.client import EVENTS_PATH
-from agent.requests import MAX_TOKENS, STATUSES, Request
+from agent.intake.validate import (
+    MAX_MODEL_LENGTH,
+    BusyLimit,
+    label_text_problem,
+    show,
+    token_count_problem,
+)
+from agent.requests import STATUSES, Request
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +61,9 @@ SOURCE = "ingest"
 MAX_EVENTS = 10_000
 """Events per POST at most."""
 MAX_ID_LENGTH = 128
-MAX_STRING_LENGTH = 256
-"""Longest model name accepted; it becomes a Prometheus label value."""
 DEFAULT_MAX_CONCURRENT = 32
 """POSTs handled at once by default; each may hold up to `max_body_bytes` while its body
 arrives, so this bounds what a flood of connections can make the agent buffer."""
-BUSY_RETRY_AFTER_S = 1
-"""Retry-After of a 503: one POST takes milliseconds, so a slot frees up within a second."""
 MAX_AHEAD_S = 60.0
 MAX_BEHIND_S = 86_400.0
 """Accepted window of event times around this host's clock at the time of the POST."""
@@ -90,12 +93,6 @@ class _Invalid(Exception):
         self.error = error
 
 
-def _show(value: Any) -> str:
-    """A client's value in an error message, cut short: it may be megabytes long."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _uuid_key(uuid: str) -> str:
     """NVML writes `GPU-5d1f...`, PyTorch's device properties `5d1f...`: both are accepted."""
     uuid = uuid.strip().lower()
@@ -122,7 +119,7 @@ class _Window:
         if type(value) is int:
             value = float(value) if abs(value) < 1e300 else math.inf  # float() may overflow
         if type(value) is not float or not math.isfinite(value):
-            raise _Invalid(name, f"expected a finite number of seconds, got {_show(value)}")
+            raise _Invalid(name, f"expected a finite number of seconds, got {show(value)}")
         raise _Invalid(name, (
             f"{value - self.offset - self.now:+.0f} s away from this host's clock: monotonic "
             'times must come from time.monotonic() on this host; send epoch seconds with '
@@ -165,10 +162,10 @@ class _Intake:
             return 400, _refusal(unknown[0], "unknown field (known: clock, events)")
         clock = document.get("clock") or "monotonic"
         if clock not in CLOCKS:
-            return 400, _refusal("clock", f"expected monotonic or wall, got {_show(clock)}")
+            return 400, _refusal("clock", f"expected monotonic or wall, got {show(clock)}")
         events = document.get("events")
         if type(events) is not list:
-            return 400, _refusal("events", f"expected a list of events, got {_show(events)}")
+            return 400, _refusal("events", f"expected a list of events, got {show(events)}")
         if len(events) > MAX_EVENTS:
             return 400, _refusal(
                 "events", f"{len(events)} events in one POST; at most {MAX_EVENTS}"
@@ -194,11 +191,11 @@ class _Intake:
 
     def _event(self, event: Any, window: _Window) -> None:
         if type(event) is not dict:
-            raise _Invalid("event", f"expected a JSON object, got {_show(event)}")
+            raise _Invalid("event", f"expected a JSON object, got {show(event)}")
         kind = event.get("type")
         allowed = _FIELDS.get(kind) if type(kind) is str else None
         if allowed is None:
-            raise _Invalid("type", f"expected start, end or request, got {_show(kind)}")
+            raise _Invalid("type", f"expected start, end or request, got {show(kind)}")
         if not allowed.issuperset(event):
             unknown = sorted(set(event) - allowed)[0]
             raise _Invalid(unknown, f"unknown field for a {kind} event "
@@ -210,7 +207,7 @@ class _Intake:
         if kind == "end":
             self._end(event, request_id, window)
             return
-        model = _string(event, "model", MAX_STRING_LENGTH)
+        model = _string(event, "model", MAX_MODEL_LENGTH)
         gpus = self._gpus(event["gpus"])
         if kind == "start":
             request = Request(request_id, model, SOURCE, gpus, window.time(event, "time"))
@@ -245,18 +242,18 @@ class _Intake:
             field = "first_token_time" if "first token" in str(exc) else "time"
             raise _Invalid(field, str(exc)) from None
         if not found:
-            raise _Invalid("id", f"no open request {_show(request_id)}: never started, "
+            raise _Invalid("id", f"no open request {show(request_id)}: never started, "
                                  "already ended, or closed at the maximum age")
 
     def _gpus(self, value: Any) -> tuple[int, ...]:
         if type(value) is not list or not value:
             raise _Invalid("gpus", f"expected a non-empty list of GPU indices or UUIDs, "
-                                   f"got {_show(value)}")
+                                   f"got {show(value)}")
         if len(value) == 1:
             return (self._gpu(value[0]),)
         indices = tuple([self._gpu(gpu) for gpu in value])
         if len(set(indices)) != len(indices):
-            raise _Invalid("gpus", f"names a GPU twice: {_show(value)}")
+            raise _Invalid("gpus", f"names a GPU twice: {show(value)}")
         return indices
 
     def _gpu(self, gpu: Any) -> int:
@@ -268,26 +265,17 @@ class _Intake:
             index = self._uuids.get(_uuid_key(gpu))
             if index is not None:
                 return index
-            raise _Invalid("gpus", f"GPU {_show(gpu)} is not on this node "
+            raise _Invalid("gpus", f"GPU {show(gpu)} is not on this node "
                                    f"(GPUs: {self._uuid_listing})")
-        raise _Invalid("gpus", f"expected a GPU index or UUID, got {_show(gpu)}")
+        raise _Invalid("gpus", f"expected a GPU index or UUID, got {show(gpu)}")
 
 
 def _string(event: dict[str, Any], name: str, limit: int) -> str:
     value = event[name]
-    if type(value) is not str or not value or len(value) > limit:
-        raise _Invalid(name, f"expected a non-empty string of at most {limit} characters, "
-                             f"got {_show(value)}")
-    if not value.isascii():
-        # JSON may escape a lone UTF-16 surrogate ("\ud800"), which no UTF-8 text can hold:
-        # taken, it would fail every later write of the record store and every /metrics
-        # render that carries it as a label.
-        try:
-            value.encode()
-        except UnicodeEncodeError as exc:
-            raise _Invalid(name, f"not Unicode text: a lone surrogate at character "
-                                 f"{exc.start}") from None
-    return value
+    problem = label_text_problem(value, limit)
+    if problem is not None:
+        raise _Invalid(name, problem)
+    return cast(str, value)
 
 
 def _first_token(
@@ -305,9 +293,10 @@ def _tokens(event: dict[str, Any], name: str) -> int | None:
     value = event.get(name)
     if value is None:
         return None
-    if type(value) is not int or not 0 <= value <= MAX_TOKENS:
-        raise _Invalid(name, f"expected an integer in [0, 2**53], got {_show(value)}")
-    return value
+    problem = token_count_problem(value)
+    if problem is not None:
+        raise _Invalid(name, problem)
+    return cast(int, value)
 
 
 def _status(event: dict[str, Any]) -> Any:
@@ -315,7 +304,7 @@ def _status(event: dict[str, Any]) -> Any:
     if value is None:
         return "ok"
     if value not in STATUSES:  # a list or dict is simply not among them
-        raise _Invalid("status", f"expected one of {', '.join(STATUSES)}, got {_show(value)}")
+        raise _Invalid("status", f"expected one of {', '.join(STATUSES)}, got {show(value)}")
     return value
 
 
@@ -349,14 +338,11 @@ def ingest_app(
     instead of queueing: with the engine full (429) and the connections many, memory then
     stays within `max_concurrent × max_body_bytes` of request bodies.
     """
-    if max_concurrent < 1:
-        raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+    limit = BusyLimit(max_concurrent)
     intake = _Intake(engine, gpus, clock, wall_clock)
     expected = None if token is None else token.encode()
-    in_flight = 0
 
     async def events(request: web.Request) -> web.Response:
-        nonlocal in_flight
         if expected is not None:
             given = _bearer(request.headers.get("Authorization", ""))
             # compare_digest takes the same time wherever the first difference lies.
@@ -368,20 +354,16 @@ def ingest_app(
                     _refusal("Authorization", "a valid bearer token is required"),
                     status=401, headers={"WWW-Authenticate": challenge},
                 )
-        if in_flight >= max_concurrent:
-            return web.json_response(
-                _refusal(None, f"{max_concurrent} POSTs are being handled already; retry later"),
-                status=503, headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
-            )
-        in_flight += 1  # the event loop runs one handler at a time: no lock needed
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return web.json_response(_refusal(
-                "body", f"larger than {max_body_bytes} bytes (ingest.max_body_bytes); "
-                        "send smaller batches"), status=413)
-        finally:
-            in_flight -= 1
+        if limit.full:
+            return limit.answer(
+                _refusal(None, f"{max_concurrent} POSTs are being handled already; retry later"))
+        with limit.slot():
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return web.json_response(_refusal(
+                    "body", f"larger than {max_body_bytes} bytes (ingest.max_body_bytes); "
+                            "send smaller batches"), status=413)
         status, answer = intake.take(body)
         headers = {"Retry-After": str(intake.retry_after_s)} if status == 429 else None
         return web.json_response(answer, status=status, headers=headers)

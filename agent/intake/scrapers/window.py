@@ -12,8 +12,8 @@ Pure functions and one small state holder, so that every rule here is tested wit
 - **Window energy** (`gpu_window_energy`): per GPU, the energy of [start, end] from the
   sampler's timeline: each interval between two points contributes its energy times the
   fraction of it inside the window (power taken as constant within an interval); gap
-  intervals contribute nothing. Each interval's static part is min(ΔE, P_idle × Δt) with
-  the attribution engine's idle baseline, the rest is dynamic, as for per-request figures.
+  intervals contribute nothing. Each interval's static part is `static_share`, with the
+  attribution engine's idle baseline, the rest is dynamic, as for per-request figures.
 - **Split** (`split_window`): the window's energy on the server's GPUs is shared among its
   models in proportion to their tokens, `prefill_weight × prompt + completion` (weight 1 by
   default: a token is a token). Token counters advance while requests run, so tokens
@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from agent.attribution import static_share
 from agent.intake.scrapers.kinds import Quantity, SeriesKey
 from agent.timeline import EnergyPoint
 
@@ -105,7 +106,7 @@ def gpu_window_energy(
         span = after.time - before.time
         inside = min(after.time, end) - max(before.time, start)
         energy = (after.energy_j - before.energy_j) * inside / span
-        part_static = min(energy, idle * inside)
+        part_static = static_share(energy, idle, inside)
         static += part_static
         dynamic += energy - part_static
         measured += inside

@@ -1,0 +1,324 @@
+"""What the proxy reads of OpenAI requests and answers: the model of a request body, and the
+token counts of a JSON answer or of a stream of server-sent events.
+
+Content encoding. To read `usage`, a measured request asks the upstream only for codings
+the proxy can decode with the standard library: a stream for `identity` (SSE is rarely
+compressed, as compression would hold back tokens; the proxy needs to see, and sometimes
+drop, events), a non-streaming answer for the client's own choice among gzip, deflate and
+identity; a copy of that body (at most `MAX_PARSE_BYTES`) is decompressed for parsing only.
+
+Bounds. A measured request body is parsed only up to `MAX_PARSE_BYTES`; a larger or
+compressed one passes through unparsed (model from the table or "unknown", no usage asked
+for). A stream is handled chunk by chunk, each passed on as it arrives and parsed on the
+side; only while the usage chunk is to be dropped are events passed on whole, an event's
+incomplete end waiting for the rest of its bytes. Either way at most one incomplete event
+(`MAX_EVENT_BYTES`) is held, and its bytes are scanned once, however finely the upstream
+cuts them. Prompts and completions are never logged or stored; only their sizes are
+logged, at debug level.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from agent.intake.validate import (
+    MAX_MODEL_LENGTH,
+    UNKNOWN_MODEL,
+    label_text_problem,
+    token_count_problem,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_PARSE_BYTES = 16 * 2**20
+"""Largest request or non-streaming response body parsed; larger ones pass unparsed."""
+MAX_EVENT_BYTES = 2**20
+"""Largest SSE event parsed; past it, the rest of the stream passes through unparsed."""
+
+_DECODABLE = frozenset(("gzip", "x-gzip", "deflate", "identity"))
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?=[^\n])|\n)(?:\r\n|\r(?=[^\n])|\n)")
+"""The blank line that ends an SSE event, whatever the line endings. A `\r` that ends the
+bytes received so far may be the first half of a `\r\n`: it ends a line only once the
+next byte is known."""
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_DECODER = json.JSONDecoder()
+
+
+class Measurement:
+    """One measured request while it runs."""
+
+    __slots__ = ("accepted", "completion_chunks", "completion_tokens", "first_token", "id",
+                 "prompt_tokens", "start")
+
+    def __init__(self, request_id: str, start: float) -> None:
+        self.id = request_id
+        self.start = start
+        self.accepted = False
+        self.first_token: float | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.completion_chunks = 0
+
+    def take_usage(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if token_count_problem(prompt) is None:
+            self.prompt_tokens = prompt
+            # Embeddings have no completion tokens; their usage says only prompt and total.
+            self.completion_tokens = completion if token_count_problem(completion) is None else 0
+        elif token_count_problem(completion) is None:
+            self.completion_tokens = completion
+
+
+class EventStream:
+    """Reads a stream of server-sent events as it passes: the first token, the usage, and
+    the count of content chunks; with `rewrites`, drops the usage-only event.
+
+    Without `rewrites`, every chunk is returned as received and parsed on the side. With
+    it, the complete events of each chunk are returned (minus the usage-only one) and an
+    incomplete last event waits for the rest of its bytes.
+
+    An incomplete event is held in a growing buffer, and only the bytes that a chunk adds
+    are searched for the event's end: an event that arrives in many small chunks costs its
+    length once, not once per chunk (a 1 MiB event in 1 KiB chunks held the event loop
+    for seconds when the whole of it was copied and searched again at each chunk).
+    """
+
+    __slots__ = ("_clock", "_measurement", "_parsing", "_tail", "rewrites")
+
+    def __init__(self, rewrites: bool, measurement: Measurement,
+                 clock: Callable[[], float]) -> None:
+        self.rewrites = rewrites
+        self._measurement = measurement
+        self._clock = clock
+        self._tail = bytearray()
+        self._parsing = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Takes a chunk from the upstream; returns the bytes to send on now."""
+        if not self._parsing:
+            return chunk
+        held = len(self._tail)
+        buffer: bytes | bytearray = chunk
+        if held:
+            self._tail += chunk
+            buffer = self._tail
+        position = 0
+        kept: list[bytes] = []
+        # The blank line that ends an event may have begun in the last 3 bytes held
+        # ("\r\n\r", waiting to know whether "\n" follows); no earlier held byte can be
+        # part of one.
+        for match in _EVENT_END.finditer(buffer, max(held - 3, 0)):
+            event = bytes(buffer[position:match.end()])
+            position = match.end()
+            if self._read(event) and self.rewrites:
+                kept.append(event)
+        if held:
+            del self._tail[:position]
+        else:
+            self._tail += chunk[position:]
+        if len(self._tail) > MAX_EVENT_BYTES:
+            log.warning("an SSE event exceeds %d bytes: the rest of the stream passes "
+                        "through unparsed", MAX_EVENT_BYTES)
+            self._parsing = False
+            tail = self._take_tail()
+            return b"".join(kept) + tail if self.rewrites else chunk
+        if not self.rewrites:
+            return chunk
+        return kept[0] if len(kept) == 1 else b"".join(kept)
+
+    def finish(self) -> bytes:
+        """The end of the stream: what is held back, passed on as it is; but a usage-only
+        event that only the end shows complete (its blank line a CR, which might have been
+        the first half of a CRLF) is dropped like any other."""
+        tail = self._take_tail()
+        keep = not (tail and self._parsing) or self._read(tail)
+        if not self.rewrites or (not keep and tail.endswith((b"\r\r", b"\n\r"))):
+            return b""
+        return tail
+
+    def settle(self) -> None:
+        """Nothing more will come (the stream ended, or was cut off)."""
+        self._tail = bytearray()
+
+    def _take_tail(self) -> bytes:
+        tail = bytes(self._tail)
+        self._tail = bytearray()
+        return tail
+
+    def _read(self, event: bytes) -> bool:
+        """Reads one event; False for the usage-only event that is to be dropped."""
+        data = _event_data(event)
+        if data is None or data == b"[DONE]":
+            return True
+        try:
+            chunk = _DECODER.decode(data.decode())  # SSE is UTF-8: json.loads would guess
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            return True
+        if not isinstance(chunk, dict):
+            return True
+        measurement = self._measurement
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            measurement.take_usage(usage)
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            return True
+        if not choices:
+            return not (self.rewrites and isinstance(usage, dict))
+        carrying = sum(1 for choice in choices if _carries_token(choice))
+        if carrying:
+            measurement.completion_chunks += carrying
+            if measurement.first_token is None:
+                measurement.first_token = self._clock()
+        return True
+
+
+class BodyCopy:
+    """A bounded copy of a non-streaming answer, decoded for parsing only."""
+
+    __slots__ = ("_encoding", "_parts", "_size")
+
+    def __init__(self, content_encoding: str) -> None:
+        self._encoding = content_encoding.strip().lower()
+        self._parts: list[bytes] | None = [] if self._encoding in _DECODABLE | {""} else None
+        self._size = 0
+
+    def add(self, chunk: bytes) -> None:
+        if self._parts is None:
+            return
+        self._size += len(chunk)
+        if self._size > MAX_PARSE_BYTES:
+            self._parts = None  # too large to parse: usage unknown
+        else:
+            self._parts.append(chunk)
+
+    def usage(self) -> Any:
+        if self._parts is None:
+            return None
+        body = b"".join(self._parts)
+        self._parts = None
+        try:
+            if self._encoding in ("gzip", "x-gzip"):
+                body = _inflate(body, zlib.MAX_WBITS | 16)
+            elif self._encoding == "deflate":
+                try:
+                    body = _inflate(body, zlib.MAX_WBITS)
+                except zlib.error:  # servers send raw deflate as often as zlib-wrapped
+                    body = _inflate(body, -zlib.MAX_WBITS)
+        except (zlib.error, _TooLarge):
+            return None
+        document = _json_object(body)
+        return None if document is None else document.get("usage")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _inflate(body: bytes, wbits: int) -> bytes:
+    """Decompresses at most `MAX_PARSE_BYTES`, so that a small bomb cannot take the memory."""
+    inflater = zlib.decompressobj(wbits)
+    out = inflater.decompress(body, MAX_PARSE_BYTES)
+    if inflater.unconsumed_tail:
+        raise _TooLarge
+    return out
+
+
+async def read_request(content: aiohttp.StreamReader, content_encoding: str | None
+                       ) -> tuple[bytes, bool, dict[str, Any] | None]:
+    """The start of a request body (about `MAX_PARSE_BYTES` at most), whether that is the
+    whole body, and the JSON object it holds where it is whole and not encoded."""
+    prefix, whole = await _read_prefix(content, MAX_PARSE_BYTES)
+    document = _json_object(prefix) if whole and not content_encoding else None
+    return prefix, whole, document
+
+
+def request_model(document: dict[str, Any] | None) -> str:
+    """The body's `model` where it can be a label value, else `UNKNOWN_MODEL`."""
+    model = None if document is None else document.get("model")
+    if isinstance(model, str) and label_text_problem(model, MAX_MODEL_LENGTH) is None:
+        return model
+    return UNKNOWN_MODEL
+
+
+def wants_no_usage(document: dict[str, Any]) -> bool:
+    """A streaming request that plainly did not ask for usage: no `stream_options`, or
+    `include_usage: false`. (What `{}` or a value of another type means depends on the
+    server; such a request is passed as it is.)"""
+    options = document.get("stream_options")
+    return options is None or (
+        isinstance(options, dict) and options.get("include_usage") is False)
+
+
+def with_usage(document: dict[str, Any]) -> bytes:
+    """The request body `document`, asking for `stream_options.include_usage`."""
+    options = document.get("stream_options") or {}
+    changed = {**document, "stream_options": {**options, "include_usage": True}}
+    text = json.dumps(changed, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate, which JSON can escape: escape it again
+        return json.dumps(changed, separators=(",", ":")).encode()
+
+
+def decodable(accept_encoding: str) -> str:
+    """The client's Accept-Encoding, restricted to codings `BodyCopy` can decode."""
+    items = [item for item in accept_encoding.split(",") if item.strip()]
+    kept = [item for item in items
+            if item.split(";", 1)[0].strip().lower() in _DECODABLE]
+    if len(kept) == len(items):
+        return accept_encoding
+    return ",".join(kept).strip() or "identity"
+
+
+def _carries_token(choice: Any) -> bool:
+    if not isinstance(choice, dict):
+        return False
+    if choice.get("text"):
+        return True
+    delta = choice.get("delta")
+    return isinstance(delta, dict) and bool(
+        delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")
+        or delta.get("tool_calls")
+    )
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The `data` of one SSE event (its data lines joined), or None if it has none."""
+    if event.startswith(b"data: "):
+        data = event[6:].rstrip(b"\r\n")
+        if b"\n" not in data and b"\r" not in data:
+            return data  # the usual event: one data line
+    data = [line[5:].removeprefix(b" ") for line in _LINE_END.split(event)
+            if line.startswith(b"data:")]
+    return b"\n".join(data) if data else None
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return document if isinstance(document, dict) else None
+
+
+async def _read_prefix(content: aiohttp.StreamReader, limit: int) -> tuple[bytes, bool]:
+    """Up to about `limit` bytes of a body, and whether that is the whole body."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await content.readany()
+        if not chunk:
+            return b"".join(parts), True
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts), False
