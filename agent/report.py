@@ -72,7 +72,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from agent.requests import STATUSES
-from agent.units import JOULES_PER_WH
+from agent.units import JOULES_PER_WH, flag_text
 
 if TYPE_CHECKING:
     from agent.records import StoredRequest
@@ -521,7 +521,7 @@ def _render_csv(report: Report) -> str:
             "it_j_per_token_all": _csv_number(model.it_j_per_token_all),
             "gpu_j_per_completion_token": _csv_number(model.gpu_j_per_completion_token),
             "gpu_j_per_token_all": _csv_number(model.gpu_j_per_token_all),
-            "unattributed_share": _csv_number(share), "simulated": _csv_bool(model.simulated),
+            "unattributed_share": _csv_number(share), "simulated": flag_text(model.simulated),
         }
         for boundary in BOUNDARIES:
             dist = model.wh_per_query[boundary]
@@ -540,13 +540,9 @@ def _render_csv(report: Report) -> str:
                 "gpu_j_per_completion_token": _csv_number(window.gpu_j_per_completion_token),
                 "gpu_j_per_token_all": _csv_number(window.gpu_j_per_token_all),
                 "unattributed_share": _csv_number(source.unattributed_share),
-                "simulated": _csv_bool(window.simulated),
+                "simulated": flag_text(window.simulated),
             })
     return out.getvalue()
-
-
-def _csv_bool(value: bool) -> str:
-    return "true" if value else "false"
 
 
 def _csv_number(value: float | None) -> str:

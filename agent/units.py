@@ -1,4 +1,5 @@
-"""Units and the physical bounds of the figures that carry them, shared across the agent."""
+"""Units, the physical bounds of the figures that carry them, and how a flag is written as
+text: shared across the agent."""
 
 JOULES_PER_WH = 3600.0
 
@@ -15,3 +16,8 @@ def check_pue(pue: float, field: str) -> float:
     if problem is not None:
         raise ValueError(f"{field}: expected {problem}, got {pue}")
     return pue
+
+
+def flag_text(value: bool) -> str:
+    """A flag as text: "true" or "false", as Prometheus label values and CSV columns say it."""
+    return "true" if value else "false"

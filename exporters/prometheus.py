@@ -28,6 +28,7 @@ from prometheus_client.utils import floatToGoString
 
 from agent.devices.base import GpuReading
 from agent.sampler import SAMPLE_DURATION_BUCKETS, GpuSnapshot, NodeSnapshot
+from agent.units import flag_text
 
 FamilyProducer = Callable[[NodeSnapshot], Iterable[Metric]]
 """Renders some metric families from one snapshot."""
@@ -113,10 +114,6 @@ def _lost(reading: GpuReading | None) -> bool:
     return reading is not None and any(kind == "GpuIsLost" for _, kind in reading.errors)
 
 
-def _flag(value: bool) -> str:
-    return "true" if value else "false"
-
-
 def gpu_families(snapshot: NodeSnapshot) -> Iterator[Metric]:
     """What each GPU is, its measured energy, and the gauges of its latest read."""
     info = GaugeMetricFamily(
@@ -140,8 +137,8 @@ def gpu_families(snapshot: NodeSnapshot) -> Iterator[Metric]:
         labels = _gpu_labels(gpu)
         gi = gpu.info
         info.add_metric(
-            [*labels, gi.name, gi.energy_source, gi.power_field, _flag(gi.simulated),
-             _flag(gi.module_power), _flag(gi.mig_enabled)],
+            [*labels, gi.name, gi.energy_source, gi.power_field, flag_text(gi.simulated),
+             flag_text(gi.module_power), flag_text(gi.mig_enabled)],
             1,
         )
         energy.add_metric(labels, gpu.energy_j)

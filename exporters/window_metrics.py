@@ -23,15 +23,12 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from agent.intake.scrapers.window import WindowFigures
+from agent.sampler import NodeSnapshot
 from exporters.request_metrics import DEFAULT_MAX_MODELS, OTHER_MODEL
-
-if TYPE_CHECKING:  # the scrapers import this module: no import cycle at run time
-    from agent.intake.scrapers.window import WindowFigures
-    from agent.sampler import NodeSnapshot
 
 log = logging.getLogger(__name__)
 

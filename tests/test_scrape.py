@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from scripted import require_binary
 
+from agent.config import SCRAPE_KINDS
 from agent.intake.scrapers import (
     KINDS,
     CounterDeltas,
@@ -363,3 +364,8 @@ def test_promtool_finds_nothing_to_lint() -> None:
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
                             text=True, timeout=30)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_the_config_check_and_the_scrapers_know_the_same_servers() -> None:
+    # The config names the kinds (it sits below intake); KINDS says how to read each.
+    assert tuple(KINDS) == SCRAPE_KINDS

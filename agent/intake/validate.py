@@ -52,11 +52,6 @@ def token_count_problem(value: Any) -> str | None:
     return None
 
 
-def label_bool(value: bool) -> str:
-    """A flag as label text: "true" or "false", as Prometheus labels and CSV columns say it."""
-    return "true" if value else "false"
-
-
 class BusyLimit:
     """At most `max_concurrent` requests handled at once. One beyond is answered 503 with
     Retry-After at once (`answer`), unread, instead of waiting: what each request holds

@@ -75,7 +75,7 @@ class ServerKind:
     """What to check when the endpoint answers without this server's metrics."""
 
 
-KINDS: dict[str, ServerKind] = {
+KINDS: dict[str, ServerKind] = {  # keyed by agent.config.SCRAPE_KINDS, in its order
     "vllm": ServerKind(
         "vllm", "vllm:", "model_name",
         {

@@ -40,14 +40,12 @@ from agent.intake.scrapers.window import (
     gpu_window_energy,
     split_window,
 )
+from agent.intake.validate import UNKNOWN_MODEL
 from agent.timeline import Timeline
-from exporters.window_metrics import WindowMetrics
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 5.0
-UNKNOWN_MODEL = "unknown"
-"""Model name of a server without a model label whose /v1/models could not be read."""
 
 ErrorKind = str
 """`connect`, `timeout`, `http_status`, `not_server_metrics`, `parse`, `gpus`."""
@@ -59,6 +57,17 @@ class _Window:
     end: float
     gpus: tuple[int, ...]
     usage: dict[str, Usage]
+
+
+class ScrapeObserver(Protocol):
+    """What counts scrapes and shows settled windows (`exporters.window_metrics.WindowMetrics`
+    is one, handed in by the wiring layer). Called on the event loop."""
+
+    def scraped(self, source: str) -> None: ...
+
+    def scrape_failed(self, source: str, kind: ErrorKind) -> None: ...
+
+    def observe(self, source: str, figures: WindowFigures) -> None: ...
 
 
 class WindowSink(Protocol):
@@ -87,7 +96,7 @@ class WindowScraper:
         gpus: Callable[[], tuple[int, ...]],
         timelines: dict[int, Timeline],
         idle_power_w: Callable[[int], float | None],
-        metrics: WindowMetrics,
+        metrics: ScrapeObserver,
         store: WindowSink | None = None,
         model: str | None = None,
         source: str | None = None,
