@@ -1,4 +1,4 @@
-"""The `jouleprobe` command line: run, doctor (and, as they land, demo, report, fleet)."""
+"""The `jouleprobe` command line: run, demo, doctor, report and fleet."""
 
 from __future__ import annotations
 

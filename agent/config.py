@@ -16,12 +16,19 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, get_args, get_origin, get_type_hints
 
 from agent.units import pue_problem
 
 ENV_PREFIX = "JOULEPROBE_"
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+Policy = Literal["equal", "tokens"]
+"""How concurrent requests share an interval's energy (DESIGN: docs/design.md)."""
+ScrapeKind = Literal["vllm", "sglang", "tgi", "triton", "llamacpp"]
+SCRAPE_KINDS: tuple[ScrapeKind, ...] = get_args(ScrapeKind)
+"""The servers a `[[scrape]]` table can read, named here for the config check (config is
+below intake); `agent.intake.scrapers.kinds.KINDS` says how to read each."""
 
 
 class ConfigError(ValueError):
@@ -50,7 +57,7 @@ def _non_negative(value: float) -> str | None:
     return None if value >= 0 else "a number >= 0"
 
 
-def _one_of(*choices: str) -> Check:
+def _one_of(choices: tuple[str, ...]) -> Check:
     return lambda value: None if value in choices else "one of " + ", ".join(choices)
 
 
@@ -87,8 +94,8 @@ def _gpu_spec(name: str, value: Any) -> GpuSpec:
                       f"got {_show(value)}")
 
 
-PrefillWeight = float | str
-"""A number >= 0, or "auto"."""
+PrefillWeight = float | Literal["auto"]
+"""A number >= 0, or "auto" (learned per GPU)."""
 
 
 def _prefill_weight(name: str, value: Any) -> PrefillWeight:
@@ -122,7 +129,7 @@ class AgentSection:
                               _positive)
     timeline_seconds: float = _key(600.0, "seconds of samples kept per GPU for attribution",
                                    _positive)
-    log_level: str = _key("info", "debug, info, warning or error", _one_of(*LOG_LEVELS))
+    log_level: LogLevel = _key("info", "debug, info, warning or error")
     simulate: str = _key("", "simulated GPUs, e.g. 2xH100 (demos and tests; labelled simulated)")
 
 
@@ -143,8 +150,8 @@ class SiteSection:
 
 @dataclass(frozen=True)
 class AttributionSection:
-    policy: str = _key("tokens", "how concurrent requests share an interval: tokens or equal",
-                       _one_of("tokens", "equal"))
+    policy: Policy = _key("tokens",
+                                 "how concurrent requests share an interval: tokens or equal")
     prefill_weight: PrefillWeight = _key("auto", "weight of one prompt token against one "
                                          "completion token (tokens policy): auto measures it "
                                          "per GPU, or a number >= 0")
@@ -190,17 +197,11 @@ class ProxyTable:
                                _positive)
 
 
-SCRAPE_KINDS = ("vllm", "sglang", "tgi", "triton", "llamacpp")
-"""The servers a `[[scrape]]` table can read, named here for the config check (config is
-below intake); `agent.intake.scrapers.kinds.KINDS` says how to read each."""
-
-
 @dataclass(frozen=True)
 class ScrapeTable:
     """One `[[scrape]]` table: an inference server's own Prometheus endpoint."""
 
-    kind: str = _key(REQUIRED, f"{', '.join(SCRAPE_KINDS[:-1])} or {SCRAPE_KINDS[-1]}",
-                     _one_of(*SCRAPE_KINDS))
+    kind: ScrapeKind = _key(REQUIRED, f"{', '.join(SCRAPE_KINDS[:-1])} or {SCRAPE_KINDS[-1]}")
     url: str = _key(REQUIRED, "its metrics URL, e.g. http://127.0.0.1:8000/metrics", _url)
     gpus: GpuSpec = _key(REQUIRED, 'GPUs serving it: [0, 1], UUIDs, or "auto"')
     interval: float = _key(15.0, "seconds between two scrapes (one attribution window)",
@@ -242,27 +243,39 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
         value = float(value) if abs(value) <= sys.float_info.max else math.inf
     if not isinstance(value, kind):
         raise ConfigError(f"{name}: expected {kind.__name__}, got {_show(value)}")
-    if kind is float and not math.isfinite(value):
+    if kind is float and not math.isfinite(cast(float, value)):
         # Every float key is a duration, a power or a ratio: inf and nan mean nothing there,
         # and would fail later, far from the key (int(inf) sizing the timelines).
         raise ConfigError(f"{name}: expected a finite number, got {_show(given)}")
     return value
 
 
+_PARSERS: dict[object, Callable[[str, Any], Any]] = {
+    GpuSpec: _gpu_spec, PrefillWeight: _prefill_weight,
+}
+"""Parsers of the key types that are not one plain type, keyed by the type itself."""
+
+
 def _build(section_name: str, cls: type, values: Mapping[str, Any]) -> Any:
+    """An instance of the section or table `cls` from `values`, each parsed and checked as
+    its field's declared type says: a plain str/float/int/bool, a Literal (one of its
+    values), or a type in `_PARSERS`."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    types = get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         name = f"{section_name}.{key}"
         if key not in fields:
             raise ConfigError(f"unknown key {name!r} (known: {', '.join(sorted(fields))})")
-        parse = {"GpuSpec": _gpu_spec, "PrefillWeight": _prefill_weight}.get(str(fields[key].type))
+        declared = types[key]
+        parse = _PARSERS.get(declared)
         if parse is not None:
             kwargs[key] = parse(name, value)
             continue
-        kind = {"str": str, "float": float, "int": int, "bool": bool}[str(fields[key].type)]
+        literal = get_origin(declared) is Literal
+        kind = str if literal else declared
         value = _coerce(name, kind, value)
-        check = fields[key].metadata.get("check")
+        check = _one_of(get_args(declared)) if literal else fields[key].metadata.get("check")
         expected = check(value) if check else None
         if expected:
             raise ConfigError(f"{name}: expected {expected}, got {_show(value)}")
@@ -287,7 +300,7 @@ def load(
 ) -> Config:
     """Reads the file, applies the environment, then `overrides` ({"agent.listen": ...})."""
     layered: dict[str, dict[str, Any]] = {name: {} for name in _sections()}
-    tables: dict[str, tuple[Any, ...]] = {}
+    tables: dict[str, Any] = {}
     if path is not None:
         try:
             with open(path, "rb") as f:
@@ -320,7 +333,7 @@ def load(
         section, _, key = dotted.partition(".")
         layered[section][key] = value
     sections = _sections()
-    built = {name: _build(name, sections[name], layered[name]) for name in sections}
+    built: dict[str, Any] = {name: _build(name, sections[name], layered[name]) for name in sections}
     return Config(**built, **tables)
 
 

@@ -43,7 +43,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
-from agent.attribution import DEFAULT_PREFILL_WEIGHT, AttributionEngine, PrefillWeight
+from agent.attribution import DEFAULT_PREFILL_WEIGHT, AttributionEngine
+from agent.config import PrefillWeight
 from agent.requests import Request
 from agent.sampler import Sampler
 from agent.sim.gpus import SimulatedGpuSource, parse_spec

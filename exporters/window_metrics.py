@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -62,7 +62,7 @@ class WindowMetrics:
         self._own: set[str] = set()
         """Models with series of their own."""
         self._folded = False
-        self._unattributed: Counter[str] = Counter()
+        self._unattributed: defaultdict[str, float] = defaultdict(float)
         self._scrapes: Counter[str] = Counter()
         self._errors: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()

@@ -1,4 +1,4 @@
-"""Attribution rules (DESIGN.md §4), one test per rule, then property-based conservation."""
+"""Attribution rules (docs/design.md §5), one test per rule, then property-based conservation."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from agent.attribution import (
     PREFILL_WEIGHT_BOUNDS,
     AttributionEngine,
     CapacityExceeded,
-    Policy,
 )
 from agent.attribution.learners import PrefillWeightLearner
+from agent.config import Policy
 from agent.requests import Request, RequestEnergy
 from agent.timeline import EnergyPoint, Timeline
 

@@ -1,4 +1,5 @@
-"""`jouleprobe demo` end to end: simulated GPUs, real sampler, ingest API, engine, records."""
+"""`jouleprobe demo` end to end: simulated GPUs, real sampler, proxies in front of simulated
+OpenAI servers, engine, records, report."""
 
 from __future__ import annotations
 

@@ -19,16 +19,18 @@ import random
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.app.daemon import PROXY_RUNNER_OPTIONS, attribute_periodically, build_apps, start_site
+from agent.app.daemon import attribute_periodically, build_apps, start_site
 from agent.app.node import Node
 from agent.config import ProxyTable, load
 from agent.devices.host import EstimatedHostSource
+from agent.intake.proxy import RUNNER_OPTIONS as PROXY_RUNNER_OPTIONS
 from agent.intake.proxy import proxy_app
 from agent.report import run_report
 from agent.sim.gpus import SimulatedGpuSource, parse_spec
@@ -125,13 +127,18 @@ async def run_load(proxies: list[str], seconds: float) -> int:
     return len(done)
 
 
+def _fixed(gpus: tuple[int, ...]) -> Callable[[], tuple[int, ...]]:
+    """A proxy's GPU set that never changes: each simulated server runs on one GPU."""
+    return lambda: gpus
+
+
 def conservation(metrics_text: str) -> dict[str, tuple[float, float]]:
     """Per GPU: (attributed + unattributed, energy measured) from a scrape of /metrics."""
     attributed: dict[str, float] = defaultdict(float)
     measured: dict[str, float] = {}
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
-            gpu = sample.labels.get("gpu")
+            gpu = sample.labels.get("gpu", "")
             if sample.name in ("jouleprobe_gpu_attributed_energy_joules_total",
                                "jouleprobe_gpu_unattributed_energy_joules_total"):
                 attributed[gpu] += sample.value
@@ -170,7 +177,7 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
             runners.append(upstream)
             table = ProxyTable(name=f"gpu{gpu}", listen="127.0.0.1:0",
                                upstream=_url(upstream), gpus=(gpu,))
-            proxy = await start_site(proxy_app(table, node.engine, lambda gpu=gpu: (gpu,),
+            proxy = await start_site(proxy_app(table, node.engine, _fixed((gpu,)),
                                                max_concurrent=table.max_concurrent),
                                      table.listen, f"proxy {table.name}", **PROXY_RUNNER_OPTIONS)
             runners.append(proxy)
@@ -196,10 +203,10 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
     print(run_report(str(store), None, "table", None), end="")
     print()
     worst = 0.0
-    for gpu, (accounted, measured) in sorted(conservation(scraped).items()):
+    for name, (accounted, measured) in sorted(conservation(scraped).items()):
         error = abs(accounted - measured) / measured if measured else 0.0
         worst = max(worst, error)
-        print(f"  GPU {gpu}: attributed + unattributed = {accounted:,.1f} J, "
+        print(f"  GPU {name}: attributed + unattributed = {accounted:,.1f} J, "
               f"measured {measured:,.1f} J (relative difference {error:.1e}, from /metrics)")
     fleet = _fleet_line(store, queries_per_day, config.site.pue)
     if fleet:

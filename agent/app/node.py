@@ -43,8 +43,8 @@ class Node:
         self.engine = AttributionEngine(
             self.sampler.timelines,
             self.sampler.host_timeline,
-            policy=attribution.policy,  # type: ignore[arg-type]  # checked by the config
-            prefill_weight=attribution.prefill_weight,  # type: ignore[arg-type]
+            policy=attribution.policy,
+            prefill_weight=attribution.prefill_weight,
             pue=config.site.pue,
             idle_power_w={gpu.index: idle for gpu in self.sampler.gpus()} if idle else None,
             settle_s=attribution.settle,

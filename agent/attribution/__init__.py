@@ -1,6 +1,6 @@
 """Attribution: splits each GPU's and the host's measured energy among inference requests.
 
-The rules are those of DESIGN.md §4:
+The rules (docs/design.md §5, which says why) are these:
 
 - Each interval between two consecutive points of a timeline has energy ΔE, unless its later
   point is a gap (then nothing is attributed and nothing counted). With no active request,
@@ -58,13 +58,11 @@ from agent.attribution.engine import (
     CapacityExceeded,
     GpuTotals,
     HostTotals,
-    Policy,
-    PrefillWeight,
 )
 from agent.attribution.lane import static_share
 from agent.attribution.learners import PREFILL_WEIGHT_BOUNDS
 
 __all__ = [
     "DEFAULT_PREFILL_WEIGHT", "PREFILL_WEIGHT_BOUNDS", "AttributionEngine", "AttributionTotals",
-    "CapacityExceeded", "GpuTotals", "HostTotals", "Policy", "PrefillWeight", "static_share",
+    "CapacityExceeded", "GpuTotals", "HostTotals", "static_share",
 ]

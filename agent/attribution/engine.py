@@ -11,17 +11,13 @@ import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Literal
 
 from agent.attribution.lane import BY_TIME, FALLBACK, Lane, Pending, Segment
 from agent.attribution.learners import IdleBaseline, PrefillWeightLearner
+from agent.config import Policy, PrefillWeight
 from agent.requests import Request, RequestEnergy, RequestStatus
 from agent.timeline import Timeline
 from agent.units import check_pue
-
-Policy = Literal["equal", "tokens"]
-
-PrefillWeight = float | Literal["auto"]
 
 DEFAULT_PREFILL_WEIGHT: PrefillWeight = "auto"
 """Measure the weight on the node's own hardware. A fixed number is a guess about the model,
@@ -108,8 +104,8 @@ class AttributionEngine:
         out samples taken at the limit."""
         if policy not in ("equal", "tokens"):
             raise ValueError(f"unknown attribution policy {policy!r} (equal or tokens)")
-        if prefill_weight != "auto" and (
-            isinstance(prefill_weight, str) or not prefill_weight >= 0
+        if prefill_weight != "auto" and not (
+            isinstance(prefill_weight, int | float) and prefill_weight >= 0
         ):
             raise ValueError(f"prefill weight must be 'auto' or a number >= 0 "
                              f"(got {prefill_weight!r})")

@@ -28,7 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.fleet.model import BOUNDARIES, JOULES_PER_WH, Boundary, Span
+from agent.fleet.model import BOUNDARIES, Boundary, Span
+from agent.units import JOULES_PER_WH
 
 BOOTSTRAP_RESAMPLES = 1000
 CONFIDENCE = 0.95
@@ -188,7 +189,8 @@ def _http_get(url: str) -> bytes:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(url, timeout=HTTP_TIMEOUT_S) as response:
-            return response.read()
+            body: bytes = response.read()
+            return body
     except urllib.error.HTTPError as exc:
         raise MeasurementError(f"{url}: HTTP {exc.code}: {exc.read()[:300]!r}") from None
     except (urllib.error.URLError, OSError) as exc:
@@ -227,7 +229,7 @@ def summary_measurement(summary: Mapping[str, Any], origin: str, *, model: str |
                                 for m in models.values()) / total)
         for b in BOUNDARIES
     }
-    per_token = None
+    per_token: dict[Boundary, Span] | None = None
     token_models = [m for m in models.values() if m.get("it_j_per_token_all") is not None]
     if token_models and pue is not None:
         # The summary gives IT J/token per model; weigh models by their requests.
@@ -236,7 +238,8 @@ def summary_measurement(summary: Mapping[str, Any], origin: str, *, model: str |
         gpu_share = wh["gpu"].central / wh["it"].central if wh["it"].central else 1.0
         per_token = {"gpu": Span.exact(it * gpu_share), "it": Span.exact(it),
                      "facility": Span.exact(it * pue)}
-    notes = ("means only: the summary holds no spread, so no confidence interval",)
+    notes: tuple[str, ...] = ("means only: the summary holds no spread, so no confidence "
+                              "interval",)
     if token_models and len(token_models) > 1:
         notes += ("J/token: models weighed by their request counts",)
     return Measurement(origin=f"{origin} ({total:,} requests in {summary.get('window_s')} s)",

@@ -1,4 +1,4 @@
-"""The ingest API: custom inference servers report their own requests (DESIGN.md §5 item 2).
+"""The ingest API: custom inference servers report their own requests (docs/design.md §6).
 
 `POST /api/v1/events` takes a batch of events as JSON:
 
@@ -112,10 +112,10 @@ class _Window:
         self.high = now + offset + MAX_AHEAD_S
 
     def time(self, event: dict[str, Any], name: str) -> float:
-        value = event.get(name)
+        value: Any = event.get(name)
         # The range check also refuses NaN and infinities.
         if type(value) in _NUMBER and self.low <= value <= self.high:
-            return value - self.offset
+            return float(value - self.offset)
         if type(value) is int:
             value = float(value) if abs(value) < 1e300 else math.inf  # float() may overflow
         if type(value) is not float or not math.isfinite(value):
@@ -192,7 +192,7 @@ class _Intake:
     def _event(self, event: Any, window: _Window) -> None:
         if type(event) is not dict:
             raise _Invalid("event", f"expected a JSON object, got {show(event)}")
-        kind = event.get("type")
+        kind: Any = event.get("type")
         allowed = _FIELDS.get(kind) if type(kind) is str else None
         if allowed is None:
             raise _Invalid("type", f"expected start, end or request, got {show(kind)}")

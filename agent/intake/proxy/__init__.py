@@ -1,4 +1,4 @@
-"""The OpenAI-compatible reverse proxy (DESIGN.md §5 item 1), in front of vLLM, SGLang, TGI,
+"""The OpenAI-compatible reverse proxy (docs/design.md §6), in front of vLLM, SGLang, TGI,
 Triton's OpenAI frontend, llama.cpp or Ollama.
 
 Measured: `POST` to any path ending in `/chat/completions`, `/completions` or `/embeddings`

@@ -202,9 +202,9 @@ class _Proxy:
                 upstream = await self.upstream.send(request, headers, body)
             except UpstreamError as exc:
                 self._count_upstream_error(exc)
-                response = exc.response()
-                response.headers[REQUEST_ID_HEADER] = measurement.id
-                return response
+                refusal = exc.response()
+                refusal.headers[REQUEST_ID_HEADER] = measurement.id
+                return refusal
             try:
                 response, status = await self._answer(request, upstream, measurement,
                                                       strip_usage)
@@ -237,10 +237,9 @@ class _Proxy:
                   len(prefix), model)
         headers = forward_headers(request.headers)
         stream = document is not None and document.get("stream") is True
-        strip_usage = stream and wants_no_usage(document)
+        strip_usage = stream and document is not None and wants_no_usage(document)
         body: bytes | AsyncIterator[bytes] = prefix
-        if strip_usage:
-            assert document is not None
+        if strip_usage and document is not None:
             body = with_usage(document)
             headers.popall(hdrs.CONTENT_LENGTH, None)
         elif not whole:

@@ -298,9 +298,9 @@ def _event_data(event: bytes) -> bytes | None:
         data = event[6:].rstrip(b"\r\n")
         if b"\n" not in data and b"\r" not in data:
             return data  # the usual event: one data line
-    data = [line[5:].removeprefix(b" ") for line in _LINE_END.split(event)
-            if line.startswith(b"data:")]
-    return b"\n".join(data) if data else None
+    lines = [line[5:].removeprefix(b" ") for line in _LINE_END.split(event)
+             if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""Scrapers of inference servers' own Prometheus endpoints (DESIGN.md §5 item 3): zero-touch
+"""Scrapers of inference servers' own Prometheus endpoints (docs/design.md §6): zero-touch
 intake that gives window-level figures per model, with no per-request records (the windows
 are kept in the record store apart from them).
 
