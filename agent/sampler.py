@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from apscheduler.executors.debug import DebugExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent.devices.base import GpuInfo, GpuReading, GpuSource, HostReading, HostSource
+from agent.numeric import CumulativeHistogram
 from agent.timeline import EnergyPoint, Timeline
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,6 @@ class GpuSnapshot:
 class HostSnapshot:
     reading: HostReading | None
     errors_total: int
-    last_error: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +141,6 @@ class NodeSnapshot:
     time: float
     gpus: tuple[GpuSnapshot, ...]
     host: HostSnapshot | None
-    sample_interval_s: float
 
 
 @dataclass(slots=True)
@@ -159,10 +157,9 @@ class _GpuState:
     skipped_total: int = 0
     errors: Counter[tuple[str, str]] = field(default_factory=Counter)
     last_energy_time: float | None = None
-    bucket_counts: list[int] = field(
-        default_factory=lambda: [0] * (len(SAMPLE_DURATION_BUCKETS) + 1)
+    durations: CumulativeHistogram = field(
+        default_factory=lambda: CumulativeHistogram(SAMPLE_DURATION_BUCKETS)
     )
-    duration_sum: float = 0.0
 
 
 class Sampler:
@@ -196,7 +193,6 @@ class Sampler:
         self._host_origin_j: float | None = None
         self._host_reading: HostReading | None = None
         self._host_errors = 0
-        self._host_last_error: str | None = None
         self._lock = threading.Lock()
         self._scheduler: BackgroundScheduler | None = None
         self._reader: _Reader | None = None
@@ -240,18 +236,16 @@ class Sampler:
                 state.energy_j = point.energy_j
                 state.last_energy_time = point.time
                 state.gaps_total += point.gap
-            state.bucket_counts[bisect_left(SAMPLE_DURATION_BUCKETS, elapsed)] += 1
-            state.duration_sum += elapsed
+            state.durations.observe(elapsed)
 
     def sample_host(self) -> None:
         if self.host_source is None:
             return
         try:
             reading = self.host_source.read()
-        except OSError as exc:
+        except OSError:
             with self._lock:
                 self._host_errors += 1
-                self._host_last_error = f"{type(exc).__name__}: {exc}"
             return
         if self._host_origin_j is None:
             self._host_origin_j = reading.energy_j
@@ -283,16 +277,16 @@ class Sampler:
                     skipped_total=s.skipped_total,
                     errors=dict(s.errors),
                     last_energy_time=s.last_energy_time,
-                    durations=HistogramSnapshot(_cumulative(s.bucket_counts), s.duration_sum),
+                    durations=HistogramSnapshot(s.durations.cumulative(), s.durations.sum),
                 )
                 for s in self._gpus.values()
             )
             host = (
-                HostSnapshot(self._host_reading, self._host_errors, self._host_last_error)
+                HostSnapshot(self._host_reading, self._host_errors)
                 if self.host_source is not None
                 else None
             )
-        return NodeSnapshot(time.monotonic(), gpus, host, self.interval_s)
+        return NodeSnapshot(time.monotonic(), gpus, host)
 
     def start(self) -> None:
         """One APScheduler job ticks every `interval_s` and wakes the reader thread, which
@@ -414,11 +408,7 @@ class _Reader:
         self._thread.join(timeout=1.0)  # a read hung in the driver cannot be interrupted
 
     def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            if self.abandoned:
-                return
+        while self._woken():
             try:
                 self._sampler._read_round(self)
             finally:
@@ -428,13 +418,11 @@ class _Reader:
             if self.abandoned:
                 return
 
-
-def _cumulative(counts: list[int]) -> tuple[int, ...]:
-    total, out = 0, []
-    for count in counts:
-        total += count
-        out.append(total)
-    return tuple(out)
+    def _woken(self) -> bool:
+        """Waits for the next wake; False once this reader has been abandoned."""
+        self._wake.wait()
+        self._wake.clear()
+        return not self.abandoned
 
 
 def _now() -> datetime:

@@ -42,8 +42,8 @@ from agent.attribution import AttributionEngine
 from agent.config import AttributionSection, load
 from agent.devices.base import GpuInfo
 from agent.intake.ingest import _Intake
-from agent.records import RecordStore
 from agent.sampler import NodeSnapshot
+from agent.store import RecordStore
 from agent.timeline import EnergyPoint, Timeline
 from exporters.request_metrics import RequestMetrics
 
@@ -65,7 +65,7 @@ class _Registry:
         self._metrics = metrics
 
     def collect(self) -> Any:
-        yield from self._metrics.families(NodeSnapshot(time.monotonic(), (), None, STEP_S))
+        yield from self._metrics.families(NodeSnapshot(time.monotonic(), (), None))
 
 
 class Soak:

@@ -15,7 +15,7 @@ zero is not.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -104,6 +104,11 @@ def build_registry(collector: NodeCollector) -> CollectorRegistry:
     return registry
 
 
+def bucket_bounds(bounds: Sequence[float]) -> list[str]:
+    """A histogram's `le` label values: its upper bounds as Prometheus writes them, then +Inf."""
+    return [*map(floatToGoString, bounds), "+Inf"]
+
+
 def _gpu_labels(gpu: GpuSnapshot) -> list[str]:
     return [str(gpu.info.index), gpu.info.uuid]
 
@@ -189,7 +194,7 @@ def gpu_health_families(snapshot: NodeSnapshot) -> Iterator[Metric]:
         "Time taken by one read of one GPU.",
         labels=["gpu"], unit="seconds",
     )
-    bounds = [*map(floatToGoString, SAMPLE_DURATION_BUCKETS), "+Inf"]
+    bounds = bucket_bounds(SAMPLE_DURATION_BUCKETS)
     for gpu in snapshot.gpus:
         labels = _gpu_labels(gpu)
         samples.add_metric(labels, gpu.samples_total)

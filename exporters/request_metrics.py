@@ -28,7 +28,6 @@ import logging
 import math
 import threading
 import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -39,12 +38,12 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.samples import Exemplar
-from prometheus_client.utils import floatToGoString
 
 from agent.attribution import AttributionTotals
+from agent.numeric import CumulativeHistogram
 from agent.requests import RequestEnergy
 from agent.sampler import NodeSnapshot
-from exporters.prometheus import GPU_LABELS
+from exporters.prometheus import GPU_LABELS, bucket_bounds
 
 ENERGY_BUCKETS_J: tuple[float, ...] = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0,
@@ -75,7 +74,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class _ModelState:
-    """Running figures of one model; the histogram's buckets are not cumulative here."""
+    """Running figures of one model."""
 
     requests: int = 0
     gpu_dynamic_j: float = 0.0
@@ -83,8 +82,9 @@ class _ModelState:
     host_j: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    it_sum_j: float = 0.0
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(ENERGY_BUCKETS_J) + 1))
+    it_energy: CumulativeHistogram = field(
+        default_factory=lambda: CumulativeHistogram(ENERGY_BUCKETS_J)
+    )
     exemplars: list[Exemplar | None] = field(
         default_factory=lambda: [None] * (len(ENERGY_BUCKETS_J) + 1)
     )
@@ -132,9 +132,7 @@ class RequestMetrics:
                 state.prompt_tokens += request.prompt_tokens or 0
                 state.completion_tokens += request.completion_tokens or 0
                 it_j = energy.it_j
-                state.it_sum_j += it_j
-                bucket = bisect_left(ENERGY_BUCKETS_J, it_j)  # le: a value on a bound is in it
-                state.buckets[bucket] += 1
+                bucket = state.it_energy.observe(it_j)
                 if len(EXEMPLAR_LABEL) + len(request.id) <= _EXEMPLAR_MAX_CHARS:
                     state.exemplars[bucket] = Exemplar({EXEMPLAR_LABEL: request.id}, it_j, now)
 
@@ -174,7 +172,7 @@ class RequestMetrics:
             labels=["model", "component"], unit="joules",
         )
         per_request = HistogramMetricFamily(
-            "jouleprobe_request_energy_joules",
+            "jouleprobe_request_it_energy_joules",
             "IT energy (gpu_dynamic + gpu_static + host) per final request; exemplars "
             "name the latest request of each bucket.",
             labels=["model"], unit="joules",
@@ -184,7 +182,7 @@ class RequestMetrics:
             "Tokens of final requests, where the intake path reported them.",
             labels=["model", "kind"],
         )
-        bounds = [*map(floatToGoString, ENERGY_BUCKETS_J), "+Inf"]
+        bounds = bucket_bounds(ENERGY_BUCKETS_J)
         with self._lock:
             for model, state in sorted(self._models.items()):
                 requests.add_metric([model], state.requests)
@@ -195,19 +193,20 @@ class RequestMetrics:
                     energy.add_metric([model, component], joules)
                 tokens.add_metric([model, "prompt"], state.prompt_tokens)
                 tokens.add_metric([model, "completion"], state.completion_tokens)
-                per_request.add_metric([model], _cumulative(bounds, state), state.it_sum_j)
+                per_request.add_metric([model], _buckets(bounds, state), state.it_energy.sum)
         return [requests, energy, per_request, tokens]
 
 
-def _cumulative(
+def _buckets(
     bounds: list[str], state: _ModelState
 ) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
-    buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
-    count = 0
-    for bound, n, exemplar in zip(bounds, state.buckets, state.exemplars, strict=True):
-        count += n
-        buckets.append((bound, count) if exemplar is None else (bound, count, exemplar))
-    return buckets
+    """The histogram's cumulative buckets, each with its exemplar where it has one."""
+    return [
+        (bound, count) if exemplar is None else (bound, count, exemplar)
+        for bound, count, exemplar in zip(
+            bounds, state.it_energy.cumulative(), state.exemplars, strict=True
+        )
+    ]
 
 
 def _attribution_families(totals: AttributionTotals, snapshot: NodeSnapshot) -> Iterator[Metric]:

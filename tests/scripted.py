@@ -58,6 +58,22 @@ class ScriptedHostSource:
         return self.queued.popleft()
 
 
+class ConstantLoad:
+    """A LoadModel of the simulated GPU source (agent.sim.gpus): a fixed power per board,
+    one figure for all, or one per index."""
+
+    def __init__(self, watts: float | Sequence[float]) -> None:
+        self._all: float | None = None
+        self._each: tuple[float, ...] = ()
+        if isinstance(watts, int | float):
+            self._all = float(watts)
+        else:
+            self._each = tuple(float(w) for w in watts)
+
+    def power_w(self, index: int, t: float) -> float:
+        return self._all if self._all is not None else self._each[index]
+
+
 def require_binary(binary: str) -> str:
     """The binary's path; skip where it is missing, except under CI where that fails."""
     path = shutil.which(binary)

@@ -14,7 +14,7 @@ import pytest
 from fake_pynvml import MIG_FUNCTIONS, FakeNvml, PowerTrace
 
 from agent.devices.base import GpuReading, SourceUnavailable
-from agent.devices.nvml import NvmlGpuSource, probe
+from agent.devices.nvml import NVML_ERRORS, NvmlGpuSource, probe
 from agent.sampler import Sampler
 
 ENERGY = "nvmlDeviceGetTotalEnergyConsumption"
@@ -323,6 +323,21 @@ def test_a_non_nvml_exception_degrades_only_its_field(fake_nvml: FakeNvml):
     assert reading.utilization is None
     assert reading.errors == (("utilization", "RuntimeError"),)
     assert reading.energy_j is not None
+
+
+def test_every_nvml_error_is_named_as_pynvml_names_it() -> None:
+    codes = {value for name, value in vars(real_pynvml).items() if name.startswith("NVML_ERROR_")}
+    assert set(NVML_ERRORS) == codes
+    for code, error in NVML_ERRORS.items():
+        assert error.kind == real_pynvml.nvmlExceptionClass(code).__name__.removeprefix(
+            "NVMLError_"), code
+
+
+def test_an_nvml_error_code_unknown_to_the_agent_is_named_by_its_code(fake_nvml: FakeNvml):
+    fake_nvml.add_gpu()
+    source = open_source(fake_nvml)
+    fake_nvml.fail("nvmlDeviceGetTemperature", real_pynvml.NVMLError(77), gpu=0)
+    assert source.read(0).errors == (("temperature", "NVMLError77"),)
 
 
 def test_a_gpu_off_the_bus_reads_empty_then_comes_back_without_negative_energy(

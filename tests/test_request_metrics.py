@@ -41,9 +41,10 @@ from agent.attribution import (
 )
 from agent.devices.base import GpuInfo, GpuReading, HostReading
 from agent.health import assess
-from agent.records import RecordStore, RecordStoreError
+from agent.report import RecordsApi
 from agent.requests import Request, RequestEnergy
 from agent.sampler import Sampler
+from agent.store import RecordStore, RecordStoreError
 from exporters.http import metrics_app, parse_window
 from exporters.prometheus import NodeCollector, build_registry
 from exporters.request_metrics import ENERGY_BUCKETS_J, OTHER_MODEL, RequestMetrics
@@ -170,16 +171,17 @@ def test_per_model_requests_energy_tokens_and_histogram(run: Run) -> None:
     assert samples[_key("jouleprobe_request_tokens_total", model="mistral", kind="prompt")] == 0
 
     it = {model: sum(components.values()) for model, components in BY_MODEL.items()}
-    assert samples[_key("jouleprobe_request_energy_joules_sum", model="llama")] == _approx(
+    assert samples[_key("jouleprobe_request_it_energy_joules_sum", model="llama")] == _approx(
         it["llama"])
-    assert samples[_key("jouleprobe_request_energy_joules_count", model="mistral")] == 1
+    assert samples[_key("jouleprobe_request_it_energy_joules_count", model="mistral")] == 1
     r1_it, r2_it = sum(R1.values()), sum(R2.values())  # 258.3 J and 783.3 J
     for bound in ENERGY_BUCKETS_J:
         expected = (r1_it <= bound) + (r2_it <= bound)
         le = repr(bound)
-        assert samples[_key("jouleprobe_request_energy_joules_bucket", model="llama", le=le)] \
+        assert samples[_key("jouleprobe_request_it_energy_joules_bucket", model="llama", le=le)] \
             == expected, bound
-    assert samples[_key("jouleprobe_request_energy_joules_bucket", model="llama", le="+Inf")] == 2
+    assert samples[
+        _key("jouleprobe_request_it_energy_joules_bucket", model="llama", le="+Inf")] == 2
 
 
 def test_per_gpu_attributed_plus_unattributed_is_the_measured_energy(run: Run) -> None:
@@ -229,7 +231,7 @@ def test_engine_counters(run: Run) -> None:
 
 
 _EXEMPLAR = re.compile(
-    r'^jouleprobe_request_energy_joules_bucket\{le="([^"]+)",model="([^"]+)"\} \S+'
+    r'^jouleprobe_request_it_energy_joules_bucket\{le="([^"]+)",model="([^"]+)"\} \S+'
     r' # \{request_id="([^"]+)"\} (\S+) (\S+)$'
 )
 
@@ -302,7 +304,7 @@ def test_each_bucket_keeps_the_exemplar_of_its_latest_request() -> None:
     exemplars = {match[1]: match[3] for line in lines if (match := _EXEMPLAR.match(line))}
     assert exemplars == {"500.0": "second", "5.0": "other-bucket"}
     samples = _samples(_render(metrics))
-    assert samples[_key("jouleprobe_request_energy_joules_bucket", model="m", le="0.1")] == 1
+    assert samples[_key("jouleprobe_request_it_energy_joules_bucket", model="m", le="0.1")] == 1
     assert samples[_key("jouleprobe_requests_total", model="m")] == 4  # the long id counts
 
 
@@ -316,7 +318,7 @@ def test_models_past_the_cap_are_folded_into_other(caplog: pytest.LogCaptureFixt
     requests = {dict(labels)["model"]: value for (name, labels), value in samples.items()
                 if name == "jouleprobe_requests_total"}
     assert requests == {"a": 2, "b": 1, OTHER_MODEL: 3}
-    assert samples[_key("jouleprobe_request_energy_joules_sum", model=OTHER_MODEL)] == 4.0
+    assert samples[_key("jouleprobe_request_it_energy_joules_sum", model=OTHER_MODEL)] == 4.0
     assert samples[_key("jouleprobe_request_tokens_total", model=OTHER_MODEL, kind="prompt")] == 9
     assert len([r for r in caplog.records if "models" in r.getMessage()]) == 1  # warned once
     with pytest.raises(ValueError, match="max_models"):
@@ -375,7 +377,7 @@ def _get(path: str, records: Any) -> tuple[int, Any]:
 
 
 def test_get_one_request_record(store: RecordStore) -> None:
-    status, record = _get("/api/v1/requests/recent", store)
+    status, record = _get("/api/v1/requests/recent", RecordsApi(store))
     assert status == 200
     assert (record["id"], record["model"], record["gpus"]) == ("recent", "llama", [0])
     assert record["end"] == OFFSET + 19_400.0
@@ -384,13 +386,13 @@ def test_get_one_request_record(store: RecordStore) -> None:
 
 
 def test_unknown_request_is_a_json_404_that_says_when_records_appear(store: RecordStore) -> None:
-    status, body = _get("/api/v1/requests/nope", store)
+    status, body = _get("/api/v1/requests/nope", RecordsApi(store))
     assert status == 404
     assert "'nope'" in body["error"] and "once a request is final" in body["error"]
 
 
 def test_summary_per_model_over_the_window(store: RecordStore) -> None:
-    status, body = _get("/api/v1/summary?window=1h", store)
+    status, body = _get("/api/v1/summary?window=1h", RecordsApi(store))
     assert status == 200
     assert body["window_s"] == 3600 and body["simulated"] is False
     assert set(body["models"]) == {"llama"}
@@ -399,15 +401,15 @@ def test_summary_per_model_over_the_window(store: RecordStore) -> None:
     assert llama["wh_per_query_mean"]["it"] == pytest.approx(0.1)
     assert llama["it_j_per_completion_token"] == pytest.approx(360.0 / 50)
 
-    status, body = _get("/api/v1/summary?window=10800", store)  # 3 h, in seconds
+    status, body = _get("/api/v1/summary?window=10800", RecordsApi(store))  # 3 h, in seconds
     assert (status, set(body["models"])) == (200, {"llama", "mistral"})
-    status, body = _get("/api/v1/summary", store)  # default: the last hour
+    status, body = _get("/api/v1/summary", RecordsApi(store))  # default: the last hour
     assert (status, body["window_s"]) == (200, 3600)
 
 
 @pytest.mark.parametrize("window", ["", "0", "0s", "-1h", "1y", "h", "1e400", "nan", "1 hour"])
 def test_a_bad_window_is_a_400_naming_the_parameter(store: RecordStore, window: str) -> None:
-    status, body = _get(f"/api/v1/summary?window={window}", store)
+    status, body = _get(f"/api/v1/summary?window={window}", RecordsApi(store))
     assert status == 400
     assert body["error"].startswith("window:")
 

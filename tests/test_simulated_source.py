@@ -7,11 +7,11 @@ import threading
 import uuid
 
 import pytest
+from scripted import ConstantLoad
 
 from agent.sampler import Sampler
 from agent.sim.gpus import (
     MODELS,
-    ConstantLoad,
     SimulatedGpuSource,
     WaveformLoad,
     parse_spec,

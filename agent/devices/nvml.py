@@ -10,7 +10,8 @@ module power (CPU + GPU) are detected and labelled.
 Every NVML call can fail at any time (a GPU falls off the bus, the driver times out). A
 failed call leaves one field of one reading empty and is reported as `(call, kind)`;
 `read()` never raises. A call that answers NotSupported is not made again for that GPU:
-support does not appear later, and skipping it keeps each sample cheap.
+support does not appear later, and skipping it keeps each sample cheap. How each NVML error
+is named and handled is written once, in `NVML_ERRORS`, keyed on its return code.
 
 `pynvml` is imported when a source is opened, not when this module is imported, so that
 a node without nvidia-ml-py gets an actionable message and tests can substitute a fake.
@@ -18,10 +19,12 @@ a node without nvidia-ml-py gets an actionable message and tests can substitute 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -41,26 +44,76 @@ MODULE_POWER_NAMES = ("GH200", "GB200")
 
 PROBE_ATTEMPTS = 3
 """Tries of one capability probe before a transient error settles it as unusable."""
-DEFINITIVE_KINDS = frozenset({"NotSupported", "FunctionNotFound", "NoPermission"})
-"""Error kinds that answer a probe at once: retrying them cannot succeed."""
 
-_OPEN_FAILURES = {
-    "LibraryNotFound": (
-        "NVML library libnvidia-ml.so.1 not found: no NVIDIA driver is installed on this node, "
-        "or it is not visible here (in a container, run with the NVIDIA Container Toolkit)"
-    ),
-    "DriverNotLoaded": (
-        "the NVIDIA kernel driver is not loaded: check `nvidia-smi` and `lsmod | grep nvidia`"
-    ),
-    "NoPermission": (
+
+@dataclass(frozen=True, slots=True)
+class ErrorMeaning:
+    """What a failed call means to this source: how it is named and what is done about it."""
+
+    kind: str
+    """Its name in readings, logs and the `kind` label: pynvml's error class name less
+    `NVMLError_` ("GpuIsLost"); for an exception that is not an NVML error, its class name."""
+    final: bool = False
+    """Retrying cannot succeed: a capability probe takes this answer at once."""
+    unsupported: bool = False
+    """The board does not support the call: it is not made again for that GPU."""
+    open_failure: str | None = None
+    """What to tell the operator when nvmlInit fails with it."""
+    unexpected: bool = False
+    """Not an NVML error at all (a bug here or in pynvml): logged with its traceback."""
+
+    def __str__(self) -> str:
+        return self.kind
+
+
+NVML_ERRORS: dict[int, ErrorMeaning] = {
+    1: ErrorMeaning("Uninitialized"),
+    2: ErrorMeaning("InvalidArgument"),
+    3: ErrorMeaning("NotSupported", final=True, unsupported=True),
+    4: ErrorMeaning("NoPermission", final=True, open_failure=(
         "no permission to use NVML: give the agent's user access to /dev/nvidiactl and "
         "/dev/nvidia* (usually through the group that owns them)"
-    ),
-    "LibRmVersionMismatch": (
+    )),
+    5: ErrorMeaning("AlreadyInitialized"),
+    6: ErrorMeaning("NotFound"),
+    7: ErrorMeaning("InsufficientSize"),
+    8: ErrorMeaning("InsufficientPower"),
+    9: ErrorMeaning("DriverNotLoaded", open_failure=(
+        "the NVIDIA kernel driver is not loaded: check `nvidia-smi` and `lsmod | grep nvidia`"
+    )),
+    10: ErrorMeaning("Timeout"),
+    11: ErrorMeaning("IrqIssue"),
+    12: ErrorMeaning("LibraryNotFound", open_failure=(
+        "NVML library libnvidia-ml.so.1 not found: no NVIDIA driver is installed on this node, "
+        "or it is not visible here (in a container, run with the NVIDIA Container Toolkit)"
+    )),
+    13: ErrorMeaning("FunctionNotFound", final=True),
+    14: ErrorMeaning("CorruptedInforom"),
+    15: ErrorMeaning("GpuIsLost"),
+    16: ErrorMeaning("ResetRequired"),
+    17: ErrorMeaning("OperatingSystem"),
+    18: ErrorMeaning("LibRmVersionMismatch", open_failure=(
         "the NVML library and the loaded NVIDIA kernel driver differ in version (driver "
         "upgraded without a reboot?): reboot or reload the nvidia kernel modules"
-    ),
+    )),
+    19: ErrorMeaning("InUse"),
+    20: ErrorMeaning("Memory"),
+    21: ErrorMeaning("NoData"),
+    22: ErrorMeaning("VgpuEccNotSupported"),
+    23: ErrorMeaning("InsufficientResources"),
+    24: ErrorMeaning("FreqNotSupported"),
+    25: ErrorMeaning("ArgumentVersionMismatch"),
+    26: ErrorMeaning("Deprecated"),
+    27: ErrorMeaning("NotReady"),
+    28: ErrorMeaning("GpuNotFound"),
+    29: ErrorMeaning("InvalidState"),
+    30: ErrorMeaning("ResetTypeNotSupported"),
+    999: ErrorMeaning("Unknown"),
 }
+"""Every NVML error, by its return code (`NVMLError.value`: nvml.h's `nvmlReturn_t`, fixed
+by the NVML ABI, also `pynvml.NVML_ERROR_*`). The one place an NVML error is given its name
+and its handling."""
+
 NO_GPU = "NVML found no GPU on this node"
 
 
@@ -228,16 +281,15 @@ class NvmlGpuSource:
         try:
             return read(gpu.handle)
         except Exception as exc:
-            kind = _kind(exc)
-            if kind == "NotSupported":
+            error = _meaning(self._nvml, exc)
+            if error.unsupported:
                 gpu.unsupported.add(name)
-            errors.append((name, kind))
-            if (name, kind) not in gpu.logged:
-                gpu.logged.add((name, kind))
-                is_nvml = isinstance(exc, self._nvml.NVMLError)
+            errors.append((name, error.kind))
+            if (name, error.kind) not in gpu.logged:
+                gpu.logged.add((name, error.kind))
                 log.warning("GPU %d: NVML %s read failed: %s (%s)%s", gpu.info.index, name,
-                            kind, exc, "" if is_nvml else ", which is not an NVML error",
-                            exc_info=not is_nvml)
+                            error, exc, ", which is not an NVML error" if error.unexpected else "",
+                            exc_info=error.unexpected)
             return None
 
 
@@ -249,8 +301,8 @@ def probe(nvml_module: ModuleType | None = None) -> NvmlReport:
     except SourceUnavailable as exc:
         return NvmlReport(available=False, reason=str(exc))
     try:
-        driver, _ = _attempt(lambda: _text(nvml.nvmlSystemGetDriverVersion()))
-        version, _ = _attempt(lambda: _text(nvml.nvmlSystemGetNVMLVersion()))
+        driver, _ = _attempt(nvml, lambda: _text(nvml.nvmlSystemGetDriverVersion()))
+        version, _ = _attempt(nvml, lambda: _text(nvml.nvmlSystemGetNVMLVersion()))
         try:
             gpus = tuple(report for _, report in _probe_gpus(nvml))
         except SourceUnavailable as exc:
@@ -260,36 +312,74 @@ def probe(nvml_module: ModuleType | None = None) -> NvmlReport:
         _shutdown(nvml)
 
 
+@dataclass(frozen=True, slots=True)
+class ComputeProcesses:
+    """The compute processes NVML lists on some GPUs (physical boards; MIG instances are not
+    looked at)."""
+
+    pids: dict[int, frozenset[int]]
+    """PIDs by GPU index, for each GPU whose processes NVML listed."""
+    failures: dict[int, str]
+    """Error kind by GPU index, for each GPU whose processes NVML could not list."""
+
+
+def compute_processes(
+    indices: Iterable[int], nvml_module: ModuleType | None = None
+) -> ComputeProcesses:
+    """The PIDs that NVML lists as compute processes on each GPU of `indices`, for telling
+    which GPUs a server holds; raises SourceUnavailable, saying why, where NVML cannot start.
+    """
+    nvml = nvml_module if nvml_module is not None else _import_nvml()
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:
+        raise SourceUnavailable(f"{_meaning(nvml, exc)}: {exc}") from exc
+    try:
+        pids: dict[int, frozenset[int]] = {}
+        failures: dict[int, str] = {}
+        for index in indices:
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except nvml.NVMLError as exc:
+                failures[index] = _meaning(nvml, exc).kind
+                continue
+            pids[index] = frozenset(process.pid for process in processes)
+        return ComputeProcesses(pids, failures)
+    finally:
+        _shutdown(nvml)
+
+
 def _import_nvml() -> ModuleType:
     try:
-        import pynvml
+        return importlib.import_module("pynvml")
     except ImportError as exc:
         raise SourceUnavailable(
             "the pynvml module is missing: install nvidia-ml-py (pip install nvidia-ml-py)"
         ) from exc
-    return pynvml
 
 
 def _init(nvml: ModuleType) -> None:
     try:
         nvml.nvmlInit()
     except Exception as exc:
-        kind = _kind(exc)
-        message = _OPEN_FAILURES.get(kind, f"NVML initialisation failed ({kind}): {exc}")
-        raise SourceUnavailable(message) from exc
+        error = _meaning(nvml, exc)
+        raise SourceUnavailable(
+            error.open_failure or f"NVML initialisation failed ({error}): {exc}"
+        ) from exc
 
 
 def _shutdown(nvml: ModuleType) -> None:
     try:
         nvml.nvmlShutdown()
     except Exception as exc:  # nothing more to release; say so and carry on
-        log.debug("nvmlShutdown failed: %s", _kind(exc))
+        log.debug("nvmlShutdown failed: %s", _meaning(nvml, exc))
 
 
 def _probe_gpus(nvml: ModuleType) -> list[tuple[Any | None, NvmlGpuReport]]:
-    count, kind = _attempt(nvml.nvmlDeviceGetCount)
+    count, error = _attempt(nvml, nvml.nvmlDeviceGetCount)
     if count is None:
-        raise SourceUnavailable(f"NVML could not count the GPUs ({kind})")
+        raise SourceUnavailable(f"NVML could not count the GPUs ({error})")
     if count == 0:
         raise SourceUnavailable(NO_GPU)
     return [_probe_gpu(nvml, index) for index in range(count)]
@@ -301,21 +391,21 @@ def _probe_gpu(nvml: ModuleType, index: int) -> tuple[Any | None, NvmlGpuReport]
     reasons: list[str] = []
 
     def capability(what: str, read: Callable[[], object]) -> bool:
-        value, kind = _attempt(read)
-        if kind is not None:
-            reasons.append(f"{what}: {kind}")
+        value, error = _attempt(nvml, read)
+        if error is not None:
+            reasons.append(f"{what}: {error}")
         return value is not None
 
-    handle, kind = _attempt(lambda: nvml.nvmlDeviceGetHandleByIndex(index))
+    handle, error = _attempt(nvml, lambda: nvml.nvmlDeviceGetHandleByIndex(index))
     if handle is None:
         return None, NvmlGpuReport(index, None, None, False, False, False, False, False, False,
-                                   None, (f"no device handle: {kind}",))
-    uuid, kind = _attempt(lambda: _text(nvml.nvmlDeviceGetUUID(handle)))
+                                   None, (f"no device handle: {error}",))
+    uuid, error = _attempt(nvml, lambda: _text(nvml.nvmlDeviceGetUUID(handle)))
     if uuid is None:
-        reasons.append(f"UUID unreadable: {kind}")
-    name, kind = _attempt(lambda: _text(nvml.nvmlDeviceGetName(handle)))
+        reasons.append(f"UUID unreadable: {error}")
+    name, error = _attempt(nvml, lambda: _text(nvml.nvmlDeviceGetName(handle)))
     if name is None:
-        reasons.append(f"name unreadable: {kind}")
+        reasons.append(f"name unreadable: {error}")
 
     counter = capability(
         "energy counter (nvmlDeviceGetTotalEnergyConsumption; energy is integrated from "
@@ -331,15 +421,15 @@ def _probe_gpu(nvml: ModuleType, index: int) -> tuple[Any | None, NvmlGpuReport]
     if not (counter or instant or average or power_usage):
         reasons.append("no energy or power reading: this GPU's energy cannot be measured")
 
-    mig_mode, kind = _attempt(lambda: nvml.nvmlDeviceGetMigMode(handle))
-    if mig_mode is None and kind != "NotSupported":  # NotSupported: a board without MIG
-        reasons.append(f"MIG mode unreadable: {kind}")
+    mig_mode, error = _attempt(nvml, lambda: nvml.nvmlDeviceGetMigMode(handle))
+    if mig_mode is None and not (error and error.unsupported):  # a board without MIG
+        reasons.append(f"MIG mode unreadable: {error}")
     mig_enabled = mig_mode is not None and mig_mode[0] == nvml.NVML_DEVICE_MIG_ENABLE
 
     module_power = _reports_module_power(nvml, handle, name)
-    limit_mw, kind = _attempt(lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle))
+    limit_mw, error = _attempt(nvml, lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle))
     if limit_mw is None:
-        reasons.append(f"power limit: {kind}")
+        reasons.append(f"power limit: {error}")
 
     report = NvmlGpuReport(
         index=index, uuid=uuid, name=name, energy_counter=counter, instant_field=instant,
@@ -358,7 +448,7 @@ def _reports_module_power(nvml: ModuleType, handle: Any, name: str | None) -> bo
         return True
     for field_id in (FI_DEV_POWER_INSTANT, FI_DEV_POWER_AVERAGE):
         scoped = (field_id, POWER_SCOPE_MODULE)
-        if _attempt(lambda f=scoped: _field_mw(nvml, handle, f))[0] is not None:
+        if _attempt(nvml, partial(_field_mw, nvml, handle, scoped))[0] is not None:
             return True
     return False
 
@@ -395,23 +485,26 @@ def _used_total(memory: Any) -> tuple[int, int]:
     return int(memory.used), int(memory.total)
 
 
-def _attempt(read: Callable[[], T]) -> tuple[T | None, str | None]:
-    """(value, None), or (None, error kind) after PROBE_ATTEMPTS tries; a definitive
-    answer such as NotSupported is not retried."""
-    kind = "Unknown"
+def _attempt(nvml: ModuleType, read: Callable[[], T]) -> tuple[T | None, ErrorMeaning | None]:
+    """(value, None), or (None, the error) after PROBE_ATTEMPTS tries; a final answer
+    such as NotSupported is not retried."""
+    error = None
     for _ in range(PROBE_ATTEMPTS):
         try:
             return read(), None
         except Exception as exc:
-            kind = _kind(exc)
-            if kind in DEFINITIVE_KINDS:
+            error = _meaning(nvml, exc)
+            if error.final:
                 break
-    return None, kind
+    return None, error
 
 
-def _kind(exc: BaseException) -> str:
-    """`NVMLError_GpuIsLost` -> "GpuIsLost"; another exception's class name as it is."""
-    return type(exc).__name__.removeprefix("NVMLError_")
+def _meaning(nvml: ModuleType, exc: BaseException) -> ErrorMeaning:
+    """An NVML error's meaning by its return code; another exception is named by its class."""
+    if isinstance(exc, nvml.NVMLError):
+        code = exc.value
+        return NVML_ERRORS.get(code) or ErrorMeaning(f"NVMLError{code}")
+    return ErrorMeaning(type(exc).__name__, unexpected=True)
 
 
 def _text(value: str | bytes) -> str:

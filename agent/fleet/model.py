@@ -254,26 +254,3 @@ def scale(value: float, units: tuple[tuple[str, float], ...], digits: int = 3) -
 def format_energy(wh: float, digits: int = 3) -> str:
     """Auto-scaled: 0.24 Wh, 564 MWh, 29.2 TWh (`digits` significant digits)."""
     return scale(wh, ENERGY_UNITS, digits)
-
-
-def format_power(watts: float, digits: int = 3) -> str:
-    return scale(watts, POWER_UNITS, digits)
-
-
-_QUANTITY = re.compile(r"\s*([-+]?[0-9.eE+-]+)\s*([a-zA-Z]+)\s*")
-
-
-def parse_energy(text: str) -> float:
-    """The inverse of `format_energy`: "29.2 TWh" → 2.92e13 (Wh)."""
-    return _parse_unit(text, dict(ENERGY_UNITS), "energy such as 29.2 TWh")
-
-
-def parse_power(text: str) -> float:
-    return _parse_unit(text, dict(POWER_UNITS), "power such as 1.4 GW")
-
-
-def _parse_unit(text: str, units: dict[str, float], what: str) -> float:
-    match = _QUANTITY.fullmatch(text)
-    if match is None or match.group(2) not in units:
-        raise ValueError(f"expected an {what}, got {text!r}")
-    return float(match.group(1)) * units[match.group(2)]

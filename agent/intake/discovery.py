@@ -29,7 +29,6 @@ still on its GPUs); `describe()` says both.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import socket
 import threading
@@ -37,13 +36,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
 from urllib.parse import urlsplit
 
 import psutil
 
 from agent.config import GpuSpec
-from agent.devices.base import GpuInfo
+from agent.devices.base import GpuInfo, SourceUnavailable
+from agent.devices.nvml import compute_processes
 
 NOT_A_SERVER_PARENT = frozenset({
     "systemd", "init", "containerd-shim", "containerd-shim-runc-v2", "conmon", "tini",
@@ -249,39 +248,21 @@ def _listening_pids(port: int) -> tuple[list[int], str]:
 
 def _gpu_processes(
     gpus: list[GpuInfo], nvml_module: ModuleType | None
-) -> tuple[dict[int, set[int]] | None, str]:
+) -> tuple[dict[int, frozenset[int]] | None, str]:
     """PIDs of compute processes per GPU index, or None and why NVML cannot tell."""
     try:
-        nvml = nvml_module if nvml_module is not None else _import_nvml()
-        nvml.nvmlInit()
-    except Exception as exc:  # ImportError, or any NVMLError kind: NVML is not usable
-        return None, f"NVML unavailable ({type(exc).__name__}: {exc})"
-    try:
-        found: dict[int, set[int]] = {}
-        errors: list[str] = []
-        for gpu in gpus:
-            try:
-                handle = nvml.nvmlDeviceGetHandleByIndex(gpu.index)
-                processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-            except nvml.NVMLError as exc:
-                errors.append(f"GPU {gpu.index}: {type(exc).__name__}")
-                continue
-            found[gpu.index] = {p.pid for p in processes}
-        if not found:
-            return None, "NVML could not list processes on any GPU (" + "; ".join(errors) + ")"
-        return found, ""
-    finally:
-        with contextlib.suppress(nvml.NVMLError):  # nothing left to release
-            nvml.nvmlShutdown()
+        listed = compute_processes((gpu.index for gpu in gpus), nvml_module)
+    except SourceUnavailable as exc:
+        return None, f"NVML unavailable ({exc})"
+    if not listed.pids:
+        errors = "; ".join(f"GPU {index}: {kind}" for index, kind in listed.failures.items())
+        return None, f"NVML could not list processes on any GPU ({errors})"
+    return listed.pids, ""
 
 
-def _import_nvml() -> Any:
-    import pynvml
-
-    return pynvml
-
-
-def _match(listeners: list[int], gpu_pids: dict[int, set[int]]) -> tuple[tuple[int, ...], str]:
+def _match(
+    listeners: list[int], gpu_pids: dict[int, frozenset[int]]
+) -> tuple[tuple[int, ...], str]:
     """GPUs of the listeners' trees; where none, of their parents' trees."""
     names = ", ".join(f"PID {pid} ({_name(pid)})" for pid in listeners)
     tree = _tree(listeners)
@@ -322,7 +303,7 @@ def _server_parents(pids: Iterable[int]) -> list[int]:
     return sorted(parents)
 
 
-def _gpus_of(pids: set[int], gpu_pids: dict[int, set[int]]) -> tuple[int, ...]:
+def _gpus_of(pids: set[int], gpu_pids: dict[int, frozenset[int]]) -> tuple[int, ...]:
     return tuple(sorted(index for index, on_gpu in gpu_pids.items() if on_gpu & pids))
 
 

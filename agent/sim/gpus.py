@@ -116,21 +116,6 @@ class LoadModel(Protocol):
     def power_w(self, index: int, t: float) -> float: ...
 
 
-class ConstantLoad:
-    """A fixed power per board: one figure for all, or one per index."""
-
-    def __init__(self, watts: float | Sequence[float]) -> None:
-        self._all: float | None = None
-        self._each: tuple[float, ...] = ()
-        if isinstance(watts, int | float):
-            self._all = float(watts)
-        else:
-            self._each = tuple(float(w) for w in watts)
-
-    def power_w(self, index: int, t: float) -> float:
-        return self._all if self._all is not None else self._each[index]
-
-
 class WaveformLoad:
     """A deterministic, lively load between idle and 80 % of TDP, for demos.
 

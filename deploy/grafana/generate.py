@@ -280,7 +280,7 @@ MODEL_VIEW = Dashboard(
             "IT energy per request, distribution",
             "How many requests fell in each IT-energy bucket (J), per second; exemplars "
             "carry request ids.",
-            (Query(f"sum by (le) (rate(jouleprobe_request_energy_joules_bucket{{{MODEL}}}"
+            (Query(f"sum by (le) (rate(jouleprobe_request_it_energy_joules_bucket{{{MODEL}}}"
                    f"[$__rate_interval]))", "{{le}}"),),
             "short", kind="heatmap", width=16,
         ),
@@ -295,7 +295,7 @@ MODEL_VIEW = Dashboard(
             "From the histogram's buckets (interpolated within a bucket).",
             tuple(
                 Query(f"histogram_quantile({q}, sum by (model, le) (rate("
-                      f"jouleprobe_request_energy_joules_bucket{{{MODEL}}}[$__rate_interval])))",
+                      f"jouleprobe_request_it_energy_joules_bucket{{{MODEL}}}[$__rate_interval])))",
                       f"{{{{model}}}} p{round(q * 100)}")
                 for q in (0.5, 0.9)
             ),
