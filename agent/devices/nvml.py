@@ -503,7 +503,12 @@ def _meaning(nvml: ModuleType, exc: BaseException) -> ErrorMeaning:
     """An NVML error's meaning by its return code; another exception is named by its class."""
     if isinstance(exc, nvml.NVMLError):
         code = exc.value
-        return NVML_ERRORS.get(code) or ErrorMeaning(f"NVMLError{code}")
+        known = NVML_ERRORS.get(code)
+        if known is not None:
+            return known
+        # A code newer than the table: pynvml's own name for it, else its number.
+        name = type(exc).__name__.removeprefix("NVMLError_")
+        return ErrorMeaning(name if name != "NVMLError" else f"NVMLError{code}")
     return ErrorMeaning(type(exc).__name__, unexpected=True)
 
 
