@@ -8,7 +8,7 @@ evaluating each formula at its lowest and at its highest corner (`Span.__mul__` 
 lows with lows, `Span.__truediv__` a low numerator with a high denominator). No sampling,
 no distribution assumed: the low/high of an output is the worst case of its inputs.
 
-The four modes (DESIGN.md §8), each giving energy per year at the boundary of its
+The four modes (docs/design.md §9), each giving energy per year at the boundary of its
 intensity figure:
 
 - query:    E = Wh/query × queries/day × 365

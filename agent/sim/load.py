@@ -228,7 +228,7 @@ class RequestLoad:
         return dynamic + static
 
     def truth_parts_j(self, request_id: str) -> tuple[float, float]:
-        """(dynamic, static) parts of `truth_j`, at the boundaries of DESIGN.md §2."""
+        """(dynamic, static) parts of `truth_j`, at the boundaries of docs/design.md §3."""
         with self._lock:
             running = self._requests[request_id]
             if running.end is None:
