@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from agent import __version__
 from agent.config import Config, ConfigError, load
 from agent.devices.base import SourceUnavailable
-from agent.records import RecordStoreError
+from agent.store import RecordStoreError
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -56,8 +56,27 @@ class Request:
                 raise ValueError(f"request {self.id!r}: {name} outside 0..{MAX_TOKENS}")
 
 
+class BoundaryEnergy:
+    """The boundary totals of a request's energy components, defined once for every type
+    that holds the components (`RequestEnergy`, and `agent.store.StoredRequest` as stored):
+    `gpu` = gpu_dynamic + gpu_static, `it` = gpu + host."""
+
+    __slots__ = ()
+    gpu_dynamic_j: float
+    gpu_static_j: float
+    host_j: float
+
+    @property
+    def gpu_j(self) -> float:
+        return self.gpu_dynamic_j + self.gpu_static_j
+
+    @property
+    def it_j(self) -> float:
+        return self.gpu_j + self.host_j
+
+
 @dataclass(frozen=True, slots=True)
-class RequestEnergy:
+class RequestEnergy(BoundaryEnergy):
     """The final energy figures of one request, in joules, at the boundaries of DESIGN.md §2."""
 
     request: Request
@@ -72,11 +91,3 @@ class RequestEnergy:
     expired: bool = False
     """Still running at the maximum age: the figures cover its first `max_age_s` seconds
     and `request.end` stays None."""
-
-    @property
-    def gpu_j(self) -> float:
-        return self.gpu_dynamic_j + self.gpu_static_j
-
-    @property
-    def it_j(self) -> float:
-        return self.gpu_j + self.host_j

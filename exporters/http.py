@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -19,17 +18,15 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from agent.health import Health
-from agent.records import RecordStoreError
+from agent.store import RecordStoreError
+from agent.units import duration_seconds
 
 DEFAULT_SUMMARY_WINDOW = "1h"
 
-_WINDOW = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)", re.ASCII)
-_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-
 
 class Records(Protocol):
-    """What the API reads from the record store (`agent.records.RecordReader` offers it).
-    Both may raise `RecordStoreError`."""
+    """What the API reads from the record store (`agent.report.RecordsApi` offers it over a
+    `agent.store.RecordReader`). Both may raise `RecordStoreError`."""
 
     def get(self, request_id: str) -> dict[str, Any] | None: ...
 
@@ -39,9 +36,8 @@ class Records(Protocol):
 def parse_window(text: str) -> float:
     """A summary window in seconds: "30s", "15m", "1h", "2d", "1w" or plain seconds ("90").
     Raises ValueError, naming the parameter, for anything else or a window of 0."""
-    match = _WINDOW.fullmatch(text.strip())
-    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)] if match else math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
+    seconds = duration_seconds(text, plain_seconds=True)
+    if seconds is None or not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(
             f"window: expected a duration longer than 0 such as 30s, 15m, 1h, 2d, or a "
             f"number of seconds; got {text!r}"
@@ -54,7 +50,9 @@ def metrics_app(
     health: Callable[[], Health],
     records: Records | None = None,
 ) -> web.Application:
-    """GET /metrics renders `registry`; GET /healthz answers 200 or 503 from `health()`;
+    """GET /metrics renders `registry`; GET /healthz answers 200 when `health()` is ok, 503
+    with its status, `unhealthy` (a GPU is not measured) or `degraded` (the record store
+    cannot write), and the reason of each GPU and of the store;
     GET /api/v1/requests/{id} and GET /api/v1/summary?window=1h read `records` (JSON 404
     on both when the agent keeps no records)."""
 
@@ -70,13 +68,13 @@ def metrics_app(
 
     async def healthz(request: web.Request) -> web.Response:
         report = health()
-        return web.json_response(
-            {
-                "status": "ok" if report.ok else "unhealthy",
-                "gpus": {gpu: dataclasses.asdict(state) for gpu, state in report.gpus.items()},
-            },
-            status=200 if report.ok else 503,
-        )
+        body: dict[str, Any] = {
+            "status": report.status,
+            "gpus": {gpu: dataclasses.asdict(state) for gpu, state in report.gpus.items()},
+        }
+        if report.store is not None:
+            body["store"] = dataclasses.asdict(report.store)
+        return web.json_response(body, status=200 if report.status == "ok" else 503)
 
     async def request_record(request: web.Request) -> web.Response:
         if records is None:

@@ -178,6 +178,16 @@ def wait_for(what: str, ready: Callable[[], bool], proc: subprocess.Popen[bytes]
     pytest.fail(f"{what} not ready after {timeout_s} s:\n{log.read_text()[-4000:]}")
 
 
+def wait_until(condition: Callable[[], bool], deadline_s: float = 10.0) -> bool:
+    """Polls `condition`; the deadline only bounds a failing test, it is never asserted."""
+    give_up = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > give_up:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()

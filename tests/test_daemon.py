@@ -23,9 +23,9 @@ from scripted import (
 )
 
 from agent.cli import main
-from agent.records import RecordReader
 from agent.report import SIMULATED_LINE
 from agent.sim.upstream import fake_upstream_app
+from agent.store import RecordReader
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from scripted import ROOT
 
-from agent.records import RecordReader
 from agent.report import run_report
+from agent.store import RecordReader
 
 
 def test_demo_runs_the_whole_pipeline_and_conserves_energy(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from scripted import ScriptedGpuSource, ScriptedHostSource, require_binary
 from agent.devices.base import GpuInfo, GpuReading, HostReading
 from agent.health import assess
 from agent.sampler import SAMPLE_DURATION_BUCKETS, NodeSnapshot, Sampler
+from agent.store import StoreStats
 from exporters.http import metrics_app
 from exporters.prometheus import NodeCollector, build_registry
 
@@ -301,3 +302,20 @@ def test_assess_says_when_a_gpu_was_never_read_or_its_read_hangs(node: Node) -> 
     hung = assess(node.snapshot(), stale_after_s=1.0)
     assert hung.gpus["0"].reason == "no energy reading for 5.0 s; no read has completed since"
     assert not hung.ok
+
+
+def test_a_failing_store_degrades_health_and_a_lost_gpu_outranks_it(node: Node) -> None:
+    failing = StoreStats(pending=2, written_total=0, dropped_total=0, write_errors_total=3,
+                         pruned_total=0, write_errors_since_commit=3,
+                         last_write_error="writing to /data/records.db failed: disk I/O error")
+    degraded = assess(node.snapshot(), stale_after_s=1.0, store=failing)
+    assert (degraded.ok, degraded.status) == (True, "degraded"), "the GPUs are still measured"
+    assert degraded.store is not None and degraded.store.reason == (
+        "3 write(s) in a row failed, the latest: writing to /data/records.db failed: "
+        "disk I/O error")
+    writing = dataclasses.replace(failing, write_errors_since_commit=0, last_write_error=None)
+    assert assess(node.snapshot(), stale_after_s=1.0, store=writing).status == "ok"
+    assert assess(node.snapshot(), stale_after_s=1.0).store is None
+
+    never_read = Sampler(ScriptedGpuSource(GPUS), interval_s=0.1)
+    assert assess(never_read.snapshot(), stale_after_s=1.0, store=failing).status == "unhealthy"

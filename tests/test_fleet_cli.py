@@ -18,8 +18,8 @@ from agent import report
 from agent.cli import main
 from agent.fleet import Span, estimate, from_records
 from agent.fleet.inputs import summary_measurement
-from agent.records import RecordStore, StoredRequest
 from agent.requests import Request, RequestEnergy
+from agent.store import RecordStore, StoredRequest
 
 PUE = 1.2
 

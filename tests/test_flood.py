@@ -38,8 +38,8 @@ from test_ingest import GPUS, POWER_W
 from agent.attribution import AttributionEngine
 from agent.intake.client import EVENTS_PATH
 from agent.intake.ingest import ingest_app
-from agent.records import RecordStore
 from agent.requests import RequestEnergy
+from agent.store import RecordStore
 from agent.timeline import EnergyPoint, Timeline
 from exporters.request_metrics import RequestMetrics
 

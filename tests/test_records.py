@@ -9,18 +9,27 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
 import pytest
+from scripted import wait_until
 
-from agent import records
 from agent.intake.scrapers import GpuWindowEnergy, Usage, WindowFigures, split_window
-from agent.records import RecordReader, RecordStore, RecordStoreError, StoredRequest
-from agent.report import ModelWindows, SourceWindows, WindowTotals
+from agent.report import summarize
 from agent.requests import Request, RequestEnergy
+from agent.store import (
+    ModelWindows,
+    RecordReader,
+    RecordStore,
+    RecordStoreError,
+    SourceWindows,
+    StoredRequest,
+    WindowTotals,
+    schema,
+    writer,
+)
 
 OFFSET = 1_750_000_000.0
 """Wall-clock offset used throughout: monotonic time t is UTC epoch OFFSET + t."""
@@ -40,16 +49,6 @@ def energy(
                       completion, status)  # type: ignore[arg-type]
     return RequestEnergy(request, dynamic, static, host, facility, late=late,
                          expired=end is None)
-
-
-def wait_until(condition: Callable[[], bool], deadline_s: float = 10.0) -> bool:
-    """Polls `condition`; the deadline only bounds a failing test, it is never asserted."""
-    give_up = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > give_up:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.fixture
@@ -128,7 +127,7 @@ def test_file_is_in_wal_mode_with_schema_version(path: Path,
     open_store()
     with closing(sqlite3.connect(path)) as connection:
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == records.SCHEMA_VERSION
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
         indexed = {row[1] for row in connection.execute("PRAGMA index_list(requests)")}
     assert {"requests_by_end", "requests_by_model"} <= indexed
 
@@ -150,7 +149,7 @@ def test_close_commits_every_queued_record(path: Path,
     assert store.get("r0-0") is None
     store.close()
     store.close()  # idempotent
-    assert sum(1 for _ in RecordReader(path).query()) == 2700 > records.ROWS_PER_STATEMENT
+    assert sum(1 for _ in RecordReader(path).query()) == 2700 > writer.ROWS_PER_STATEMENT
     assert store.stats().written_total == 2700
 
 
@@ -210,7 +209,7 @@ def test_full_queue_refuses_new_records_and_counts_them(
 
 def test_failed_write_is_kept_and_retried(monkeypatch: pytest.MonkeyPatch, path: Path,
                                           open_store: Callable[..., RecordStore]) -> None:
-    monkeypatch.setattr(records, "BUSY_TIMEOUT_S", 0.01)
+    monkeypatch.setattr(schema, "BUSY_TIMEOUT_S", 0.01)
     store = open_store(flush_interval_s=0.01)
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: the writer's commit fails
@@ -228,14 +227,14 @@ def test_failed_write_is_kept_and_retried(monkeypatch: pytest.MonkeyPatch, path:
 def test_a_batch_that_can_never_be_written_does_not_block_later_ones(
     monkeypatch: pytest.MonkeyPatch, open_store: Callable[..., RecordStore]
 ) -> None:
-    real_insert = records._insert
+    real_insert = writer._insert
 
-    def insert(connection: sqlite3.Connection, rows: list[records.Row]) -> None:
+    def insert(connection: sqlite3.Connection, rows: list[schema.Row]) -> None:
         if any(row[0] == "poison" for row in rows):
             raise sqlite3.IntegrityError("CHECK constraint failed")
         real_insert(connection, rows)
 
-    monkeypatch.setattr(records, "_insert", insert)
+    monkeypatch.setattr(writer, "_insert", insert)
     store = open_store(flush_interval_s=0.01)
     store.submit([energy("poison")])
     assert wait_until(lambda: store.stats().dropped_total == 1)
@@ -247,7 +246,7 @@ def test_a_batch_that_can_never_be_written_does_not_block_later_ones(
 def test_records_close_cannot_write_are_counted_as_dropped(
     monkeypatch: pytest.MonkeyPatch, path: Path, open_store: Callable[..., RecordStore]
 ) -> None:
-    monkeypatch.setattr(records, "BUSY_TIMEOUT_S", 0.01)
+    monkeypatch.setattr(schema, "BUSY_TIMEOUT_S", 0.01)
     store = open_store()
     with closing(sqlite3.connect(path, isolation_level=None)) as blocker:
         blocker.execute("BEGIN IMMEDIATE")
@@ -292,7 +291,7 @@ def test_unclosed_store_leaves_a_database_a_second_store_opens(
 def test_database_of_a_sigkilled_writer_opens_intact(path: Path) -> None:
     child = textwrap.dedent(f"""
         import itertools, time
-        from agent.records import RecordStore
+        from agent.store import RecordStore
         from agent.requests import Request, RequestEnergy
         store = RecordStore({str(path)!r}, pue=1.2, simulated=False, flush_interval_s=0.001)
         for n in itertools.count():
@@ -336,7 +335,7 @@ def test_reader_refuses_what_is_not_a_store(tmp_path: Path) -> None:
         RecordStore(foreign, pue=1.2, simulated=False)
     newer = tmp_path / "newer.db"
     with closing(sqlite3.connect(newer)) as connection:
-        connection.execute(f"PRAGMA user_version = {records.SCHEMA_VERSION + 1}")
+        connection.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
     with pytest.raises(RecordStoreError, match="newer jouleprobe"):
         RecordReader(newer)
     garbage = tmp_path / "garbage.db"
@@ -358,7 +357,7 @@ def test_summary_covers_only_its_window(open_store: Callable[..., RecordStore]) 
         window(950.0, models={"w": Usage(5, 100, 500)}),
     ])
     store.close()
-    summary = store.summary(window_s=300.0)
+    summary = summarize(store, window_s=300.0)
     assert summary["window_s"] == 300.0
     assert summary["models"] == {"a": {
         "requests": 1,
@@ -375,7 +374,7 @@ def test_summary_covers_only_its_window(open_store: Callable[..., RecordStore]) 
         }},
     }}
     with pytest.raises(ValueError, match="window_s"):
-        store.summary(window_s=0)
+        summarize(store, window_s=0)
 
 
 # --- scrape windows ------------------------------------------------------------------------

@@ -14,15 +14,11 @@ from pathlib import Path
 import pytest
 
 from agent.intake.scrapers import GpuWindowEnergy, Usage, split_window
-from agent.records import RecordStore, StoredRequest
 from agent.report import (
     BOUNDARIES,
     SIMULATED_LINE,
-    ModelWindows,
     NodeTotals,
     Report,
-    SourceWindows,
-    WindowTotals,
     build_report,
     parse_since,
     percentile,
@@ -31,6 +27,7 @@ from agent.report import (
     summary,
 )
 from agent.requests import Request, RequestEnergy
+from agent.store import ModelWindows, RecordStore, SourceWindows, StoredRequest, WindowTotals
 
 NOW = 1_750_000_000.0
 

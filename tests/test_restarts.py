@@ -47,9 +47,9 @@ from agent.app.daemon import ATTRIBUTION_PERIOD_S
 from agent.app.node import Node
 from agent.config import load
 from agent.intake.client import Tracker
-from agent.records import RecordReader
 from agent.requests import Request, RequestEnergy
 from agent.sim.gpus import SimulatedGpuSource
+from agent.store import RecordReader
 from agent.timeline import EnergyPoint
 
 MODEL = "restart-test-model"

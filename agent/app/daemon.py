@@ -22,6 +22,7 @@ from agent.intake.ingest import check_listen_access, ingest_app, load_token
 from agent.intake.proxy import PROXY_STATS, proxy_app
 from agent.intake.proxy import RUNNER_OPTIONS as PROXY_RUNNER_OPTIONS
 from agent.intake.scrapers import WindowScraper
+from agent.report import RecordsApi
 from agent.sim.gpus import SimulatedGpuSource
 from exporters.http import metrics_app
 from exporters.proxy_metrics import ProxyMetrics
@@ -104,8 +105,8 @@ def build_apps(node: Node, token: str | None) -> tuple[web.Application, web.Appl
     config = node.config
     metrics = metrics_app(
         node.registry,
-        lambda: assess(node.sampler.snapshot(), config.agent.stale_after),
-        records=node.store,
+        lambda: assess(node.sampler.snapshot(), config.agent.stale_after, node.store.stats()),
+        records=RecordsApi(node.store),
     )
     ingest = ingest_app(
         node.engine, node.sampler.gpus(), token=token,

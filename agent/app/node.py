@@ -18,11 +18,12 @@ from agent import __version__
 from agent.attribution import AttributionEngine
 from agent.config import Config
 from agent.devices.base import GpuSource, HostSource
-from agent.records import RecordStore
 from agent.requests import RequestEnergy
 from agent.sampler import Sampler
+from agent.store import RecordStore
 from exporters.prometheus import NodeCollector, build_registry
 from exporters.request_metrics import RequestMetrics
+from exporters.store_metrics import StoreMetrics
 from exporters.window_metrics import WindowMetrics
 
 
@@ -64,6 +65,7 @@ class Node:
             self.sampler.snapshot, pue=config.site.pue, version=__version__
         )
         self.collector.add(self.request_metrics.families)
+        self.collector.add(StoreMetrics(self.store.stats).families)
         self.window_metrics = WindowMetrics()
         self.collector.add(self.window_metrics.families)
         self.registry: CollectorRegistry = build_registry(self.collector)

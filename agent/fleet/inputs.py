@@ -118,7 +118,7 @@ def _interval(central: float, samples: list[float]) -> Span:
 
 
 def from_records(records: Iterable[Any], origin: str) -> Measurement:
-    """From `agent.records.StoredRequest`s (finished ones): Wh/query, J/token, the
+    """From `agent.store.StoredRequest`s (finished ones): Wh/query, J/token, the
     throughput per GPU over the span the records cover, the GPU power attributed to
     requests over that span, and whether any record was measured on simulated GPUs.
 
@@ -172,7 +172,7 @@ def from_records(records: Iterable[Any], origin: str) -> Measurement:
 
 def from_store(path: str, *, model: str | None = None, since: float | None = None
                ) -> Measurement:
-    from agent.records import RecordReader, RecordStoreError
+    from agent.store import RecordReader, RecordStoreError
 
     try:
         records = list(RecordReader(path).query(since=since, model=model))

@@ -71,7 +71,7 @@ class ScrapeObserver(Protocol):
 
 
 class WindowSink(Protocol):
-    """Where settled windows are kept (`agent.records.RecordStore` is one). Called on the
+    """Where settled windows are kept (`agent.store.RecordStore` is one). Called on the
     event loop, so it must not wait on the disk."""
 
     def submit_windows(self, source: str, figures: Sequence[WindowFigures]) -> None: ...

@@ -116,7 +116,7 @@ def gpu_window_energy(
 @dataclass(frozen=True, slots=True)
 class ModelWindow:
     """One model's share of one window. Its ratios (Wh per query, J per token) are the
-    report's, over the windows of a period (`agent.report.ModelWindows`)."""
+    report's, over the windows of a period (`agent.store.ModelWindows`)."""
 
     model: str
     usage: Usage

@@ -1,0 +1,253 @@
+"""Reading the store: request records one by one, scrape windows summed per period.
+
+Each read opens its own read-only connection (`agent.store.schema.open_reader`), which
+makes reads safe from any thread and lets `jouleprobe report` read a store it cannot write.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from agent.requests import BoundaryEnergy, RequestStatus
+from agent.store.schema import (
+    COLUMNS,
+    WINDOWS_VERSION,
+    RecordStoreError,
+    Row,
+    check_version,
+    open_reader,
+    version,
+)
+from agent.units import JOULES_PER_WH
+
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM requests"
+_WINDOWS_SINCE = "(?1 IS NULL OR w.end_time >= ?1)"
+_SELECT_WINDOW_MODELS = f"""
+    SELECT w.source, m.model, count(*), sum(m.requests), sum(m.prompt_tokens),
+           sum(m.completion_tokens), sum(m.gpu_dynamic_j), sum(m.gpu_static_j), max(w.simulated)
+    FROM windows AS w JOIN window_models AS m ON m.window_id = w.id
+    WHERE {_WINDOWS_SINCE} AND (?2 IS NULL OR m.model = ?2)
+    GROUP BY w.source, m.model ORDER BY w.source, m.model"""
+"""Per (source, model). SQL's sum() is NULL over only NULLs: a quantity no window counted
+stays None, apart from a counted 0."""
+_SELECT_WINDOW_SOURCES = f"""
+    SELECT w.source, count(*), sum(w.measured_j), sum(w.unattributed_j), max(w.simulated)
+    FROM windows AS w
+    WHERE {_WINDOWS_SINCE} AND (?2 IS NULL OR w.source IN (
+        SELECT DISTINCT w.source FROM windows AS w JOIN window_models AS m ON m.window_id = w.id
+        WHERE {_WINDOWS_SINCE} AND m.model = ?2))
+    GROUP BY w.source ORDER BY w.source"""
+"""Per source, over all its windows: with a model, the sources that served that model."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRequest(BoundaryEnergy):
+    """One record as stored: times in UTC epoch seconds, energies in joules."""
+
+    id: str
+    model: str
+    source: str
+    gpus: tuple[int, ...]
+    status: RequestStatus
+    start: float
+    end: float | None
+    """None: the request was still running at the agent's maximum age, or when the agent
+    stopped (`expired`); its figures cover only its first part."""
+    first_token: float | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    gpu_dynamic_j: float
+    gpu_static_j: float
+    host_j: float
+    facility_j: float
+    """The building's overhead: IT energy × (PUE − 1)."""
+    pue: float
+    late: bool
+    """Reported after part of its lifetime had been attributed to others: the figures
+    cover only the rest."""
+    simulated: bool
+    """Measured on simulated GPUs: the figures show the method, not real hardware."""
+
+    @classmethod
+    def from_row(cls, row: Row) -> StoredRequest:
+        gpus = tuple(int(index) for index in row[3].split(",")) if row[3] else ()
+        values: Row = (*row[:3], gpus, *row[4:-2], bool(row[-2]), bool(row[-1]))
+        return cls(*values)
+
+    @property
+    def expired(self) -> bool:
+        return self.end is None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready: energy per boundary component (gpu_dynamic, gpu_static, host,
+        facility overhead) and the gpu and it totals, in J and in Wh."""
+        joules = {
+            "gpu_dynamic": self.gpu_dynamic_j, "gpu_static": self.gpu_static_j,
+            "host": self.host_j, "facility": self.facility_j, "gpu": self.gpu_j, "it": self.it_j,
+        }
+        return {
+            "id": self.id,
+            "model": self.model,
+            "source": self.source,
+            "gpus": list(self.gpus),
+            "status": self.status,
+            "start": self.start,
+            "end": self.end,
+            "first_token": self.first_token,
+            "duration_s": self.end - self.start if self.end is not None else None,
+            "time_to_first_token_s": (
+                self.first_token - self.start if self.first_token is not None else None
+            ),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "pue": self.pue,
+            "late": self.late,
+            "expired": self.expired,
+            "simulated": self.simulated,
+            "energy_j": joules,
+            "energy_wh": {name: j / JOULES_PER_WH for name, j in joules.items()},
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ModelWindows:
+    """One model's scrape windows from one source over the period, summed
+    (`RecordReader.window_totals`); None for a quantity the server does not count."""
+
+    source: str
+    model: str
+    windows: int
+    """Windows in which the server listed the model (whether it did work in them or not)."""
+    requests: float | None
+    prompt_tokens: float | None
+    completion_tokens: float | None
+    gpu_dynamic_j: float
+    gpu_static_j: float
+    simulated: bool
+
+    @property
+    def gpu_j(self) -> float:
+        return self.gpu_dynamic_j + self.gpu_static_j
+
+    @property
+    def gpu_wh_per_query(self) -> float | None:
+        return self.gpu_j / JOULES_PER_WH / self.requests if self.requests else None
+
+    @property
+    def gpu_j_per_completion_token(self) -> float | None:
+        return self.gpu_j / self.completion_tokens if self.completion_tokens else None
+
+    @property
+    def gpu_j_per_token_all(self) -> float | None:
+        if self.prompt_tokens is None or self.completion_tokens is None:
+            return None
+        tokens = self.prompt_tokens + self.completion_tokens
+        return self.gpu_j / tokens if tokens else None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceWindows:
+    """One source's scrape windows over the period: all their GPU energy, and the part
+    that no model received."""
+
+    source: str
+    windows: int
+    measured_j: float
+    unattributed_j: float
+    simulated: bool
+
+    @property
+    def unattributed_share(self) -> float | None:
+        return self.unattributed_j / self.measured_j if self.measured_j > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class WindowTotals:
+    """The scrape windows of a report's period: per (source, model), and per source."""
+
+    models: tuple[ModelWindows, ...] = ()
+    sources: tuple[SourceWindows, ...] = ()
+
+    def by_source(self) -> Iterator[tuple[SourceWindows, list[ModelWindows]]]:
+        for source in self.sources:
+            yield source, [model for model in self.models if model.source == source.source]
+
+
+class RecordReader:
+    """Read-only access to a store file; every call opens (and closes) its own connection."""
+
+    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
+                 ) -> None:
+        self.path = os.fspath(path)
+        self.clock = clock
+        """Wall clock (UTC epoch seconds): the store's now, for retention and for the
+        summary's window (`agent.report.summarize`)."""
+        if not os.path.exists(self.path):
+            raise RecordStoreError(f"no record store at {self.path}")
+        with self._reading() as connection:
+            check_version(connection, self.path)
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A read-only connection, closed afterwards; any SQLite failure in the block
+        becomes a RecordStoreError naming the file."""
+        try:
+            with closing(open_reader(self.path)) as connection:
+                yield connection
+        except sqlite3.Error as exc:
+            raise RecordStoreError(f"cannot read {self.path}: {exc}") from exc
+
+    def get(self, request_id: str) -> dict[str, Any] | None:
+        """The JSON-ready record of one request (`StoredRequest.to_json`), None if unknown."""
+        with self._reading() as connection:
+            row = connection.execute(f"{_SELECT} WHERE id = ?", (request_id,)).fetchone()
+        return StoredRequest.from_row(row).to_json() if row is not None else None
+
+    def query(self, since: float | None = None, model: str | None = None
+              ) -> Iterator[StoredRequest]:
+        """Finished records (expired ones have no end and are left out) that ended at or
+        after `since` (UTC epoch seconds), of `model` if given, oldest end first. Rows
+        stream from one consistent snapshot of the file."""
+        clauses = ["end_time IS NOT NULL"]
+        params: list[float | str] = []
+        if since is not None:
+            clauses.append("end_time >= ?")
+            params.append(since)
+        if model is not None:
+            clauses.append("model = ?")
+            params.append(model)
+        where = " AND ".join(clauses)
+        with self._reading() as connection:
+            for row in connection.execute(
+                f"{_SELECT} WHERE {where} ORDER BY end_time", params
+            ):
+                yield StoredRequest.from_row(row)
+
+    def window_totals(self, since: float | None = None, model: str | None = None
+                      ) -> WindowTotals:
+        """Sums over the scrape windows that ended at or after `since` (UTC epoch seconds):
+        per (source, model), of `model` if given; and per source, over all its windows
+        (with `model`, only the sources that served it). Summed in SQL, from one snapshot
+        of the file, so that the two agree; none from a version-1 file."""
+        with self._reading() as connection:
+            connection.execute("BEGIN")  # one read transaction: one snapshot for both
+            if version(connection) < WINDOWS_VERSION:
+                return WindowTotals()
+            params = (since, model)
+            models = connection.execute(_SELECT_WINDOW_MODELS, params).fetchall()
+            sources = connection.execute(_SELECT_WINDOW_SOURCES, params).fetchall()
+        return WindowTotals(
+            models=tuple(ModelWindows(*_simulated_flag(row)) for row in models),
+            sources=tuple(SourceWindows(*_simulated_flag(row)) for row in sources),
+        )
+
+
+def _simulated_flag(row: Row) -> Row:
+    """`row` with its last column, `simulated` as SQLite's 0 or 1, as a bool."""
+    return (*row[:-1], bool(row[-1]))
