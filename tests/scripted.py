@@ -19,13 +19,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from agent.devices.base import GpuInfo, GpuReading, HostReading
+from agent.intake.proxy import ProxyStats
 
 ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+"""Verbatim captures of the servers' output, and other files the tests read."""
 """The repository root: where the agent under test is started from."""
 
 
@@ -120,6 +124,39 @@ def start_agent(args: Sequence[str], log: Path, env: Mapping[str, str] | None = 
         )
 
 
+class Servers:
+    """aiohttp apps served on 127.0.0.1 by an event loop in a background thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self._runners: list[web.AppRunner] = []
+        self.proxies: list[ProxyStats] = []
+
+    def call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=10)
+
+    def serve(self, app: web.Application, **options: Any) -> str:
+        async def start() -> int:
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=1, **options)
+            await runner.setup()
+            self._runners.append(runner)
+            site = web.SockSite(runner, socket.create_server(("127.0.0.1", 0)))
+            await site.start()
+            return site._sock.getsockname()[1]  # type: ignore[attr-defined]
+        return f"http://127.0.0.1:{self.call(start())}"
+
+    def close(self) -> None:
+        async def stop() -> None:
+            for runner in reversed(self._runners):
+                await runner.cleanup()
+        self.call(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        self.loop.close()
+
+
 @contextlib.contextmanager
 def serve_app(app: web.Application) -> Iterator[str]:
     """Serves the aiohttp `app` on 127.0.0.1 from an event loop on a thread of its own;
@@ -162,30 +199,34 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def wait_for(what: str, ready: Callable[[], bool], proc: subprocess.Popen[bytes],
-              log: Path, timeout_s: float) -> None:
-    """Poll `ready` until true; fail with the process's log if it exits or time runs out."""
+def wait_until(condition: Callable[[], bool], what: str = "the condition",
+               timeout_s: float = 10.0) -> None:
+    """Polls `condition` every 10 ms; fails the test naming `what` when it still does not hold
+    after `timeout_s`, which only bounds a failing test: it is never a measurement."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def wait_for(what: str, ready: Callable[[], bool], proc: subprocess.Popen[bytes],
+             log: Path, timeout_s: float) -> None:
+    """`wait_until` for a process: fails with its log if it exits or time runs out, and
+    takes an OSError from `ready` as "not listening yet"."""
+    def up() -> bool:
         if proc.poll() is not None:
             pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
         try:
-            if ready():
-                return
-        except OSError:  # not listening yet
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"{what} not ready after {timeout_s} s:\n{log.read_text()[-4000:]}")
-
-
-def wait_until(condition: Callable[[], bool], deadline_s: float = 10.0) -> bool:
-    """Polls `condition`; the deadline only bounds a failing test, it is never asserted."""
-    give_up = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > give_up:
+            return ready()
+        except OSError:
             return False
-        time.sleep(0.005)
-    return True
+    try:
+        wait_until(up, what, timeout_s)
+    except pytest.fail.Exception:
+        if proc.poll() is not None:
+            raise
+        pytest.fail(f"{what} not ready after {timeout_s} s:\n{log.read_text()[-4000:]}")
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+from scripted import ROOT
 
 from agent.config import ConfigError, load, parse_listen, reference
 
@@ -68,7 +69,7 @@ def test_parse_listen_handles_ipv6() -> None:
 
 
 def test_example_config_in_deploy_loads() -> None:
-    example = Path(__file__).parent.parent / "deploy" / "jouleprobe.toml"
+    example = ROOT / "deploy" / "jouleprobe.toml"
     load(example, environ={})
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from scripted import (
+    FIXTURES,
     ROOT,
     agent_env,
     free_port,
@@ -27,7 +28,6 @@ from agent.report import SIMULATED_LINE
 from agent.sim.upstream import fake_upstream_app
 from agent.store import RecordReader
 
-FIXTURES = Path(__file__).parent / "fixtures"
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 

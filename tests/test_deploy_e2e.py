@@ -31,7 +31,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from scripted import (
     start_agent,
     stop_process,
     wait_for,
+    wait_until,
 )
 from test_deploy_queries import RULE_FILES, dashboard_targets, substitute
 
@@ -66,11 +67,6 @@ class Agent:
     ingest: str
 
 
-def _wait_until(what: str, done: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        assert time.monotonic() < deadline, f"{what} after {timeout_s} s"
-        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -169,13 +165,15 @@ def _record(agent: Agent, request_id: str) -> dict[str, Any]:
 
 def test_dashboards_and_rules_on_a_live_agent(agent: Agent, prometheus: str) -> None:
     warmup = _load(agent, "warmup", WARMUP_S)
-    _wait_until("Prometheus did not scrape the warm-up", lambda: sum(
-        _requests_scraped(prometheus).values()) >= len(warmup) and len(
-        _requests_scraped(prometheus)) == len(MODELS))
+
+    def warm() -> bool:
+        scraped = _requests_scraped(prometheus)
+        return sum(scraped.values()) >= len(warmup) and len(scraped) == len(MODELS)
+    wait_until(warm, "Prometheus to scrape the warm-up", 20.0)
     load = _load(agent, "load", LOAD_S)
     total = len(warmup) + len(load)
-    _wait_until("Prometheus did not scrape every request",
-                lambda: sum(_requests_scraped(prometheus).values()) >= total)
+    wait_until(lambda: sum(_requests_scraped(prometheus).values()) >= total,
+               "Prometheus to scrape every request", 20.0)
     time.sleep(1.5)  # a few more scrapes and rule evaluations after the last request
 
     # Every query of every panel returns data, with at least one number in it.

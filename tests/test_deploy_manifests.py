@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scripted import ROOT
+from scripted import ROOT, require_module
 
 from agent.config import Config, load, parse_listen
 
-yaml = pytest.importorskip("yaml")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
+yaml = require_module("yaml")
+kubernetes_validate = require_module("kubernetes_validate")
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 DOCKERFILE = ROOT / "deploy" / "container" / "Dockerfile"

@@ -19,14 +19,14 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from scripted import ROOT, require_binary
+from scripted import ROOT, require_binary, require_module
 
 from agent.app.node import Node
 from agent.config import load
 from agent.devices.host import open_host_source
 from agent.sim.gpus import SimulatedGpuSource
 
-yaml = pytest.importorskip("yaml")
+yaml = require_module("yaml")
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 RULE_FILES = (PROMETHEUS / "rules.yml", PROMETHEUS / "recording.yml")

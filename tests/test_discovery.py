@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 from fake_pynvml import FakeNvml
+from scripted import free_port
 
 from agent.devices.base import GpuInfo
 from agent.intake.discovery import GpuResolutionError, GpuResolver, local_port
@@ -34,12 +35,6 @@ def listening() -> Iterator[int]:
     """A port on which this test process listens."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         yield server.getsockname()[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _missing_pid() -> int:
@@ -84,7 +79,7 @@ def test_auto_includes_the_listeners_descendants(nvml: FakeNvml, listening: int)
 
 
 def test_nothing_listening_is_said_plainly(nvml: FakeNvml) -> None:
-    port = _free_port()
+    port = free_port()
     resolver = GpuResolver("auto", GPUS, port, nvml.module)
     assert resolver.describe() == f"auto (port {port}): cannot resolve: nothing listens on " \
                                   f"port {port}"

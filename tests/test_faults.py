@@ -27,6 +27,7 @@ import pytest
 from fake_pynvml import FakeNvml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from scripted import wait_until
 from test_nvml_source import READING_FIELDS
 
 from agent.attribution import AttributionEngine
@@ -480,14 +481,6 @@ def test_counter_anomalies_are_gaps_never_energy(
     assert max(v for (name, _), v in exposed.items() if "joules" in name) < 2000.0
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
-    """Poll `condition` in real time; fail saying `what` did not happen in time."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("call", ["energy", "temperature"])
 def test_a_hung_call_stalls_only_its_gpu_until_it_returns(call: str) -> None:
     """The real scheduler and reader thread, on the real clock: a call that never returns
@@ -500,7 +493,8 @@ def test_a_hung_call_stalls_only_its_gpu_until_it_returns(call: str) -> None:
     sampler.start()
     hang = None
     try:
-        wait_for(lambda: min(g.samples_total for g in gpus().gpus) >= 3, "every GPU is read")
+        wait_until(lambda: min(g.samples_total for g in gpus().gpus) >= 3, "every GPU to be read",
+                   15.0)
         node.engine.add(Request("during", "m", "test", tuple(WATTS), time.monotonic()))
         hang = fake.hang(function, gpu=COUNTER_GPU)
         assert hang.entered.wait(timeout=15)
@@ -514,7 +508,7 @@ def test_a_hung_call_stalls_only_its_gpu_until_it_returns(call: str) -> None:
                 and not assess(snapshot, STALE_AFTER_S).gpus["1"].ok
             )
 
-        wait_for(stalled, "the other GPUs are read on and GPU 1 turns unhealthy")
+        wait_until(stalled, "the other GPUs are read on and GPU 1 turns unhealthy", 15.0)
         snapshot = gpus()
         assert snapshot.gpus[COUNTER_GPU].samples_total == hung_at[COUNTER_GPU]
         reason = assess(snapshot, STALE_AFTER_S).gpus["1"].reason
@@ -522,10 +516,10 @@ def test_a_hung_call_stalls_only_its_gpu_until_it_returns(call: str) -> None:
         assert sampler.snapshot().gpus[COUNTER_GPU].errors == {}
 
         hang.release()
-        wait_for(
+        wait_until(
             lambda: gpus().gpus[COUNTER_GPU].samples_total >= hung_at[COUNTER_GPU] + 5
             and assess(gpus(), STALE_AFTER_S).ok,
-            "GPU 1 is read again and healthy",
+            "GPU 1 is read again and healthy", 15.0,
         )
         assert node.engine.end("during", time.monotonic())
     finally:

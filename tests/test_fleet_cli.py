@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from scripted import serve_http
+from scripted import require_module, serve_http
 
 from agent import report
 from agent.cli import main
@@ -273,7 +273,7 @@ def test_from_agent_reads_its_summary_and_says_simulated(
 
 def test_plot_writes_a_png(store: str, tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib")
     png = tmp_path / "fleet.png"
     code, _, err = fleet(capsys, "--from-store", store, "--queries-per-day",
                          "1B", "--years", "2025:2028", "--growth", "20%:40%", "--plot", str(png))

@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,7 @@ from scripted import (
     start_agent,
     stop_process,
     wait_for,
+    wait_until,
 )
 
 from agent.cli import main
@@ -147,11 +148,6 @@ def _records(path: Path) -> list[tuple[str, float]]:
     return [(row[0], row[1]) for row in rows]
 
 
-def _wait_until(what: str, done: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        assert time.monotonic() < deadline, f"{what} after {timeout_s} s"
-        time.sleep(0.2)
 
 
 def _run_load(agents: list[Agent], prefix: str, seconds: float) -> int:
@@ -172,13 +168,13 @@ def test_fleet_from_prometheus_matches_the_agents_records(
     agents: list[Agent], prometheus: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     warmup = _run_load(agents, "warmup", 0.5)
-    _wait_until("Prometheus did not scrape the warm-up",
-                lambda: _scraped_requests(prometheus) >= warmup)
+    wait_until(lambda: _scraped_requests(prometheus) >= warmup,
+               "Prometheus to scrape the warm-up", 20.0)
     total = warmup + _run_load(agents, "load", LOAD_S)
-    _wait_until("the records were not all written",
-                lambda: sum(len(_records(a.records)) for a in agents) >= total)
-    _wait_until("Prometheus did not scrape every request",
-                lambda: _scraped_requests(prometheus) >= total)
+    wait_until(lambda: sum(len(_records(a.records)) for a in agents) >= total,
+               "every record to be written", 20.0)
+    wait_until(lambda: _scraped_requests(prometheus) >= total,
+               "Prometheus to scrape every request", 20.0)
     time.sleep(1.5)  # a few more scrapes and rule evaluations after the last request
 
     measured = [wh for agent in agents for rid, wh in _records(agent.records)

@@ -32,8 +32,8 @@ import psutil
 import pytest
 from aiohttp import ClientSession, TCPConnector
 from aiohttp.test_utils import TestServer
+from ingest_node import GPUS, POWER_W
 from scripted import ROOT, agent_env, free_port, http_get, start_agent, stop_process, wait_for
-from test_ingest import GPUS, POWER_W
 
 from agent.attribution import AttributionEngine
 from agent.intake.client import EVENTS_PATH

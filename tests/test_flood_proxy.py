@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import psutil
 import pytest
 from aiohttp import ClientSession, TCPConnector
-from test_proxy import Servers, wait_for
+from scripted import Servers, wait_until
 
 from agent.attribution import AttributionEngine
 from agent.config import ProxyTable
@@ -185,7 +185,7 @@ def test_a_flood_gets_503_with_retry_after_and_the_proxy_recovers(
     with RssWatch() as rss:
         asyncio.run(flood_until(url, upstream, flood))
     seconds = time.monotonic() - started
-    wait_for(lambda: stats.running == 0, "the proxy to end every request")
+    wait_until(lambda: stats.running == 0, "the proxy to end every request")
     watching.cancel()
     gc.collect()
     after = psutil.Process().memory_info().rss

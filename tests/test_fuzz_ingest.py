@@ -29,8 +29,8 @@ from urllib.parse import urlsplit
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from ingest_node import GPUS, NOW, POWER_W, T0, UUID0, UUID1, WALL_OFFSET
 from scripted import serve_app
-from test_ingest import GPUS, NOW, POWER_W, T0, UUID0, UUID1, WALL_OFFSET
 
 from agent.attribution import AttributionEngine
 from agent.intake.client import EVENTS_PATH

@@ -41,8 +41,7 @@ from aiohttp import web
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
-from scripted import ScriptedGpuSource
-from test_proxy import Servers, wait_for
+from scripted import ScriptedGpuSource, Servers, wait_until
 
 from agent.attribution import AttributionEngine
 from agent.config import ProxyTable
@@ -214,7 +213,7 @@ def fresh_errors(stack: Stack) -> None:
 def settled(stack: Stack, engine: RecordingEngine) -> list[RequestEnergy]:
     """Once every proxy has ended its requests: no traceback through the proxy, and each
     request the engine accepted is final, once."""
-    wait_for(lambda: all(s.running == 0 for s in stack.proxies), "the proxies to end")
+    wait_until(lambda: all(s.running == 0 for s in stack.proxies), "the proxies to end")
     assert stack.errors.records == []
     finals = engine.drain()
     assert sorted(e.request.id for e in finals) == sorted(engine.added)
@@ -409,7 +408,7 @@ def test_whatever_a_client_sends_it_gets_the_upstreams_answer_and_is_recorded(
 
         request_id = through.headers[REQUEST_ID_HEADER]
         assert request_id
-        wait_for(lambda: request_id in engine.ended, "the request to end")
+        wait_until(lambda: request_id in engine.ended, "the request to end")
         ended = engine.ended[request_id]
         assert engine.added[request_id].model == expected_model(parsed)
         assert ended["status"] == ("ok" if 200 <= through.status < 300 else "failed")
@@ -619,7 +618,7 @@ def test_whatever_an_upstream_streams_reaches_the_client_and_is_recorded(
 
         request_id = answer.headers[REQUEST_ID_HEADER]
         assert request_id
-        wait_for(lambda: request_id in engine.ended, "the request to end")
+        wait_until(lambda: request_id in engine.ended, "the request to end")
         ended = engine.ended[request_id]
         assert answer.status == status
         sse = status == 200 and content_type.startswith("text/event-stream")
@@ -720,17 +719,17 @@ def test_clients_that_vanish_mid_body_or_mid_wait_are_recorded_cancelled(
 
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(head % (len(body) + 100) + body)  # 100 bytes short
-        wait_for(lambda: stats.measured == 1, "the proxy to start the request")
-    wait_for(lambda: stats.cancelled == 1, "the request to be cancelled")
+        wait_until(lambda: stats.measured == 1, "the proxy to start the request")
+    wait_until(lambda: stats.cancelled == 1, "the request to be cancelled")
     assert ended == [] and engine.added == {}
 
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(head % len(body) + body)
-        wait_for(lambda: len(engine.added) == 1, "the upstream to work")
+        wait_until(lambda: len(engine.added) == 1, "the upstream to work")
         sock.shutdown(socket.SHUT_RDWR)
     if cancel_handler:  # else the proxy learns of it only when it writes the answer
-        wait_for(lambda: ended == [1], "the upstream to see the client go")
-    wait_for(lambda: stats.cancelled == 2, "the second request to be cancelled")
+        wait_until(lambda: ended == [1], "the upstream to see the client go")
+    wait_until(lambda: stats.cancelled == 2, "the second request to be cancelled")
 
     answer = post(proxied, PATHS[1], json.dumps({"model": "slow", "prompt": "x",
                                                 "max_tokens": 1}).encode(), {})
@@ -772,7 +771,7 @@ def test_a_client_that_does_not_read_holds_back_the_upstream_not_the_proxys_memo
             previous = sent[0]
             time.sleep(0.2)
         assert 0 < sent[0] < total // 8
-    wait_for(lambda: stats.cancelled == 1, "the request to be cancelled")
+    wait_until(lambda: stats.cancelled == 1, "the request to be cancelled")
     settled(stack, engine)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,10 +17,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from scripted import serve_app
+from ingest_node import GPUS, LATER, NOW, POWER_W, T0, UUID0, UUID1, WALL_OFFSET
+from scripted import free_port, serve_app, wait_until
 
 from agent.attribution import AttributionEngine
-from agent.devices.base import GpuInfo
 from agent.intake.client import EVENTS_PATH, Tracker
 from agent.intake.ingest import (
     MAX_EVENTS,
@@ -32,23 +31,6 @@ from agent.intake.ingest import (
 )
 from agent.requests import RequestEnergy
 from agent.timeline import EnergyPoint, Timeline
-
-NOW = 5_000.0
-"""What the app's monotonic clock reads."""
-WALL_OFFSET = 1_700_000_000.0
-"""time.time() − time.monotonic() in the scripted clocks."""
-T0 = NOW - 100.0
-"""The timelines run from T0 to T0 + 200 at 1 s steps."""
-LATER = T0 + 1_000.0
-"""An advance() time when everything has settled."""
-POWER_W = {0: 100.0, 1: 200.0}
-
-UUID0 = "GPU-5d1f0c3a-9b7e-4f6a-8c2d-1e3f5a7b9c0d"
-UUID1 = "GPU-a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
-GPUS = [
-    GpuInfo(0, UUID0, "NVIDIA H100 80GB HBM3", "counter", "instant"),
-    GpuInfo(1, UUID1, "NVIDIA H100 80GB HBM3", "counter", "instant"),
-]
 
 
 def steady(watts: float, start: float, seconds: int) -> Timeline:
@@ -371,13 +353,6 @@ def real_time_engine() -> tuple[AttributionEngine, web.Application]:
     return engine, ingest_app(engine, GPUS, token="t", max_body_bytes=1 << 20)
 
 
-def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 class NumpyLikeInt:
     """An integer that is not an int, as numpy and torch hand them out."""
 
@@ -394,7 +369,8 @@ def test_tracker_reports_requests_end_to_end() -> None:
         tracker = Tracker(url, token="t", flush_interval=60.0)  # only flush() and close() send
         early = tracker.request(model="llama-8b", gpus=[1], request_id="early")
         tracker.flush()
-        wait_for(lambda: engine.totals().pending_requests == 1)  # its start went out alone
+        # its start went out alone
+        wait_until(lambda: engine.totals().pending_requests == 1, "the start to arrive")
         with tracker.request(model="llama-8b", gpus=[0]) as r:
             r.first_token()
             r.tokens(prompt=NumpyLikeInt(12), completion=80)
@@ -437,9 +413,7 @@ def test_tracker_counts_what_the_agent_refuses_and_what_its_queue_drops() -> Non
 
 
 def test_tracker_never_raises_when_the_agent_is_unreachable_or_refuses_it() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # nothing listens there
     tracker = Tracker(f"http://127.0.0.1:{port}", flush_interval=60.0, retries=1)
     with tracker.request(model="m", gpus=[0]):
         pass
@@ -465,7 +439,7 @@ def test_tracker_resends_what_the_agent_refused_for_capacity() -> None:
             with tracker.request(model="m", gpus=[0]):
                 pass
         tracker.flush()
-        wait_for(lambda: engine.totals().over_capacity_requests == 1)
+        wait_until(lambda: engine.totals().over_capacity_requests == 1, "a refusal")
         assert len(engine.advance(time.monotonic() + 1_000)) == 1  # room for one more
         tracker.close()
     assert (tracker.stats().accepted, tracker.stats().dropped) == (2, 0)

@@ -14,7 +14,6 @@ import itertools
 import json
 import logging
 import socket
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ import pytest
 from aiohttp import web
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from scripted import Servers, wait_until
 
 from agent.attribution import AttributionEngine
 from agent.config import ProxyTable
@@ -46,39 +46,6 @@ PROMPT = "What does one request cost, in joules?"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
 CHAT_PROMPT_TOKENS = 1 + (1 + count_tokens("Be brief.")) + (1 + count_tokens(PROMPT))
 FAST = {"llama": 2000.0, "instant": float("inf")}
-
-
-class Servers:
-    """aiohttp apps served on 127.0.0.1 by an event loop in a background thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self._runners: list[web.AppRunner] = []
-        self.proxies: list[ProxyStats] = []
-
-    def call(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=10)
-
-    def serve(self, app: web.Application, **options: Any) -> str:
-        async def start() -> int:
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=1, **options)
-            await runner.setup()
-            self._runners.append(runner)
-            site = web.SockSite(runner, socket.create_server(("127.0.0.1", 0)))
-            await site.start()
-            return site._sock.getsockname()[1]  # type: ignore[attr-defined]
-        return f"http://127.0.0.1:{self.call(start())}"
-
-    def close(self) -> None:
-        async def stop() -> None:
-            for runner in reversed(self._runners):
-                await runner.cleanup()
-        self.call(stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
-        self.loop.close()
 
 
 @pytest.fixture
@@ -125,18 +92,10 @@ def raw(base: str, method: str, path: str, body: Any = None,
     return answer
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 5
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def finals(servers: Servers, engine: AttributionEngine) -> list[RequestEnergy]:
     """The final figures of every request, once the proxies have ended them all (a client
     has its last byte a moment before the proxy ends the request)."""
-    wait_for(lambda: all(s.running == 0 for s in servers.proxies), "the proxies to end")
+    wait_until(lambda: all(s.running == 0 for s in servers.proxies), "the proxies to end")
     return sorted(engine.advance(time.monotonic() + 2_000), key=lambda e: e.request.start)
 
 
@@ -291,8 +250,8 @@ def test_a_client_that_disconnects_mid_stream_ends_its_request_cancelled(
             chunk = sock.recv(65536)
             assert chunk, "the proxy closed the stream"
             received += chunk
-    wait_for(lambda: stats.cancelled == 1, "the request to be cancelled")
-    wait_for(lambda: ended == [1], "the upstream to see the client go")
+    wait_until(lambda: stats.cancelled == 1, "the request to be cancelled")
+    wait_until(lambda: ended == [1], "the upstream to see the client go")
     (record,) = finals(servers, engine)
     request = record.request
     assert request.status == "cancelled"

@@ -14,7 +14,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from scripted import wait_until
+from scripted import FIXTURES, ROOT, wait_until
 
 from agent.intake.scrapers import GpuWindowEnergy, Usage, WindowFigures, split_window
 from agent.report import summarize
@@ -33,8 +33,6 @@ from agent.store import (
 
 OFFSET = 1_750_000_000.0
 """Wall-clock offset used throughout: monotonic time t is UTC epoch OFFSET + t."""
-REPO = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def energy(
@@ -136,7 +134,7 @@ def test_writer_thread_flushes_without_close(open_store: Callable[..., RecordSto
     store = open_store(flush_interval_s=0.01)
     store.submit([energy("a")])
     store.submit([energy("b"), energy("c")])
-    assert wait_until(lambda: store.stats().written_total == 3)
+    wait_until(lambda: store.stats().written_total == 3)
     assert [r.id for r in store.query()] == ["a", "b", "c"]
     assert store.stats().pending == 0
 
@@ -156,10 +154,10 @@ def test_close_commits_every_queued_record(path: Path,
 def test_resubmitted_id_replaces_the_record(open_store: Callable[..., RecordStore]) -> None:
     store = open_store(flush_interval_s=0.01)
     store.submit([energy("a", dynamic=1.0)])
-    assert wait_until(lambda: store.get("a") is not None)
+    wait_until(lambda: store.get("a") is not None)
     store.submit([energy("a", dynamic=2.0, model="other")])
     store.submit([energy("b", dynamic=1.0), energy("b", dynamic=3.0)])  # within one batch
-    assert wait_until(lambda: store.stats().written_total == 4)
+    wait_until(lambda: store.stats().written_total == 4)
     assert sorted((r.id, r.gpu_dynamic_j, r.model) for r in store.query()) == [
         ("a", 2.0, "other"), ("b", 3.0, "llama"),
     ]
@@ -215,12 +213,12 @@ def test_failed_write_is_kept_and_retried(monkeypatch: pytest.MonkeyPatch, path:
     blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: the writer's commit fails
     try:
         store.submit([energy("a")])
-        assert wait_until(lambda: store.stats().write_errors_total >= 1)
+        wait_until(lambda: store.stats().write_errors_total >= 1)
         assert store.stats().written_total == 0
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    assert wait_until(lambda: store.get("a") is not None)
+    wait_until(lambda: store.get("a") is not None)
     assert store.stats().dropped_total == 0
 
 
@@ -237,9 +235,9 @@ def test_a_batch_that_can_never_be_written_does_not_block_later_ones(
     monkeypatch.setattr(writer, "_insert", insert)
     store = open_store(flush_interval_s=0.01)
     store.submit([energy("poison")])
-    assert wait_until(lambda: store.stats().dropped_total == 1)
+    wait_until(lambda: store.stats().dropped_total == 1)
     store.submit([energy("after")])
-    assert wait_until(lambda: store.get("after") is not None)
+    wait_until(lambda: store.get("after") is not None)
     assert store.get("poison") is None and store.stats().write_errors_total == 1
 
 
@@ -277,7 +275,7 @@ def test_unclosed_store_leaves_a_database_a_second_store_opens(
 ) -> None:
     first = open_store(flush_interval_s=0.01)
     first.submit([energy("a")])
-    assert wait_until(lambda: first.get("a") is not None)
+    wait_until(lambda: first.get("a") is not None)
     # `first` is never closed before the second store opens, as after a killed writer.
     second = open_store(flush_interval_s=0.01)
     with closing(sqlite3.connect(path)) as connection:
@@ -302,11 +300,11 @@ def test_database_of_a_sigkilled_writer_opens_intact(path: Path) -> None:
                 print("writing", flush=True)
             time.sleep(0.001)
     """)
-    with subprocess.Popen([sys.executable, "-c", child], cwd=REPO, stdout=subprocess.PIPE,
+    with subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, stdout=subprocess.PIPE,
                           text=True) as process:
         try:
             assert process.stdout is not None and process.stdout.readline() == "writing\n"
-            assert wait_until(lambda: path.exists() and _count(path) > 0)
+            wait_until(lambda: path.exists() and _count(path) > 0)
         finally:
             process.send_signal(signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL, "killed while it was still writing"

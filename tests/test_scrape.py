@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import subprocess
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
-from scripted import require_binary
+from scripted import FIXTURES, free_port, require_binary
 
 from agent.config import SCRAPE_KINDS
 from agent.intake.scrapers import (
@@ -34,7 +32,6 @@ from agent.intake.scrapers.kinds import NotServerMetrics, SeriesKey
 from agent.timeline import EnergyPoint, Timeline
 from exporters.window_metrics import WindowMetrics
 
-FIXTURES = Path(__file__).parent / "fixtures"
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 
 
@@ -285,9 +282,7 @@ def test_an_unreachable_server_is_counted_and_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     metrics, clock = WindowMetrics(), Clock(10.0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}/metrics"  # bound, not listening
+    url = f"http://127.0.0.1:{free_port()}/metrics"  # nothing listens there
 
     async def test() -> None:
         down = scraper(url, "llamacpp", clock, metrics, model="qwen")

@@ -96,7 +96,7 @@ def test_healthz_is_degraded_while_writes_fail_and_ok_after_a_commit(
     blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: the writer's commits fail
     try:
         node.store.submit([_energy("a")])
-        assert wait_until(lambda: node.store.stats().write_errors_since_commit >= 1)
+        wait_until(lambda: node.store.stats().write_errors_since_commit >= 1)
         status, body = _health(node, url)
         assert (status, body["status"], body["store"]["ok"]) == (503, "degraded", False)
         assert "database is locked" in body["store"]["reason"]
@@ -105,7 +105,7 @@ def test_healthz_is_degraded_while_writes_fail_and_ok_after_a_commit(
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    assert wait_until(lambda: node.store.stats().write_errors_since_commit == 0)
+    wait_until(lambda: node.store.stats().write_errors_since_commit == 0)
     assert node.store.get("a") is not None, "the retry committed the record"
     status, body = _health(node, url)
     assert (status, body["status"], body["store"]) == (200, "ok", {"ok": True, "reason": None})
