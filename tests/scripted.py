@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.devices.base import GpuInfo, GpuReading, HostReading
 from agent.intake.proxy import ProxyStats
@@ -189,6 +190,24 @@ def serve_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+Series = tuple[str, frozenset[tuple[str, str]]]
+"""A sample's name and labels, as `exposed_samples` keys them."""
+
+
+def series(name: str, /, **labels: str) -> Series:
+    return name, frozenset(labels.items())
+
+
+def exposed_samples(text: str) -> dict[Series, float]:
+    """Every sample of a Prometheus text exposition (what a scrape of /metrics reads), parsed
+    by prometheus_client's own parser, keyed by `series`."""
+    return {
+        series(sample.name, **sample.labels): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:

@@ -20,8 +20,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
-from prometheus_client.parser import text_string_to_metric_families
-from scripted import ScriptedGpuSource, ScriptedHostSource, require_binary
+from scripted import (
+    ScriptedGpuSource,
+    ScriptedHostSource,
+    exposed_samples,
+    require_binary,
+    series,
+)
 
 from agent.devices.base import GpuInfo, GpuReading, HostReading
 from agent.health import assess
@@ -94,97 +99,86 @@ def node() -> Node:
     return Node(gpu_source, host_source, sampler, now=T0 + 0.7)
 
 
-def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def _key(metric: str, /, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
-    return metric, frozenset(labels.items())
-
-
 def _exposition(node: Node, pue: float = 1.2) -> str:
     collector = NodeCollector(node.snapshot, pue=pue, version="9.8.7")
     return generate_latest(build_registry(collector)).decode()
 
 
 def test_every_metric_with_its_labels_and_value(node: Node) -> None:
-    samples = _samples(_exposition(node))
+    samples = exposed_samples(_exposition(node))
     g0 = {"gpu": "0", "uuid": "GPU-aaaa"}
     g1 = {"gpu": "1", "uuid": "GPU-bbbb"}
     expected = {
-        _key("jouleprobe_gpu_info", **g0, name="NVIDIA H100 80GB HBM3", energy_source="counter",
+        series("jouleprobe_gpu_info", **g0, name="NVIDIA H100 80GB HBM3", energy_source="counter",
              power_field="instant", simulated="false", module_power="false", mig="false"): 1,
-        _key("jouleprobe_gpu_info", **g1, name="Tesla T4", energy_source="power_integration",
+        series("jouleprobe_gpu_info", **g1, name="Tesla T4", energy_source="power_integration",
              power_field="power_usage", simulated="true", module_power="false", mig="false"): 1,
-        _key("jouleprobe_gpu_energy_joules_total", **g0): 60.0,  # counter 1000 → 1060 J
+        series("jouleprobe_gpu_energy_joules_total", **g0): 60.0,  # counter 1000 → 1060 J
         # trapezoids: (100 + 100) / 2 · 0.1 + (100 + 200) / 2 · 0.1
-        _key("jouleprobe_gpu_energy_joules_total", **g1): pytest.approx(25.0),
-        _key("jouleprobe_gpu_power_watts", **g0): 300.0,
-        _key("jouleprobe_gpu_power_watts", **g1): 200.0,
-        _key("jouleprobe_gpu_power_limit_watts", **g0): 700.0,
-        _key("jouleprobe_gpu_power_limit_watts", **g1): 70.0,
-        _key("jouleprobe_gpu_utilization_ratio", **g0): 0.5,
-        _key("jouleprobe_gpu_utilization_ratio", **g1): 0.25,
-        _key("jouleprobe_gpu_memory_used_bytes", **g0): float(1 << 30),
-        _key("jouleprobe_gpu_memory_used_bytes", **g1): float(2 << 30),
-        _key("jouleprobe_gpu_memory_total_bytes", **g0): float(80 << 30),
-        _key("jouleprobe_gpu_memory_total_bytes", **g1): float(16 << 30),
-        _key("jouleprobe_gpu_temperature_celsius", **g0): 55.0,
-        _key("jouleprobe_gpu_sm_clock_hertz", **g0): 1.98e9,
-        _key("jouleprobe_gpu_samples_total", **g0): 3,
-        _key("jouleprobe_gpu_samples_total", **g1): 3,
-        _key("jouleprobe_gpu_energy_gaps_total", **g0): 0,
-        _key("jouleprobe_gpu_energy_gaps_total", **g1): 0,
-        _key("jouleprobe_gpu_sample_skipped_total", **g0): 0,
-        _key("jouleprobe_gpu_sample_skipped_total", **g1): 0,
-        _key("jouleprobe_nvml_errors_total", **g1, call="temperature", kind="NotSupported"): 3,
-        _key("jouleprobe_gpu_sample_age_seconds", **g0): pytest.approx(0.5),
-        _key("jouleprobe_gpu_sample_age_seconds", **g1): pytest.approx(0.5),
-        _key("jouleprobe_host_energy_joules_total", source="rapl"): 5020.0,
-        _key("jouleprobe_host_power_watts", source="rapl"): 100.0,
-        _key("jouleprobe_host_read_errors_total"): 0,
-        _key("jouleprobe_build_info", version="9.8.7"): 1,
-        _key("jouleprobe_site_pue_ratio"): 1.2,
+        series("jouleprobe_gpu_energy_joules_total", **g1): pytest.approx(25.0),
+        series("jouleprobe_gpu_power_watts", **g0): 300.0,
+        series("jouleprobe_gpu_power_watts", **g1): 200.0,
+        series("jouleprobe_gpu_power_limit_watts", **g0): 700.0,
+        series("jouleprobe_gpu_power_limit_watts", **g1): 70.0,
+        series("jouleprobe_gpu_utilization_ratio", **g0): 0.5,
+        series("jouleprobe_gpu_utilization_ratio", **g1): 0.25,
+        series("jouleprobe_gpu_memory_used_bytes", **g0): float(1 << 30),
+        series("jouleprobe_gpu_memory_used_bytes", **g1): float(2 << 30),
+        series("jouleprobe_gpu_memory_total_bytes", **g0): float(80 << 30),
+        series("jouleprobe_gpu_memory_total_bytes", **g1): float(16 << 30),
+        series("jouleprobe_gpu_temperature_celsius", **g0): 55.0,
+        series("jouleprobe_gpu_sm_clock_hertz", **g0): 1.98e9,
+        series("jouleprobe_gpu_samples_total", **g0): 3,
+        series("jouleprobe_gpu_samples_total", **g1): 3,
+        series("jouleprobe_gpu_energy_gaps_total", **g0): 0,
+        series("jouleprobe_gpu_energy_gaps_total", **g1): 0,
+        series("jouleprobe_gpu_sample_skipped_total", **g0): 0,
+        series("jouleprobe_gpu_sample_skipped_total", **g1): 0,
+        series("jouleprobe_nvml_errors_total", **g1, call="temperature", kind="NotSupported"): 3,
+        series("jouleprobe_gpu_sample_age_seconds", **g0): pytest.approx(0.5),
+        series("jouleprobe_gpu_sample_age_seconds", **g1): pytest.approx(0.5),
+        series("jouleprobe_host_energy_joules_total", source="rapl"): 5020.0,
+        series("jouleprobe_host_power_watts", source="rapl"): 100.0,
+        series("jouleprobe_host_read_errors_total"): 0,
+        series("jouleprobe_build_info", version="9.8.7"): 1,
+        series("jouleprobe_site_pue_ratio"): 1.2,
     }
     for gpu in ("0", "1"):  # every read took 2 ms: all three in the le=0.0025 bucket and above
         for bound in SAMPLE_DURATION_BUCKETS:
             le = f"{bound}" if bound < 1 else "1.0"
             count = 3 if bound >= 0.0025 else 0
-            expected[_key("jouleprobe_sample_duration_seconds_bucket", gpu=gpu, le=le)] = count
-        expected[_key("jouleprobe_sample_duration_seconds_bucket", gpu=gpu, le="+Inf")] = 3
-        expected[_key("jouleprobe_sample_duration_seconds_count", gpu=gpu)] = 3
-        expected[_key("jouleprobe_sample_duration_seconds_sum", gpu=gpu)] = pytest.approx(0.006)
+            expected[series("jouleprobe_sample_duration_seconds_bucket", gpu=gpu, le=le)] = count
+        expected[series("jouleprobe_sample_duration_seconds_bucket", gpu=gpu, le="+Inf")] = 3
+        expected[series("jouleprobe_sample_duration_seconds_count", gpu=gpu)] = 3
+        expected[series("jouleprobe_sample_duration_seconds_sum", gpu=gpu)] = pytest.approx(0.006)
     ours = {key: value for key, value in samples.items() if not key[0].startswith(
         "jouleprobe_process_")}
     assert ours == expected  # nothing missing, and no unknown gauge rendered as 0
     if sys.platform == "linux":  # the agent's own process metrics, where /proc exists
-        assert _key("jouleprobe_process_resident_memory_bytes") in samples
+        assert series("jouleprobe_process_resident_memory_bytes") in samples
 
 
 def test_failed_reads_keep_counters_and_drop_unknown_gauges(node: Node) -> None:
     node.gpu_source.queued[0].append(_lost(T0 + 0.3))
     node.sampler.sample_gpu(0)
-    samples = _samples(_exposition(node))
+    samples = exposed_samples(_exposition(node))
     g0 = {"gpu": "0", "uuid": "GPU-aaaa"}
-    assert samples[_key("jouleprobe_gpu_energy_joules_total", **g0)] == 60.0
-    assert samples[_key("jouleprobe_nvml_errors_total", **g0, call="energy", kind="GpuIsLost")] == 1
-    assert samples[_key("jouleprobe_gpu_samples_total", **g0)] == 4
-    assert samples[_key("jouleprobe_gpu_sample_age_seconds", **g0)] == pytest.approx(0.5)
-    assert _key("jouleprobe_gpu_power_watts", **g0) not in samples
-    assert _key("jouleprobe_gpu_temperature_celsius", **g0) not in samples
+    assert samples[series("jouleprobe_gpu_energy_joules_total", **g0)] == 60.0
+    lost = series("jouleprobe_nvml_errors_total", **g0, call="energy", kind="GpuIsLost")
+    assert samples[lost] == 1
+    assert samples[series("jouleprobe_gpu_samples_total", **g0)] == 4
+    assert samples[series("jouleprobe_gpu_sample_age_seconds", **g0)] == pytest.approx(0.5)
+    assert series("jouleprobe_gpu_power_watts", **g0) not in samples
+    assert series("jouleprobe_gpu_temperature_celsius", **g0) not in samples
 
 
 def test_a_counter_reset_is_a_gap_not_negative_energy(node: Node) -> None:
     node.gpu_source.queued[0].append(_h100(T0 + 0.3, 5.0))  # the driver reloaded
     node.sampler.sample_gpu(0)
-    samples = _samples(_exposition(node))
+    samples = exposed_samples(_exposition(node))
     g0 = {"gpu": "0", "uuid": "GPU-aaaa"}
-    assert samples[_key("jouleprobe_gpu_energy_joules_total", **g0)] == 60.0
-    assert samples[_key("jouleprobe_gpu_energy_gaps_total", **g0)] == 1
+    assert samples[series("jouleprobe_gpu_energy_joules_total", **g0)] == 60.0
+    assert samples[series("jouleprobe_gpu_energy_gaps_total", **g0)] == 1
 
 
 def test_one_snapshot_per_scrape(node: Node) -> None:
@@ -211,8 +205,8 @@ def test_added_producers_render_from_the_same_snapshot(node: Node) -> None:
 
     collector = NodeCollector(node.snapshot, pue=1.1, version="0")
     collector.add(extra)
-    samples = _samples(generate_latest(build_registry(collector)).decode())
-    assert samples[_key("jouleprobe_test_gpus")] == 2
+    samples = exposed_samples(generate_latest(build_registry(collector)).decode())
+    assert samples[series("jouleprobe_test_gpus")] == 2
     assert len(seen) == 1 and seen[0].time == node.now
 
 
@@ -261,7 +255,7 @@ def test_text_format_without_accept_header(node: Node) -> None:
     assert status == 200
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
     assert "# EOF" not in body.decode()
-    assert _samples(body.decode())[_key("jouleprobe_site_pue_ratio")] == 1.2
+    assert exposed_samples(body.decode())[series("jouleprobe_site_pue_ratio")] == 1.2
 
 
 def test_healthz_turns_503_with_a_reason_when_reads_fail(node: Node) -> None:

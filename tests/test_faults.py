@@ -26,8 +26,7 @@ from collections.abc import Callable
 import pytest
 from fake_pynvml import FakeNvml
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-from scripted import wait_until
+from scripted import Series, exposed_samples, wait_until
 from test_nvml_source import READING_FIELDS
 
 from agent.attribution import AttributionEngine
@@ -109,7 +108,7 @@ SITES = (
 FAULT_CASES = len(SITES) * len(ERROR_KINDS)
 """Cases of the matrix: 14 sites × 8 error kinds = 112."""
 
-MetricKey = tuple[str, frozenset[tuple[str, str]]]
+MetricKey = Series
 
 
 @dataclasses.dataclass
@@ -168,12 +167,7 @@ class FaultNode:
 
     def exposition(self) -> dict[MetricKey, float]:
         """The same, through the registry and the text format that Prometheus scrapes."""
-        text = generate_latest(build_registry(self.collector)).decode()
-        return {
-            (sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
+        return exposed_samples(generate_latest(build_registry(self.collector)).decode())
 
 
 def build_node(fake: FakeNvml, interval_s: float = INTERVAL_S) -> FaultNode:

@@ -29,8 +29,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
-from prometheus_client.parser import text_string_to_metric_families
-from scripted import ScriptedGpuSource, ScriptedHostSource, require_binary
+from scripted import (
+    ScriptedGpuSource,
+    ScriptedHostSource,
+    exposed_samples,
+    require_binary,
+    series,
+)
 
 from agent.attribution import (
     AttributionEngine,
@@ -139,95 +144,83 @@ def run() -> Run:
     return Run(sampler, engine, metrics, collector, pending_before, energies)
 
 
-def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def _key(metric: str, /, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
-    return metric, frozenset(labels.items())
-
-
 def _approx(value: float) -> Any:
     return pytest.approx(value, rel=1e-9, abs=1e-9)
 
 
 def test_per_model_requests_energy_tokens_and_histogram(run: Run) -> None:
-    samples = _samples(run.text())
-    assert samples[_key("jouleprobe_requests_total", model="llama")] == 2
-    assert samples[_key("jouleprobe_requests_total", model="mistral")] == 1
+    samples = exposed_samples(run.text())
+    assert samples[series("jouleprobe_requests_total", model="llama")] == 2
+    assert samples[series("jouleprobe_requests_total", model="mistral")] == 1
     for model, components in BY_MODEL.items():
         for component, joules in components.items():
-            key = _key("jouleprobe_request_energy_joules_total", model=model, component=component)
+            key = series("jouleprobe_request_energy_joules_total", model=model, component=component)
             assert samples[key] == _approx(joules), (model, component)
     assert not any(labels and dict(labels).get("component") == "facility"
                    for _, labels in samples)
-    assert samples[_key("jouleprobe_request_tokens_total", model="llama", kind="prompt")] == 110
-    assert samples[_key("jouleprobe_request_tokens_total", model="llama", kind="completion")] \
+    assert samples[series("jouleprobe_request_tokens_total", model="llama", kind="prompt")] == 110
+    assert samples[series("jouleprobe_request_tokens_total", model="llama", kind="completion")] \
         == 250
-    assert samples[_key("jouleprobe_request_tokens_total", model="mistral", kind="prompt")] == 0
+    assert samples[series("jouleprobe_request_tokens_total", model="mistral", kind="prompt")] == 0
 
     it = {model: sum(components.values()) for model, components in BY_MODEL.items()}
-    assert samples[_key("jouleprobe_request_it_energy_joules_sum", model="llama")] == _approx(
+    assert samples[series("jouleprobe_request_it_energy_joules_sum", model="llama")] == _approx(
         it["llama"])
-    assert samples[_key("jouleprobe_request_it_energy_joules_count", model="mistral")] == 1
+    assert samples[series("jouleprobe_request_it_energy_joules_count", model="mistral")] == 1
     r1_it, r2_it = sum(R1.values()), sum(R2.values())  # 258.3 J and 783.3 J
     for bound in ENERGY_BUCKETS_J:
         expected = (r1_it <= bound) + (r2_it <= bound)
         le = repr(bound)
-        assert samples[_key("jouleprobe_request_it_energy_joules_bucket", model="llama", le=le)] \
+        assert samples[series("jouleprobe_request_it_energy_joules_bucket", model="llama", le=le)] \
             == expected, bound
     assert samples[
-        _key("jouleprobe_request_it_energy_joules_bucket", model="llama", le="+Inf")] == 2
+        series("jouleprobe_request_it_energy_joules_bucket", model="llama", le="+Inf")] == 2
 
 
 def test_per_gpu_attributed_plus_unattributed_is_the_measured_energy(run: Run) -> None:
-    samples = _samples(run.text())
+    samples = exposed_samples(run.text())
     totals = run.engine.totals()
     for info in GPUS:
         labels = {"gpu": str(info.index), "uuid": info.uuid}
         attributed = sum(
-            samples[_key("jouleprobe_gpu_attributed_energy_joules_total", **labels,
+            samples[series("jouleprobe_gpu_attributed_energy_joules_total", **labels,
                          component=component)]
             for component in ("gpu_dynamic", "gpu_static")
         )
-        unattributed = samples[_key("jouleprobe_gpu_unattributed_energy_joules_total", **labels)]
-        measured = samples[_key("jouleprobe_gpu_energy_joules_total", **labels)]
+        unattributed = samples[series("jouleprobe_gpu_unattributed_energy_joules_total", **labels)]
+        measured = samples[series("jouleprobe_gpu_energy_joules_total", **labels)]
         assert measured == POWER_W[info.index] * 10  # 10 s of constant power
         assert attributed + unattributed == _approx(measured)
         assert attributed + unattributed == _approx(totals.gpus[info.index].measured_j)
     # what GPUs credited equals what the requests received, summed over models
     for component in ("gpu_dynamic", "gpu_static"):
-        by_gpu = sum(samples[_key("jouleprobe_gpu_attributed_energy_joules_total",
+        by_gpu = sum(samples[series("jouleprobe_gpu_attributed_energy_joules_total",
                                   gpu=str(i.index), uuid=i.uuid, component=component)]
                      for i in GPUS)
-        by_model = sum(samples[_key("jouleprobe_request_energy_joules_total", model=model,
+        by_model = sum(samples[series("jouleprobe_request_energy_joules_total", model=model,
                                     component=component)] for model in BY_MODEL)
         assert by_gpu == _approx(by_model)
-    assert samples[_key("jouleprobe_gpu_unattributed_energy_joules_total", gpu="0",
+    assert samples[series("jouleprobe_gpu_unattributed_energy_joules_total", gpu="0",
                         uuid="GPU-aaaa")] == _approx(500.0)  # [0,1) and [6,10) at 100 W
-    host_attributed = samples[_key("jouleprobe_host_attributed_energy_joules_total")]
-    host_unattributed = samples[_key("jouleprobe_host_unattributed_energy_joules_total")]
+    host_attributed = samples[series("jouleprobe_host_attributed_energy_joules_total")]
+    host_unattributed = samples[series("jouleprobe_host_unattributed_energy_joules_total")]
     assert host_unattributed == _approx(25.0)
     assert host_attributed + host_unattributed == _approx(HOST_W * 10)
     # GPU 0's idle baseline is configured; GPU 1 has none yet, so no series rather than 0
-    assert samples[_key("jouleprobe_gpu_idle_power_watts", gpu="0", uuid="GPU-aaaa")] == 50.0
-    assert _key("jouleprobe_gpu_idle_power_watts", gpu="1", uuid="GPU-bbbb") not in samples
+    assert samples[series("jouleprobe_gpu_idle_power_watts", gpu="0", uuid="GPU-aaaa")] == 50.0
+    assert series("jouleprobe_gpu_idle_power_watts", gpu="1", uuid="GPU-bbbb") not in samples
 
 
 def test_engine_counters(run: Run) -> None:
-    before, after = _samples(run.pending_before), _samples(run.text())
-    assert before[_key("jouleprobe_requests_pending")] == 3
+    before, after = exposed_samples(run.pending_before), exposed_samples(run.text())
+    assert before[series("jouleprobe_requests_pending")] == 3
     assert not any(name == "jouleprobe_requests_total" for name, _ in before)
-    assert after[_key("jouleprobe_requests_pending")] == 0
-    assert after[_key("jouleprobe_requests_rejected_total", reason="unknown_gpu")] == 1
-    assert after[_key("jouleprobe_requests_rejected_total", reason="over_capacity")] == 1
-    assert after[_key("jouleprobe_requests_late_total")] == 0
-    assert after[_key("jouleprobe_requests_expired_total")] == 0
-    assert after[_key("jouleprobe_request_ends_unmatched_total")] == 0
+    assert after[series("jouleprobe_requests_pending")] == 0
+    assert after[series("jouleprobe_requests_rejected_total", reason="unknown_gpu")] == 1
+    assert after[series("jouleprobe_requests_rejected_total", reason="over_capacity")] == 1
+    assert after[series("jouleprobe_requests_late_total")] == 0
+    assert after[series("jouleprobe_requests_expired_total")] == 0
+    assert after[series("jouleprobe_request_ends_unmatched_total")] == 0
 
 
 _EXEMPLAR = re.compile(
@@ -274,25 +267,25 @@ def _energy(request_id: str, model: str, it_j: float) -> RequestEnergy:
 
 
 def test_counters_come_from_the_engine_totals_as_they_are() -> None:
-    samples = _samples(_render(RequestMetrics(_totals)))
-    assert samples[_key("jouleprobe_requests_pending")] == 4
-    assert samples[_key("jouleprobe_requests_late_total")] == 2
-    assert samples[_key("jouleprobe_requests_expired_total")] == 1
-    assert samples[_key("jouleprobe_requests_rejected_total", reason="unknown_gpu")] == 3
-    assert samples[_key("jouleprobe_requests_rejected_total", reason="over_capacity")] == 5
-    assert samples[_key("jouleprobe_request_ends_unmatched_total")] == 6
-    assert samples[_key("jouleprobe_gpu_idle_power_watts", gpu="1", uuid="GPU-bbbb")] == 80.0
-    assert _key("jouleprobe_gpu_idle_power_watts", gpu="0", uuid="GPU-aaaa") not in samples
-    assert samples[_key("jouleprobe_gpu_attributed_energy_joules_total", gpu="0",
+    samples = exposed_samples(_render(RequestMetrics(_totals)))
+    assert samples[series("jouleprobe_requests_pending")] == 4
+    assert samples[series("jouleprobe_requests_late_total")] == 2
+    assert samples[series("jouleprobe_requests_expired_total")] == 1
+    assert samples[series("jouleprobe_requests_rejected_total", reason="unknown_gpu")] == 3
+    assert samples[series("jouleprobe_requests_rejected_total", reason="over_capacity")] == 5
+    assert samples[series("jouleprobe_request_ends_unmatched_total")] == 6
+    assert samples[series("jouleprobe_gpu_idle_power_watts", gpu="1", uuid="GPU-bbbb")] == 80.0
+    assert series("jouleprobe_gpu_idle_power_watts", gpu="0", uuid="GPU-aaaa") not in samples
+    assert samples[series("jouleprobe_gpu_attributed_energy_joules_total", gpu="0",
                         uuid="GPU-aaaa", component="gpu_static")] == 2.0
     # no host timeline: no host series, not zeros
     assert not any(name.startswith("jouleprobe_host_") for name, _ in samples)
 
-    with_host = _samples(_render(RequestMetrics(
+    with_host = exposed_samples(_render(RequestMetrics(
         lambda: _totals(host=HostTotals(attributed_j=7.0, unattributed_j=8.0, measured_j=15.0))
     )))
-    assert with_host[_key("jouleprobe_host_attributed_energy_joules_total")] == 7.0
-    assert with_host[_key("jouleprobe_host_unattributed_energy_joules_total")] == 8.0
+    assert with_host[series("jouleprobe_host_attributed_energy_joules_total")] == 7.0
+    assert with_host[series("jouleprobe_host_unattributed_energy_joules_total")] == 8.0
 
 
 def test_each_bucket_keeps_the_exemplar_of_its_latest_request() -> None:
@@ -303,9 +296,9 @@ def test_each_bucket_keeps_the_exemplar_of_its_latest_request() -> None:
     lines = _render(metrics, generate_openmetrics).splitlines()
     exemplars = {match[1]: match[3] for line in lines if (match := _EXEMPLAR.match(line))}
     assert exemplars == {"500.0": "second", "5.0": "other-bucket"}
-    samples = _samples(_render(metrics))
-    assert samples[_key("jouleprobe_request_it_energy_joules_bucket", model="m", le="0.1")] == 1
-    assert samples[_key("jouleprobe_requests_total", model="m")] == 4  # the long id counts
+    samples = exposed_samples(_render(metrics))
+    assert samples[series("jouleprobe_request_it_energy_joules_bucket", model="m", le="0.1")] == 1
+    assert samples[series("jouleprobe_requests_total", model="m")] == 4  # the long id counts
 
 
 def test_models_past_the_cap_are_folded_into_other(caplog: pytest.LogCaptureFixture) -> None:
@@ -314,12 +307,12 @@ def test_models_past_the_cap_are_folded_into_other(caplog: pytest.LogCaptureFixt
         metrics.observe([_energy("1", "a", 1.0), _energy("2", "b", 1.0)])
         metrics.observe([_energy("3", "c", 1.0), _energy("4", "d", 2.0), _energy("5", "a", 1.0)])
         metrics.observe([_energy("6", "e", 1.0)])
-    samples = _samples(_render(metrics))
+    samples = exposed_samples(_render(metrics))
     requests = {dict(labels)["model"]: value for (name, labels), value in samples.items()
                 if name == "jouleprobe_requests_total"}
     assert requests == {"a": 2, "b": 1, OTHER_MODEL: 3}
-    assert samples[_key("jouleprobe_request_it_energy_joules_sum", model=OTHER_MODEL)] == 4.0
-    assert samples[_key("jouleprobe_request_tokens_total", model=OTHER_MODEL, kind="prompt")] == 9
+    assert samples[series("jouleprobe_request_it_energy_joules_sum", model=OTHER_MODEL)] == 4.0
+    assert samples[series("jouleprobe_request_tokens_total", model=OTHER_MODEL, kind="prompt")] == 9
     assert len([r for r in caplog.records if "models" in r.getMessage()]) == 1  # warned once
     with pytest.raises(ValueError, match="max_models"):
         RequestMetrics(_totals, max_models=0)
@@ -444,6 +437,6 @@ def test_prefill_weight_gauge_shows_the_weight_in_use() -> None:
     for engine, expected in ((fixed, 0.5), (by_time, None)):
         collector = NodeCollector(sampler.snapshot, pue=1.2, version="0")
         collector.add(RequestMetrics(engine.totals).families)
-        samples = _samples(generate_latest(build_registry(collector)).decode())
-        key = _key("jouleprobe_gpu_prefill_weight_ratio", gpu="0", uuid="GPU-aaaa")
+        samples = exposed_samples(generate_latest(build_registry(collector)).decode())
+        key = series("jouleprobe_gpu_prefill_weight_ratio", gpu="0", uuid="GPU-aaaa")
         assert samples.get(key) == expected
