@@ -5,7 +5,7 @@ fresh engine per case holding requests accepted earlier; a smaller number go thr
 HTTP to the aiohttp app, where the body size limit and the answer's encoding come in.
 Cases per run (max_examples, all with deadline=None): 1,500 arbitrary JSON documents,
 1,000 arbitrary byte strings, 4,000 batches of mutated events, 300 bodies over HTTP: 6,800.
-With tests/test_fuzz_config.py's 4,300, the suite generates 11,100 cases.
+With tests/fuzz/test_fuzz_config.py's 4,300, the suite generates 11,100 cases.
 
 The properties:
 - the answer is 200, 400 or 429 (413 over HTTP for a body too large), JSON, naming each

@@ -27,7 +27,7 @@ import pytest
 from fake_pynvml import FakeNvml
 from prometheus_client import generate_latest
 from scripted import Series, exposed_samples, wait_until
-from test_nvml_source import READING_FIELDS
+from test_nvml import READING_FIELDS
 
 from agent.attribution import AttributionEngine
 from agent.devices.nvml import NvmlGpuSource
