@@ -77,7 +77,8 @@ class BoundaryEnergy:
 
 @dataclass(frozen=True, slots=True)
 class RequestEnergy(BoundaryEnergy):
-    """The final energy figures of one request, in joules, at the boundaries of DESIGN.md §2."""
+    """The final energy figures of one request, in joules, at the four boundaries
+    (docs/design.md §3)."""
 
     request: Request
     gpu_dynamic_j: float

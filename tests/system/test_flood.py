@@ -322,7 +322,7 @@ def test_off_loopback_only_the_token_gets_in_and_metrics_carry_no_request_conten
             assert secret not in text
         openmetrics = http_get_with(f"http://{metrics_address}/metrics",
                                 {"Accept": "application/openmetrics-text; version=1.0.0"})
-        # OpenMetrics carries exemplars (DESIGN.md §6: ids as exemplars, never as labels):
+        # OpenMetrics carries exemplars (docs/design.md §8: ids as exemplars, never as labels):
         # an id may appear only there, after the sample's " # ".
         exemplars = 0
         for line in openmetrics.splitlines():
