@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import pytest
 from aiohttp import web
@@ -199,12 +199,15 @@ def scraper(url: str, kind: str, clock: Clock, metrics: WindowMetrics,
     )
 
 
-def samples(metrics: WindowMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in metrics.families(None):  # type: ignore[arg-type]  # the snapshot is unused
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
+def samples(metrics: WindowMetrics) -> CollectorRegistry:
+    """A registry rendering `metrics`, to read with `get_sample_value`."""
+    class Collector:
+        def collect(self) -> Iterator[Metric]:
+            return metrics.families(None)  # type: ignore[arg-type]  # the snapshot is unused
+
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(Collector())  # type: ignore[arg-type]
+    return registry
 
 
 class Sink:
@@ -235,13 +238,13 @@ def test_two_scrapes_of_a_real_server_give_one_window() -> None:
 
     asyncio.run(serving([fixture("vllm_1.txt"), fixture("vllm_2.txt")], None, test))
     got = samples(metrics)
-    labels = (("model", LLAMA), ("source", "scrape:vllm"))
-    assert got[("jouleprobe_window_requests_total", labels)] == 20
-    assert got[("jouleprobe_window_energy_joules_total",
-                (("component", "gpu_static"), *labels))] == pytest.approx(500.0)
-    assert got[("jouleprobe_window_tokens_total",
-                (("kind", "completion"), *labels))] == 8000
-    assert got[("jouleprobe_scrapes_total", (("source", "scrape:vllm"),))] == 2
+    labels = {"model": LLAMA, "source": "scrape:vllm"}
+    assert got.get_sample_value("jouleprobe_window_requests_total", labels) == 20
+    assert got.get_sample_value("jouleprobe_window_energy_joules_total",
+                                {"component": "gpu_static", **labels}) == pytest.approx(500.0)
+    assert got.get_sample_value("jouleprobe_window_tokens_total",
+                                {"kind": "completion", **labels}) == 8000
+    assert got.get_sample_value("jouleprobe_scrapes_total", {"source": "scrape:vllm"}) == 2
 
 
 def test_a_window_waits_until_the_sampler_has_passed_its_end() -> None:
@@ -293,8 +296,8 @@ def test_an_unreachable_server_is_counted_and_logged_once(
 
     asyncio.run(test())
     got = samples(metrics)
-    assert got[("jouleprobe_scrape_errors_total",
-                (("kind", "connect"), ("source", "scrape:llamacpp")))] == 2
+    assert got.get_sample_value("jouleprobe_scrape_errors_total",
+                                {"kind": "connect", "source": "scrape:llamacpp"}) == 2
     assert len([r for r in caplog.records if "scrape failed" in r.getMessage()]) == 1
 
 
@@ -309,9 +312,10 @@ def test_answers_that_are_not_metrics_are_failed_scrapes() -> None:
 
     asyncio.run(serving(["<html><body>Not the metrics</body></html>\n"], None, test))
     got = samples(metrics)
-    source = ("source", "scrape:vllm")
-    assert got[("jouleprobe_scrape_errors_total", (("kind", "parse"), source))] == 1
-    assert got[("jouleprobe_scrape_errors_total", (("kind", "http_status"), source))] == 1
+    source = "scrape:vllm"
+    errors = "jouleprobe_scrape_errors_total"
+    assert got.get_sample_value(errors, {"kind": "parse", "source": source}) == 1
+    assert got.get_sample_value(errors, {"kind": "http_status", "source": source}) == 1
 
 
 def test_windows_with_unknown_gpus_are_dropped_whole() -> None:
@@ -329,9 +333,10 @@ def test_windows_with_unknown_gpus_are_dropped_whole() -> None:
 
     asyncio.run(serving([fixture("vllm_1.txt"), fixture("vllm_2.txt")], None, test))
     got = samples(metrics)
-    assert got[("jouleprobe_scrape_errors_total",
-                (("kind", "gpus"), ("source", "scrape:vllm")))] == 1
-    assert not any(name == "jouleprobe_window_requests_total" for name, _ in got)
+    assert got.get_sample_value("jouleprobe_scrape_errors_total",
+                                {"kind": "gpus", "source": "scrape:vllm"}) == 1
+    assert not any(sample.name == "jouleprobe_window_requests_total"
+                   for family in got.collect() for sample in family.samples)
 
 
 # --- the exposition ------------------------------------------------------------------------
