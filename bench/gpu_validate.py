@@ -14,8 +14,11 @@ again after every step, so a run cut short leaves what it had:
    different lengths, some under 100 ms, on the GPU where torch is there), the energy of
    the counter against integrating the instant power field at 100 Hz and at 10 Hz, and
    `nvmlDeviceGetPowerUsage` at 10 Hz;
-3. generation: per-request energy of a real model behind the proxy. NOT YET IMPLEMENTED:
-   the report says so rather than leaving the step out;
+3. generation: a real decoder (`bench/generation_server.py`: ~1 B parameters on CUDA, a
+   tiny numpy one on the CPU) served with continuous batching behind the jouleprobe proxy,
+   at concurrency 1, 8 and 32 (one model name per level): Wh/query and J/token at each
+   boundary from the agent's own record store, the learned idle power and prefill weight,
+   and conservation (attributed + unattributed against the energy measured);
 4. sampler: the agent's Sampler on every GPU at 10 Hz against a bare loop making the same
    reads, as CPU seconds per wall second of this process.
 
@@ -28,6 +31,7 @@ simulated.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import math
@@ -45,8 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FI_DEV_POWER_AVERAGE = 185
 FI_DEV_POWER_INSTANT = 186
 
-GPU_BUDGET = {"board": 60.0, "integration": 120.0, "sampler": 60.0}
-CPU_BUDGET = {"board": 3.0, "integration": 3.0, "sampler": 2.0}
+GPU_BUDGET = {"board": 40.0, "integration": 90.0, "generation": 240.0, "sampler": 40.0}
+CPU_BUDGET = {"board": 2.0, "integration": 3.0, "generation": 12.0, "sampler": 2.0}
 """Seconds each step may take; the whole GPU run stays under 8 minutes."""
 
 
@@ -141,14 +145,20 @@ def board(nvml: ModuleType, handles: list[Any], seconds: float) -> dict[str, Any
     }
 
 
-def _gpu_load(seconds: float) -> Callable[[], None] | None:
-    """Matrix-multiplication bursts of 30 ms to 1.2 s on GPU 0, or None without torch/CUDA."""
+def _cuda() -> bool:
+    """Whether torch is installed and sees a CUDA device."""
     try:
         import torch
     except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _gpu_load(seconds: float) -> Callable[[], None] | None:
+    """Matrix-multiplication bursts of 30 ms to 1.2 s on GPU 0, or None without torch/CUDA."""
+    if not _cuda():
         return None
-    if not torch.cuda.is_available():
-        return None
+    import torch
 
     def run() -> None:
         a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
@@ -206,6 +216,92 @@ def integration(nvml: ModuleType, handle: Any, seconds: float) -> dict[str, Any]
         results[key.replace("_j", "_vs_counter")] = (
             None if value is None or not counter_j else value / counter_j - 1)
     return results
+
+
+CONCURRENCY = (1, 8, 32)
+
+
+async def generation(workdir: Path, seconds: float) -> dict[str, Any]:
+    """Requests at each concurrency through the proxy into the batching server, attributed
+    by a Node on NVML; the per-level figures come from the node's record store."""
+    import aiohttp
+
+    from agent.app.daemon import attribute_periodically, start_site
+    from agent.app.node import Node
+    from agent.config import ProxyTable, load
+    from agent.devices.nvml import NvmlGpuSource
+    from agent.intake.proxy import RUNNER_OPTIONS, proxy_app
+    from agent.report import run_report
+    from bench.generation_server import BatchingServer, build_model
+
+    store = workdir / "gpu-validation.db"
+    store.unlink(missing_ok=True)
+    config = load(None, environ={}, overrides={
+        "records.path": str(store), "attribution.settle": 0.5, "records.flush_interval": 0.2})
+    source = NvmlGpuSource.open()
+    model = build_model(_cuda())
+    node = Node(config, source, None)
+    node.start()
+    server = BatchingServer(model)
+    runners = [await start_site(server.app(), "127.0.0.1:0", "model server")]
+    upstream = f"http://127.0.0.1:{runners[0].addresses[0][1]}"
+    table = ProxyTable(name="validate", listen="127.0.0.1:0", upstream=upstream, gpus=(0,))
+    runners.append(await start_site(proxy_app(table, node.engine, lambda: (0,)),
+                                    table.listen, "proxy", **RUNNER_OPTIONS))
+    proxy = f"http://127.0.0.1:{runners[1].addresses[0][1]}"
+    attribution = asyncio.create_task(attribute_periodically(node))
+    sent: dict[int, int] = {}
+    try:
+        await asyncio.sleep(min(5.0, seconds / 8))  # idle, so the idle power is learned
+        async with aiohttp.ClientSession() as session:
+            for level in CONCURRENCY:
+                end = time.monotonic() + (seconds * 0.8 - min(5.0, seconds / 8)) / len(
+                    CONCURRENCY)
+                count = [0]
+
+                async def client(i: int, level: int = level, end: float = end,
+                                 count: list[int] = count) -> None:
+                    while time.monotonic() < end:
+                        body = {"model": f"concurrency-{level}", "stream": i % 2 == 0,
+                                "max_tokens": 24 + 8 * (i % 3),
+                                "messages": [{"role": "user",
+                                              "content": "joules " * (4 + 6 * (i % 4))}]}
+                        async with session.post(f"{proxy}/v1/chat/completions",
+                                                json=body) as response:
+                            await response.read()
+                            response.raise_for_status()
+                        count[0] += 1
+                await asyncio.gather(*(client(i) for i in range(level)))
+                sent[level] = count[0]
+    finally:
+        attribution.cancel()
+        for runner in reversed(runners):
+            await runner.cleanup()
+    await asyncio.to_thread(node.drain)
+    totals = node.engine.totals()
+    report = json.loads(run_report(str(store), None, "json", None))
+    levels = []
+    for entry in sorted(report.get("models", []), key=lambda m: int(m["model"].split("-")[1])):
+        wh = entry["wh_per_query"]
+        levels.append({
+            "level": entry["model"], "requests": entry["requests"],
+            **{f"wh_per_query_{boundary}_mean": wh[boundary]["mean"] for boundary in wh},
+            "wh_per_query_it_p90": wh["it"]["p90"],
+            "gpu_j_per_completion_token": entry["gpu_j_per_completion_token"],
+            "it_j_per_token_all": entry["it_j_per_token_all"],
+        })
+    gpu0 = totals.gpus[0]
+    accounted = gpu0.gpu_dynamic_j + gpu0.gpu_static_j + gpu0.unattributed_j
+    return {
+        "model": model.name, "requests_sent": sent,
+        "host": "not measured in this step: IT energy here is GPU energy",
+        "mean_batch": sum(server.batch_sizes) / max(1, len(server.batch_sizes)),
+        "idle_power_w": gpu0.idle_power_w, "prefill_weight": gpu0.prefill_weight,
+        "measured_j": gpu0.measured_j, "accounted_j": accounted,
+        "conservation_rel_error": abs(accounted - gpu0.measured_j) / gpu0.measured_j
+        if gpu0.measured_j else None,
+        "levels": levels,
+    }
 
 
 def sampler_cost(seconds: float) -> dict[str, Any]:
@@ -299,8 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             ("2. counter vs power integration",
              lambda: integration(nvml, handles[0], budget["integration"])),
             ("3. per-request energy of real generation",
-             lambda: {"skipped": "Not implemented yet: the model server and the runs at "
-                                 "concurrency 1, 8 and 32 are the open part of issue 19."}),
+             lambda: asyncio.run(generation(args.out.parent, budget["generation"]))),
             ("4. sampler cost", lambda: sampler_cost(budget["sampler"])),
         ]
         for name, step in steps:
