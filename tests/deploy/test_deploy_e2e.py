@@ -67,8 +67,6 @@ class Agent:
     ingest: str
 
 
-
-
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
     """An agent on two simulated H100s that settles requests quickly."""

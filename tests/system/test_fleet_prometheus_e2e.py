@@ -148,8 +148,6 @@ def _records(path: Path) -> list[tuple[str, float]]:
     return [(row[0], row[1]) for row in rows]
 
 
-
-
 def _run_load(agents: list[Agent], prefix: str, seconds: float) -> int:
     counts = [0] * len(agents)
 

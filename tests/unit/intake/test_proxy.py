@@ -99,7 +99,6 @@ def finals(servers: Servers, engine: AttributionEngine) -> list[RequestEnergy]:
     return sorted(engine.advance(time.monotonic() + 2_000), key=lambda e: e.request.start)
 
 
-
 # --- the openai client sees the same answers -----------------------------------------------
 
 
