@@ -9,11 +9,11 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from scripted import (
     FIXTURES,
     ROOT,
     agent_env,
+    exposed_samples,
     free_port,
     http_get,
     serve_app,
@@ -73,10 +73,9 @@ def test_a_configured_scraper_exports_and_records_window_figures(
             """The model's samples of `name`, by component (or "" without one)."""
             text = http_get(f"http://{address}/metrics")[1].decode()
             return {
-                sample.labels.get("component", ""): sample.value
-                for family in text_string_to_metric_families(text)
-                for sample in family.samples
-                if sample.name == name and sample.labels.get("model") == MODEL
+                dict(labels).get("component", ""): value
+                for (sample, labels), value in exposed_samples(text).items()
+                if sample == name and ("model", MODEL) in labels
             }
 
         def window_requests() -> float:
