@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from scripted import (
     ROOT,
     agent_env,
+    exposed_samples,
     free_port,
     http_get,
     require_binary,
@@ -92,11 +92,12 @@ class Agent:
     def metric(self, name: str) -> dict[str, float]:
         """The samples of one metric on /metrics, by their `gpu` (or `model`) label."""
         text = http_get(f"http://{self.listen}/metrics")[1].decode()
-        return {
-            sample.labels.get("gpu", sample.labels.get("model", "")): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples
-            if sample.name == name
-        }
+        found = {}
+        for (sample, labelset), value in exposed_samples(text).items():
+            if sample == name:
+                labels = dict(labelset)
+                found[labels.get("gpu", labels.get("model", ""))] = value
+        return found
 
     def stop(self, signum: int = signal.SIGTERM) -> int:
         self.proc.send_signal(signum)
