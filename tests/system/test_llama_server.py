@@ -1,0 +1,101 @@
+"""A real llama.cpp `llama-server` (tests/llama_server.py) running a tiny random-weight model:
+what it sends at the end of a stream, the facts the proxy has to keep (issue 14)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import llama_server
+import pytest
+from scripted import free_port, require_module, wait_until
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    require_module("gguf")
+    binary = llama_server.binary()
+    if not binary.is_file():
+        reason = f"llama-server is not built: run `python tests/llama_server.py` ({binary})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: {reason}")
+        pytest.skip(reason)
+    folder = tmp_path_factory.mktemp("llama")
+    model = llama_server.write_model(folder / "tiny.gguf")
+    port = free_port()
+    with (folder / "server.log").open("wb") as log:
+        process = subprocess.Popen(
+            [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+             "--metrics", "-c", "1024", "--threads", "1"], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _healthy(base), "llama-server answers /health", timeout_s=60)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _healthy(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=2) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
+def _stream(base: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    request = urllib.request.Request(
+        f"{base}/v1/chat/completions", data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        events = answer.read().decode().split("\n\n")
+    data = [event.removeprefix("data: ") for event in events if event.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(chunk) for chunk in data[:-1]]
+
+
+BODY = {"messages": [{"role": "user", "content": "what does a query cost?"}],
+        "max_tokens": 6, "temperature": 0, "seed": 1}
+
+
+def test_an_unasked_stream_ends_with_timings_on_its_finish_chunk(server: str) -> None:
+    chunks = _stream(server, BODY)
+    last = chunks[-1]
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert "usage" not in last
+    assert last["timings"]["predicted_n"] == 6
+    assert all("timings" not in chunk for chunk in chunks[:-1])
+
+
+def test_include_usage_moves_the_timings_onto_the_usage_chunk(server: str) -> None:
+    """What the proxy must undo when it asks for usage on a client's behalf: the server then
+    puts `timings` on the added usage chunk, not on the finish chunk the client would get."""
+    chunks = _stream(server, {**BODY, "stream_options": {"include_usage": True}})
+    finish, usage = chunks[-2], chunks[-1]
+    assert finish["choices"][0]["finish_reason"] == "length" and "timings" not in finish
+    assert usage["choices"] == []
+    assert usage["usage"]["completion_tokens"] == usage["timings"]["predicted_n"] == 6
+    assert list(usage)[-2:] == ["usage", "timings"]
+
+
+def test_usage_counts_equal_the_servers_timings(server: str) -> None:
+    request = urllib.request.Request(
+        f"{server}/v1/chat/completions", data=json.dumps(BODY).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        document = json.load(answer)
+    usage, timings = document["usage"], document["timings"]
+    assert usage["completion_tokens"] == timings["predicted_n"] == 6
+    assert usage["prompt_tokens"] == timings["prompt_n"] + timings["cache_n"]
+
+
+def test_the_model_file_is_deterministic(tmp_path: Path) -> None:
+    require_module("gguf")
+    first = llama_server.write_model(tmp_path / "a.gguf").read_bytes()
+    assert first == llama_server.write_model(tmp_path / "b.gguf").read_bytes()
