@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from aiohttp import web
@@ -83,12 +83,16 @@ def require_binary(binary: str) -> str:
     """The binary's path; skip where it is missing, except under CI where that fails."""
     path = shutil.which(binary)
     if path is None:
-        reason = f"{binary} is not installed (Debian/Ubuntu: apt-get install prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true: {reason}")
-        print(f"skipping: {reason}")
-        pytest.skip(reason)
+        missing(f"{binary} is not installed (Debian/Ubuntu: apt-get install prometheus)")
     return path
+
+
+def missing(reason: str) -> NoReturn:
+    """Skips the test for `reason` (printed), except under CI, where it fails."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true: {reason}")
+    print(f"skipping: {reason}")
+    pytest.skip(reason)
 
 
 def require_module(name: str) -> ModuleType:

@@ -4,7 +4,6 @@ what it sends at the end of a stream, the facts the proxy has to keep (issue 14)
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from typing import Any
 
 import llama_server
 import pytest
-from scripted import free_port, require_module, wait_until
+from scripted import free_port, missing, require_module, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +20,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     require_module("gguf")
     binary = llama_server.binary()
     if not binary.is_file():
-        reason = f"llama-server is not built: run `python tests/llama_server.py` ({binary})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true: {reason}")
-        pytest.skip(reason)
+        missing(f"llama-server is not built: run `python tests/llama_server.py` ({binary})")
     folder = tmp_path_factory.mktemp("llama")
     model = llama_server.write_model(folder / "tiny.gguf")
     port = free_port()
@@ -49,12 +45,16 @@ def _healthy(base: str) -> bool:
         return False
 
 
-def _stream(base: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+def _chat(base: str, body: dict[str, Any]) -> bytes:
     request = urllib.request.Request(
-        f"{base}/v1/chat/completions", data=json.dumps({**body, "stream": True}).encode(),
+        f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as answer:
-        events = answer.read().decode().split("\n\n")
+        return bytes(answer.read())
+
+
+def _stream(base: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    events = _chat(base, {**body, "stream": True}).decode().split("\n\n")
     data = [event.removeprefix("data: ") for event in events if event.startswith("data: ")]
     assert data[-1] == "[DONE]"
     return [json.loads(chunk) for chunk in data[:-1]]
@@ -85,11 +85,7 @@ def test_include_usage_moves_the_timings_onto_the_usage_chunk(server: str) -> No
 
 
 def test_usage_counts_equal_the_servers_timings(server: str) -> None:
-    request = urllib.request.Request(
-        f"{server}/v1/chat/completions", data=json.dumps(BODY).encode(),
-        headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        document = json.load(answer)
+    document = json.loads(_chat(server, BODY))
     usage, timings = document["usage"], document["timings"]
     assert usage["completion_tokens"] == timings["predicted_n"] == 6
     assert usage["prompt_tokens"] == timings["prompt_n"] + timings["cache_n"]
