@@ -37,6 +37,13 @@ class Request:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     status: RequestStatus = "ok"
+    scheduled: float | None = None
+    """When the server began to work on it, where the server says (llama.cpp `timings`,
+    Ollama's durations): the time before it was queued in the server and gets no energy.
+    None: taken to be `start`."""
+    tokens_estimated: bool = False
+    """The token counts are the intake's estimate (content chunks counted), not the
+    server's own figures."""
 
     def __post_init__(self) -> None:
         if not self.gpus:
@@ -50,6 +57,9 @@ class Request:
         latest = self.end if self.end is not None else math.inf
         if self.first_token is not None and not self.start <= self.first_token <= latest:
             raise ValueError(f"request {self.id!r}: first token outside its lifetime")
+        if self.scheduled is not None and not self.start <= self.scheduled <= min(
+                latest, math.inf if self.first_token is None else self.first_token):
+            raise ValueError(f"request {self.id!r}: scheduled outside [start, first token]")
         for name in ("prompt_tokens", "completion_tokens"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_TOKENS:

@@ -41,6 +41,13 @@ class ProxyMetrics:
             "Upstream failures: unreachable (502) or timeout (504, or cut off mid-answer).",
             labels=("proxy", "kind"),
         )
+        asks = GaugeMetricFamily(
+            "jouleprobe_proxy_asks_for_usage",
+            "1 where the proxy asks the upstream for include_usage on streams that did not "
+            "(learnt: the upstream's streams report no token counts unasked), 0 where it "
+            "learnt that they do; absent until the first such stream has ended.",
+            labels=("proxy", "endpoint"),
+        )
         for name, stats in sorted(self._stats.items()):
             for status in ("ok", "failed", "cancelled"):
                 requests.add_metric([name, status], getattr(stats, status))
@@ -49,4 +56,6 @@ class ProxyMetrics:
             busy.add_metric([name], stats.busy)
             upstream.add_metric([name, "unreachable"], stats.upstream_unreachable)
             upstream.add_metric([name, "timeout"], stats.upstream_timeouts)
-        yield from (requests, running, refused, busy, upstream)
+            for endpoint, reported in sorted(stats.counts_unasked.items()):
+                asks.add_metric([name, endpoint], 0 if reported else 1)
+        yield from (requests, running, refused, busy, upstream, asks)

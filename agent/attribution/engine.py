@@ -209,6 +209,8 @@ class AttributionEngine:
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
         status: RequestStatus = "ok",
+        scheduled: float | None = None,
+        tokens_estimated: bool = False,
     ) -> bool:
         """Close an open request. Fields left None keep what `add` was given.
 
@@ -230,6 +232,8 @@ class AttributionEngine:
                     old.completion_tokens if completion_tokens is None else completion_tokens
                 ),
                 status=status,
+                scheduled=old.scheduled if scheduled is None else scheduled,
+                tokens_estimated=tokens_estimated,
             )
             self._unopen(pending)
             self._close(pending, end)
@@ -315,8 +319,12 @@ class AttributionEngine:
             self._ready.append(pending)
 
     def _segments(self, request: Request, until: float) -> list[tuple[float, float, Segment]]:
-        """The request's lifetime [start, until) cut into stretches of constant weight rate."""
-        start = request.start
+        """The request's lifetime [start, until) cut into stretches of constant weight rate.
+
+        Where the server said when it began on the request (`scheduled`), the time before
+        it, queued in the server, has no weight: the energy of that time goes to what the
+        GPU was doing instead."""
+        start = request.start if request.scheduled is None else request.scheduled
         if until <= start:
             return []
         if self.policy == "equal":

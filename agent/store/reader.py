@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.requests import BoundaryEnergy, RequestStatus
 from agent.store.schema import (
+    ADDED_COLUMNS,
     COLUMNS,
     WINDOWS_VERSION,
     RecordStoreError,
@@ -26,7 +27,18 @@ from agent.store.schema import (
 )
 from agent.units import JOULES_PER_WH
 
-_SELECT = f"SELECT {', '.join(COLUMNS)} FROM requests"
+
+def _select(file_version: int) -> str:
+    """The records' SELECT for a file of that version: a column it lacks reads as what
+    such a file stands for."""
+    columns = [
+        f"{ADDED_COLUMNS[name][1]} AS {name}"
+        if name in ADDED_COLUMNS and file_version < ADDED_COLUMNS[name][0] else name
+        for name in COLUMNS
+    ]
+    return f"SELECT {', '.join(columns)} FROM requests"
+
+
 _WINDOWS_SINCE = "(?1 IS NULL OR w.end_time >= ?1)"
 _SELECT_WINDOW_MODELS = f"""
     SELECT w.source, m.model, count(*), sum(m.requests), sum(m.prompt_tokens),
@@ -73,11 +85,16 @@ class StoredRequest(BoundaryEnergy):
     cover only the rest."""
     simulated: bool
     """Measured on simulated GPUs: the figures show the method, not real hardware."""
+    scheduled: float | None = None
+    """When the server began on it, where the server said; None: unknown."""
+    tokens_estimated: bool = False
+    """The token counts are the intake's estimate, not the server's figures."""
 
     @classmethod
     def from_row(cls, row: Row) -> StoredRequest:
         gpus = tuple(int(index) for index in row[3].split(",")) if row[3] else ()
-        values: Row = (*row[:3], gpus, *row[4:-2], bool(row[-2]), bool(row[-1]))
+        values: Row = (*row[:3], gpus, *row[4:15], bool(row[15]), bool(row[16]), row[17],
+                       bool(row[18]))
         return cls(*values)
 
     @property
@@ -104,8 +121,10 @@ class StoredRequest(BoundaryEnergy):
             "time_to_first_token_s": (
                 self.first_token - self.start if self.first_token is not None else None
             ),
+            "scheduled": self.scheduled,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "tokens_estimated": self.tokens_estimated,
             "pue": self.pue,
             "late": self.late,
             "expired": self.expired,
@@ -206,7 +225,8 @@ class RecordReader:
     def get(self, request_id: str) -> dict[str, Any] | None:
         """The JSON-ready record of one request (`StoredRequest.to_json`), None if unknown."""
         with self._reading() as connection:
-            row = connection.execute(f"{_SELECT} WHERE id = ?", (request_id,)).fetchone()
+            row = connection.execute(f"{_select(version(connection))} WHERE id = ?",
+                                     (request_id,)).fetchone()
         return StoredRequest.from_row(row).to_json() if row is not None else None
 
     def query(self, since: float | None = None, model: str | None = None
@@ -225,7 +245,7 @@ class RecordReader:
         where = " AND ".join(clauses)
         with self._reading() as connection:
             for row in connection.execute(
-                f"{_SELECT} WHERE {where} ORDER BY end_time", params
+                f"{_select(version(connection))} WHERE {where} ORDER BY end_time", params
             ):
                 yield StoredRequest.from_row(row)
 

@@ -1,8 +1,10 @@
 """The store file's tables, their migrations, and how connections to it are opened.
 
-Schema versions (`PRAGMA user_version`): 1 has the requests; 2 adds the windows. The agent
+Schema versions (`PRAGMA user_version`): 1 has the requests; 2 adds the windows; 3 adds
+when the server began each request and whether its token counts are estimates. The agent
 (the writer) migrates an older file in place when it opens it; a reader never writes, so a
-reader of a version-1 file simply finds no windows.
+reader of a version-1 file simply finds no windows, and of an older one the defaults of
+the columns added since (`ADDED_COLUMNS`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ BUSY_TIMEOUT_S = 10.0
 COLUMNS = (
     "id", "model", "source", "gpus", "status", "start_time", "end_time", "first_token_time",
     "prompt_tokens", "completion_tokens", "gpu_dynamic_j", "gpu_static_j", "host_j",
-    "facility_j", "pue", "late", "simulated",
+    "facility_j", "pue", "late", "simulated", "scheduled_time", "tokens_estimated",
 )
 """The columns of `requests`, in the order rows are written and read."""
 _SCHEMA_STEPS: tuple[tuple[str, ...], ...] = (
@@ -69,6 +71,11 @@ _SCHEMA_STEPS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (window_id, model)
         ) WITHOUT ROWID""",
     ),
+    (  # version 3: server-side timing and estimated counts (agent.requests.Request)
+        "ALTER TABLE requests ADD COLUMN scheduled_time REAL",  # UTC; NULL: unknown
+        "ALTER TABLE requests ADD COLUMN tokens_estimated INTEGER NOT NULL DEFAULT 0 "
+        "CHECK (tokens_estimated IN (0, 1))",
+    ),
 )
 """What each schema version adds: step n brings a file from version n to n + 1."""
 SCHEMA_VERSION = len(_SCHEMA_STEPS)
@@ -76,6 +83,9 @@ SCHEMA_VERSION = len(_SCHEMA_STEPS)
 migrates older files in place when the agent opens them."""
 WINDOWS_VERSION = 2
 """The schema version that added the windows."""
+ADDED_COLUMNS = {"scheduled_time": (3, "NULL"), "tokens_estimated": (3, "0")}
+"""Columns of `requests` added after version 1: the version that added each, and the value
+a file of an older version stands for."""
 
 Row = tuple[Any, ...]
 

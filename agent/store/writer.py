@@ -255,6 +255,7 @@ class RecordStore(RecordReader):
             _optional(self._wall, request.first_token),
             _optional(int, request.prompt_tokens), _optional(int, request.completion_tokens),
             *joules, self.pue, int(energy.late), int(self.simulated),
+            _optional(self._wall, request.scheduled), int(request.tokens_estimated),
         )
 
     def _window_rows(self, source: str, window: StoredWindow) -> _WindowRows:

@@ -359,10 +359,11 @@ def expected_model(document: dict[str, Any] | None) -> str:
     return model
 
 
-def usage_asked(sent: dict[str, Any] | None, parsed: dict[str, Any] | None) -> bool:
+def usage_asked(sent: dict[str, Any] | None, parsed: dict[str, Any] | None,
+                learnt: bool | None) -> bool:
     """Whether a stream carries usage: asked for by the client (`sent`, the body) with
     `include_usage: true`, or by the proxy where the body it could read (`parsed`) plainly
-    did not ask."""
+    did not ask and it has learnt that the upstream reports no counts unasked."""
     def options(document: dict[str, Any] | None) -> Any:
         if document is None or document.get("stream") is not True:
             return ABSENT
@@ -370,7 +371,8 @@ def usage_asked(sent: dict[str, Any] | None, parsed: dict[str, Any] | None) -> b
 
     client, proxy = options(sent), options(parsed)
     return (isinstance(client, dict) and client.get("include_usage") is True) or (
-        proxy is None or (isinstance(proxy, dict) and proxy.get("include_usage") is False))
+        learnt is False and (proxy is None or (
+            isinstance(proxy, dict) and proxy.get("include_usage") is False)))
 
 
 @pytest.fixture
@@ -383,6 +385,7 @@ def test_whatever_a_client_sends_it_gets_the_upstreams_answer_and_is_recorded(
         stack: Stack) -> None:
     engine = RecordingEngine()
     proxied = stack.proxy(stack.fake, engine)
+    stats = stack.proxies[-1]
 
     @settings(max_examples=1_000, deadline=None)
     @example(body=encode({"model": "\ud800", "prompt": "x"}, True), path=PATHS[1],
@@ -401,6 +404,7 @@ def test_whatever_a_client_sends_it_gets_the_upstreams_answer_and_is_recorded(
             body = gzip.compress(body, mtime=0)
             headers["Content-Encoding"] = "gzip"
         direct = post(stack.fake, path, body, headers)
+        learnt = stats.counts_unasked.get(path.removeprefix("/v1"))
         through = post(proxied, path, body, headers)
         assert (through.status, through.body) == (direct.status, direct.body)
         assert through.whole and through.headers["Content-Type"] == direct.headers[
@@ -421,7 +425,8 @@ def test_whatever_a_client_sends_it_gets_the_upstreams_answer_and_is_recorded(
         else:
             chunks, usage = sse_tokens(through.body)
             assert ended["first_token"] is not None and tokens[1] == chunks
-            assert (tokens[0] is not None) == usage_asked(sent, parsed)
+            asked = usage_asked(sent, parsed, learnt)
+            assert (tokens[0] is not None) == asked and ended["tokens_estimated"] is not asked
             if usage is not None:
                 assert tokens == (usage["prompt_tokens"], usage["completion_tokens"])
 
@@ -441,69 +446,109 @@ line_bytes = st.binary(min_size=1, max_size=40).map(
 class Event:
     lines: tuple[bytes, ...]
     separator: bytes
+    chunk: Any = None
+    """The JSON object of the event's data, when it holds one."""
     tokens: int = 0
     """Choices that carry a token, when the proxy parses the event."""
-    usage: Any = None
-    """The `usage` of a chunk with empty choices: the proxy drops the event when it asked
-    for usage and this is an object."""
+    error: bool = False
+    """An `event: error` field."""
+    done: bool = False
+    """`data: [DONE]`."""
 
     def block(self, terminated: bool = True) -> bytes:
         text = self.separator.join(self.lines)
         return text + self.separator * 2 if terminated else text
 
-    @property
-    def usage_only(self) -> bool:
-        return isinstance(self.usage, dict)
-
 
 def data_event(chunk: Any, separator: bytes, *, split: bool = False, **known: Any) -> Event:
     text = json.dumps(chunk).encode()
+    parsed = chunk if isinstance(chunk, dict) else None
     if split:  # one JSON document over two data lines, the second without the usual space
         half = text.index(b", ") + 1
-        return Event((b"data: " + text[:half], b"data:" + text[half:]), separator, **known)
-    return Event((b"data: " + text,), separator, **known)
+        return Event((b"data: " + text[:half], b"data:" + text[half:]), separator, parsed,
+                     **known)
+    return Event((b"data: " + text,), separator, parsed, **known)
 
 
 contents = st.text(max_size=12) | st.just("x" * 6_000)
 counts = st.sampled_from([0, 3, 7, 2**53, 2**53 + 1, -1, 10**400, 1.5, "7", True, None])
+usages = st.one_of(
+    st.fixed_dictionaries({"prompt_tokens": counts, "completion_tokens": counts}),
+    st.just({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}),  # Ollama's
+    st.sampled_from([None, 5, "x", [], {}]),
+)
+milliseconds = st.sampled_from([0, 0.5, 12.25, 3e4, -1.0, math.inf, "5", True, None])
+timings = st.fixed_dictionaries(
+    {"prompt_n": counts, "prompt_ms": milliseconds, "predicted_n": counts,
+     "predicted_ms": milliseconds},
+    optional={"cache_n": counts},
+) | st.sampled_from([None, [], 5])
 
 
 @st.composite
 def events(draw: st.DrawFn) -> Event:
     separator = draw(st.sampled_from(SEPARATORS))
-    kind = draw(st.sampled_from(["content", "content", "content", "text", "empty", "usage", "usage",
-                                 "bad json", "not an object", "other field", "garbage",
-                                 "huge line"]))
-    if kind in ("content", "text"):
+    kind = draw(st.sampled_from(["content", "content", "content", "text", "empty", "usage",
+                                 "usage", "finish", "error", "bad json", "not an object",
+                                 "other field", "garbage", "huge line"]))
+    if kind in ("content", "text", "finish"):
         values = draw(st.lists(contents, min_size=1, max_size=3))
-        choices = [{"index": i, "delta": {"content": v}} if kind == "content" else
-                   {"index": i, "text": v} for i, v in enumerate(values)]
-        return data_event({"id": "x", "choices": choices}, separator,
-                          split=draw(st.booleans()), tokens=sum(1 for v in values if v))
+        choices: list[dict[str, Any]] = [
+            {"index": i, "delta": {"content": v}} if kind != "text" else {"index": i, "text": v}
+            for i, v in enumerate(values)]
+        chunk: dict[str, Any] = {"id": "x", "choices": choices}
+        if kind == "finish":
+            choices[-1]["finish_reason"] = draw(st.sampled_from(["stop", "length"]))
+            if draw(st.booleans()):
+                chunk["timings"] = draw(timings)
+        if draw(st.booleans()):
+            chunk["usage"] = draw(usages)
+        return data_event(chunk, separator, split=draw(st.booleans()),
+                          tokens=sum(1 for v in values if v))
     if kind == "empty":
         choice = draw(st.sampled_from([{"index": 0, "delta": {}}, {"index": 0, "text": ""},
                                        {"index": 0}, 5, None]))
         return data_event({"id": "x", "choices": [choice]}, separator)
     if kind == "usage":
-        usage = draw(st.one_of(
-            st.fixed_dictionaries({"prompt_tokens": counts, "completion_tokens": counts}),
-            st.sampled_from([None, 5, "x", [], {}]),
-        ))
-        return data_event({"id": "x", "choices": [], "usage": usage}, separator,
-                          split=draw(st.booleans()), usage=usage)
+        chunk = {"id": "x", "choices": [], "usage": draw(usages)}
+        if draw(st.booleans()):
+            chunk["timings"] = draw(timings)
+        return data_event(chunk, separator, split=draw(st.booleans()))
+    if kind == "error":
+        error = {"error": {"code": 500, "message": "boom", "type": "server_error"}}
+        if draw(st.booleans()):
+            return data_event(error, separator)
+        return Event((b"event: error", b"data: " + json.dumps(error).encode()), separator,
+                     error, error=True)
     if kind == "bad json":
         whole = b'{"id":"x","choices":[{"index":0,"delta":{"content":"y"}}]}'
         return Event((b"data: " + whole[:draw(st.integers(0, len(whole) - 1))],), separator)
     if kind == "not an object":
-        return Event((b"data: " + draw(st.sampled_from([b"[1]", b'"x"', b"5", b"null",
-                                                        b"[DONE]", b""])),), separator)
+        data = draw(st.sampled_from([b"[1]", b'"x"', b"5", b"null", b"[DONE]", b""]))
+        return Event((b"data: " + data,), separator, done=data == b"[DONE]")
     if kind == "other field":
         return Event((draw(st.sampled_from([b": keep-alive", b"event: ping", b"id: 7",
-                                            b"retry: 1000", b"data"])),), separator)
+                                            b"retry: 1000", b"data", b":"])),), separator)
     if kind == "garbage":
         return Event(tuple(draw(st.lists(line_bytes, min_size=1, max_size=3))), separator)
     size = draw(st.integers(EVENT_LIMIT - 64, 3 * EVENT_LIMIT))
     return Event((b"data: " + b"z" * size,), separator)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the client gets and what the request is recorded with, when the proxy parses
+    the stream up to a given event."""
+
+    body: bytes
+    tokens: tuple[int | None, int | None, bool]
+    """(prompt, completion, estimated)."""
+    timed: bool
+    """The stream gave the server's own durations (so the record has `scheduled`)."""
+    error: bool
+    done: bool
+    reported: bool
+    """The server's own counts were in the stream."""
 
 
 @dataclass(frozen=True)
@@ -516,43 +561,122 @@ class Stream:
         last = len(self.events) - 1
         return [e.block(self.terminated or i < last) for i, e in enumerate(self.events)]
 
-    def outcomes(self, rewrites: bool) -> list[tuple[bytes, tuple[int | None, int | None]]]:
-        """What the client may get and the (prompt, completion) tokens recorded: one outcome
-        per point where the proxy may stop parsing (past an event over the limit), and one
-        where it parses everything."""
+    def outcomes(self, rewrites: bool) -> list[Outcome]:
+        """One outcome per point where the proxy may stop parsing (an event over the
+        limit), and one where it parses everything."""
         blocks = self.blocks()
         stops = [i for i, b in enumerate(blocks) if len(b) > EVENT_LIMIT]
-        outcomes = []
-        for stop in [*stops, len(blocks)]:
-            parsed = self.events[:stop]
-            kept = [b for i, (e, b) in enumerate(zip(parsed, blocks, strict=False))
-                    if not (rewrites and e.usage_only and (self.terminated or
-                                                           i < len(blocks) - 1))]
-            outcomes.append((b"".join([*kept, *blocks[stop:]]), _tokens(parsed)))
-        return outcomes
+        return [self._outcome(blocks, stop, rewrites) for stop in [*stops, len(blocks)]]
+
+    def _outcome(self, blocks: list[bytes], stop: int, rewrites: bool) -> Outcome:
+        """The reference: the stream taken whole, event by event, as `EventStream`
+        documents it."""
+        sent: list[bytes] = []
+        held: tuple[Event, dict[str, Any]] | None = None  # a finishing chunk, as it will go
+
+        def release() -> None:
+            nonlocal held
+            if held is not None:
+                sent.append(_render(*held))
+                held = None
+
+        usage: tuple[int | None, int | None] | None = None
+        timing: Any = None
+        chunks = 0
+        error = done = False
+        for i, (event, block) in enumerate(zip(self.events[:stop], blocks, strict=False)):
+            complete = self.terminated or i < len(blocks) - 1
+            chunk = event.chunk
+            error = error or event.error or (chunk is not None and "error" in chunk)
+            done = done or event.done
+            chunks += event.tokens
+            choices = None if chunk is None else chunk.get("choices")
+            finishing = _finishes(choices)
+            done = done or finishing
+            if chunk is not None:
+                if not isinstance(choices, list) or not choices or finishing:
+                    usage = _usage(chunk.get("usage"), usage)
+                if isinstance(chunk.get("timings"), dict):
+                    timing = chunk["timings"]
+            if not rewrites or chunk is None or not complete:
+                release()
+                sent.append(block)
+                continue
+            if choices == [] and isinstance(chunk.get("usage"), dict):  # dropped
+                if held is not None:
+                    extra = {k: v for k, v in chunk.items()
+                             if k != "usage" and k not in held[1]}
+                    held = (held[0], {**held[1], **extra})
+                    release()
+                continue
+            release()
+            edited = dict(chunk)
+            if isinstance(choices, list) and choices:
+                edited.pop("usage", None)
+            if finishing:
+                held = (event, edited)
+            else:
+                sent.append(_render(event, edited))
+        release()
+        sent.extend(blocks[stop:])
+        counted = _timings_counts(timing)
+        if usage is not None:
+            tokens: tuple[int | None, int | None, bool] = (*usage, False)
+        elif counted is not None:
+            tokens = (*counted, False)
+        else:
+            tokens = (None, chunks or None, bool(chunks))
+        timed = isinstance(timing, dict) and all(
+            type(timing.get(k)) in (int, float) and 0 <= timing[k] < 1e12
+            for k in ("prompt_ms", "predicted_ms"))
+        return Outcome(b"".join(sent), tokens, timed, error, done,
+                       usage is not None or counted is not None)
+
+
+def _render(event: Event, chunk: dict[str, Any]) -> bytes:
+    """The event with its chunk edited to `chunk` (members removed, or added at the end
+    compactly joined), where the proxy can edit it: one data line."""
+    if chunk == event.chunk and list(chunk) == list(event.chunk):
+        return event.block()
+    if len(event.lines) != 1:
+        return event.block()  # not edited: not the one-data-line form
+    kept = {k: v for k, v in chunk.items() if k in event.chunk}
+    text = json.dumps(kept)
+    extra = [json.dumps({k: v})[1:-1] for k, v in chunk.items() if k not in event.chunk]
+    if extra:
+        text = text[:-1] + ("," if kept else "") + ",".join(extra) + "}"
+    return b"data: " + text.encode() + event.separator * 2
+
+
+def _finishes(choices: Any) -> bool:
+    return isinstance(choices, list) and any(
+        isinstance(c, dict) and c.get("finish_reason") is not None for c in choices)
 
 
 def _count(value: Any) -> bool:
     return type(value) is int and 0 <= value <= 2**53
 
 
-def _tokens(parsed: tuple[Event, ...]) -> tuple[int | None, int | None]:
-    """(prompt, completion) as recorded: from the usage object where it has counts, else
-    completion from the chunks that carried tokens."""
-    prompt: int | None = None
-    completion: int | None = None
-    chunks = sum(e.tokens for e in parsed)
-    for event in parsed:
-        if not event.usage_only:
-            continue
-        p, c = event.usage.get("prompt_tokens"), event.usage.get("completion_tokens")
-        if _count(p):
-            prompt, completion = p, c if _count(c) else 0
-        elif _count(c):
-            completion = c
-    if completion is None and chunks:
-        completion = chunks
-    return prompt, completion
+def _usage(value: Any, before: tuple[int | None, int | None] | None
+           ) -> tuple[int | None, int | None] | None:
+    """(prompt, completion) from a final usage object; `before` where it has no counts."""
+    if not isinstance(value, dict):
+        return before
+    p, c = value.get("prompt_tokens"), value.get("completion_tokens")
+    if _count(p):
+        return p, c if _count(c) else 0
+    return (None, c) if _count(c) else before
+
+
+def _timings_counts(timing: Any) -> tuple[int, int] | None:
+    """(prompt_n + cache_n, predicted_n) from llama.cpp's timings, where they are counts."""
+    if not isinstance(timing, dict):
+        return None
+    prompt, cached, predicted = (timing.get(k) for k in ("prompt_n", "cache_n", "predicted_n"))
+    cached = 0 if cached is None else cached
+    if not all(_count(n) for n in (prompt, cached, predicted)) or not _count(prompt + cached):
+        return None
+    return prompt + cached, predicted
 
 
 streams = st.builds(Stream, st.lists(events(), max_size=8).map(tuple), st.booleans())
@@ -561,6 +685,9 @@ ASKS = {
     "client asks for usage": {"stream": True, "stream_options": {"include_usage": True}},
     "no stream asked": {"stream": False},
 }
+LEARNT = {"not yet learnt": None, "reported unasked": True, "not reported unasked": False}
+"""What the proxy has learnt of the upstream's streams before the request."""
+ENDPOINT = "/chat/completions"
 
 
 @pytest.fixture
@@ -587,33 +714,48 @@ def test_whatever_an_upstream_streams_reaches_the_client_and_is_recorded(
     multiline_tail = Stream((data_event({"choices": [{"index": 0, "text": "a"}]}, b"\n",
                                         split=True, tokens=1),), terminated=False)
     huge_usage = {"prompt_tokens": 10**400, "completion_tokens": 3}
-    huge_count = Stream((data_event({"choices": [], "usage": huge_usage}, b"\n",
-                                    usage=huge_usage),), terminated=True)
+    huge_count = Stream((data_event({"choices": [], "usage": huge_usage}, b"\n"),),
+                        terminated=True)
     usage = {"prompt_tokens": 7, "completion_tokens": 0}
-    usage_last_cr = Stream((data_event({"choices": [], "usage": usage}, b"\r", usage=usage),),
+    usage_last_cr = Stream((data_event({"choices": [], "usage": usage}, b"\r"),),
                            terminated=True)  # complete only once the stream has ended
+    finish = {"id": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    llama_asked = Stream((  # the timings move to the usage chunk when usage is asked for
+        data_event({"id": "x", "choices": [{"index": 0, "delta": {"content": "a"}}]}, b"\n",
+                   tokens=1),
+        data_event(finish, b"\n"),
+        data_event({"id": "x", "choices": [], "usage": usage,
+                    "timings": {"prompt_n": 7, "prompt_ms": 1.5, "predicted_n": 1,
+                                "predicted_ms": 2.0}}, b"\n"),
+        Event((b"data: [DONE]",), b"\n", done=True)), terminated=True)
+    common = {"cuts": [], "status": 200, "content_type": "text/event-stream", "cut": False}
 
     @settings(max_examples=1_200, deadline=None)
-    @example(stream=multiline_tail, ask="proxy asks for usage", cuts=[], status=200,
-             content_type="text/event-stream", cut=False)
-    @example(stream=huge_count, ask="client asks for usage", cuts=[], status=200,
-             content_type="text/event-stream", cut=False)
-    @example(stream=usage_last_cr, ask="proxy asks for usage", cuts=[], status=200,
-             content_type="text/event-stream", cut=False)
-    @given(stream=streams, ask=st.sampled_from(sorted(ASKS)),
+    @example(stream=multiline_tail, ask="proxy asks for usage", learnt="not reported unasked",
+             **common)
+    @example(stream=huge_count, ask="client asks for usage", learnt="not yet learnt", **common)
+    @example(stream=usage_last_cr, ask="proxy asks for usage", learnt="not reported unasked",
+             **common)
+    @example(stream=llama_asked, ask="proxy asks for usage", learnt="not reported unasked",
+             **common)
+    @given(stream=streams, ask=st.sampled_from(sorted(ASKS)), learnt=st.sampled_from(
+               sorted(LEARNT)),
            cuts=st.lists(st.integers(0, 4 * EVENT_LIMIT), max_size=6),
            status=st.sampled_from([200, 200, 200, 200, 500]),
            content_type=st.sampled_from(["text/event-stream", "text/event-stream; charset=utf-8",
                                          "application/json"]),
            cut=st.booleans())
-    def case(stream: Stream, ask: str, cuts: list[int], status: int, content_type: str,
-             cut: bool) -> None:
+    def case(stream: Stream, ask: str, learnt: str, cuts: list[int], status: int,
+             content_type: str, cut: bool) -> None:
         whole = b"".join(stream.blocks())
         bounds = sorted({0, len(whole), *(min(c, len(whole)) for c in cuts)})
         pieces = tuple(whole[a:b] for a, b in itertools.pairwise(bounds))
         headers = stack.scripted.add(Script(pieces, status, content_type, cut))
         body = json.dumps({"model": "m", "messages": MESSAGES, **ASKS[ask]}).encode()
         unreachable = stats.upstream_unreachable
+        stats.counts_unasked.pop(ENDPOINT, None)
+        if LEARNT[learnt] is not None:
+            stats.counts_unasked[ENDPOINT] = LEARNT[learnt]
         answer = post(proxied, PATHS[0], body, {**headers, "Content-Type": "application/json"})
 
         request_id = answer.headers[REQUEST_ID_HEADER]
@@ -622,19 +764,32 @@ def test_whatever_an_upstream_streams_reaches_the_client_and_is_recorded(
         ended = engine.ended[request_id]
         assert answer.status == status
         sse = status == 200 and content_type.startswith("text/event-stream")
-        outcomes = stream.outcomes(rewrites=sse and ask == "proxy asks for usage")
+        unasked = ask == "proxy asks for usage"
+        outcomes = stream.outcomes(rewrites=sse and unasked and LEARNT[learnt] is False)
         if not sse:
-            outcomes = [(whole, (None, None))]
+            outcomes = [Outcome(whole, (None, None, False), False, False, False, False)]
+        recorded = ((ended["prompt_tokens"], ended["completion_tokens"],
+                     ended["tokens_estimated"]), ended["scheduled"] is not None)
         if cut:
             assert not answer.whole
-            assert any(sent.startswith(answer.body) for sent, _ in outcomes)
+            assert any(o.body.startswith(answer.body) for o in outcomes)
             assert ended["status"] == "failed"
             assert stats.upstream_unreachable == unreachable + 1
-        else:
-            assert answer.whole
-            tokens = ended["prompt_tokens"], ended["completion_tokens"]
-            assert (answer.body, tokens) in outcomes
-            assert ended["status"] == ("ok" if status == 200 else "failed")
+            return
+        assert answer.whole
+
+        def explains(outcome: Outcome) -> bool:
+            """`outcome` is what the client and the record show: the bytes, the counts,
+            the status, and what the proxy learnt."""
+            ok = status == 200 and not outcome.error
+            learns = LEARNT[learnt] is None and unasked and sse and ok and outcome.done
+            return ((outcome.body, (outcome.tokens, outcome.timed)) == (answer.body, recorded)
+                    and ended["status"] == ("ok" if ok else "failed")
+                    and stats.counts_unasked.get(ENDPOINT) == (
+                        outcome.reported if learns else LEARNT[learnt]))
+
+        assert any(map(explains, outcomes)), (answer.body, recorded, ended["status"],
+                                              stats.counts_unasked, outcomes)
         assert event_limit[0] <= EVENT_LIMIT
 
     case()
@@ -698,7 +853,9 @@ def test_a_client_that_sends_its_body_slowly_is_served(stack: Stack) -> None:
     assert received.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # the last chunk, then the end
     (record,) = settled(stack, engine)
     assert record.request.status == "ok"
-    assert record.request.prompt_tokens and record.request.completion_tokens
+    # The endpoint's first unasked stream passes untouched (the proxy learns from it that
+    # this upstream reports no counts unasked): its completion is counted from the chunks.
+    assert record.request.completion_tokens and record.request.tokens_estimated
 
 
 @pytest.mark.parametrize("cancel_handler", [True, False])

@@ -25,7 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -77,7 +77,8 @@ RUNNER_OPTIONS: dict[str, Any] = {"auto_decompress": False, "handler_cancellatio
 
 @dataclass(slots=True)
 class ProxyStats:
-    """Counts since the proxy started, for the agent's own health metrics."""
+    """Counts since the proxy started, and what it has learnt of its upstream, for the
+    agent's own health metrics."""
 
     measured: int = 0
     """Requests timed (those refused by the engine included)."""
@@ -94,6 +95,12 @@ class ProxyStats:
     """Answered 504 (or cut off mid-answer): no byte from the upstream for `timeout` s."""
     unmatched_ends: int = 0
     """Ends that the engine no longer expected (the request outlived `max_age`)."""
+    counts_unasked: dict[str, bool] = field(default_factory=dict)
+    """Per endpoint (`MEASURED_SUFFIXES`), whether the upstream's streams report token
+    counts (`usage`, or llama.cpp's `timings`) without being asked: learnt from the first
+    stream there that did not ask and ran to its end. Until that is known, and where they
+    do, such streams pass untouched; where they do not, the proxy asks for
+    `include_usage` and takes out what asking added (`EventStream`)."""
 
     @property
     def running(self) -> int:
@@ -153,9 +160,8 @@ class _Proxy:
         if self.limit.full:
             return self._busy()
         with self.limit.slot():
-            if request.method == hdrs.METH_POST and request.path.rstrip("/").endswith(
-                    MEASURED_SUFFIXES):
-                return await self._measured(request)
+            if request.method == hdrs.METH_POST and (endpoint := _endpoint(request.path)):
+                return await self._measured(request, endpoint)
             return await self._plain(request)
 
     def _busy(self) -> web.Response:
@@ -192,12 +198,14 @@ class _Proxy:
 
     # --- measured requests ---------------------------------------------------------------
 
-    async def _measured(self, request: web.Request) -> web.StreamResponse:
+    async def _measured(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         measurement = Measurement(uuid.uuid4().hex, self.clock())
         self.stats.measured += 1
         status: RequestStatus = "failed"
+        learning = False
         try:
-            headers, body, strip_usage = await self._outgoing(request, measurement)
+            headers, body, strip_usage, learning = await self._outgoing(
+                request, measurement, endpoint)
             try:
                 upstream = await self.upstream.send(request, headers, body)
             except UpstreamError as exc:
@@ -210,6 +218,8 @@ class _Proxy:
                                                       strip_usage)
             finally:
                 upstream.close()
+            if learning and measurement.done and status == "ok":
+                self._learn(endpoint, measurement.reported)
             return response
         except asyncio.CancelledError:
             status = "cancelled"
@@ -222,10 +232,11 @@ class _Proxy:
         finally:
             self._close(measurement, status)
 
-    async def _outgoing(self, request: web.Request, measurement: Measurement
-                        ) -> tuple[CIMultiDict[str], bytes | AsyncIterator[bytes], bool]:
+    async def _outgoing(self, request: web.Request, measurement: Measurement, endpoint: str
+                        ) -> tuple[CIMultiDict[str], bytes | AsyncIterator[bytes], bool, bool]:
         """Reads the start of the body and opens the measurement; returns the headers and
-        body to send upstream, and whether to drop the usage chunk from the answer.
+        body to send upstream, whether the proxy asked for usage (to be taken out of the
+        answer), and whether this answer shows if the upstream reports counts unasked.
 
         The parsed body goes with this call: JSON takes several times its size in Python
         objects, and the upstream may take minutes to answer."""
@@ -237,7 +248,9 @@ class _Proxy:
                   len(prefix), model)
         headers = forward_headers(request.headers)
         stream = document is not None and document.get("stream") is True
-        strip_usage = stream and document is not None and wants_no_usage(document)
+        unasked = stream and document is not None and wants_no_usage(document)
+        strip_usage = unasked and self.stats.counts_unasked.get(endpoint) is False
+        learning = unasked and endpoint not in self.stats.counts_unasked
         body: bytes | AsyncIterator[bytes] = prefix
         if strip_usage and document is not None:
             body = with_usage(document)
@@ -248,7 +261,7 @@ class _Proxy:
             headers[hdrs.ACCEPT_ENCODING] = "identity"
         elif hdrs.ACCEPT_ENCODING in headers:
             headers[hdrs.ACCEPT_ENCODING] = decodable(headers[hdrs.ACCEPT_ENCODING])
-        return headers, body, strip_usage
+        return headers, body, strip_usage, learning
 
     async def _answer(self, request: web.Request, upstream: aiohttp.ClientResponse,
                       measurement: Measurement, strip_usage: bool
@@ -287,13 +300,14 @@ class _Proxy:
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._count_upstream_error(UpstreamError.of(exc, self.table))
+            await _send_held(response, events)
             abort(request)
             events.settle()
             return response, "failed"
         if copy is not None:
-            measurement.take_usage(copy.usage())
+            measurement.take_answer(copy.document())
         events.settle()
-        return response, "ok" if ok else "failed"
+        return response, "ok" if ok and not measurement.error else "failed"
 
     # --- the engine ----------------------------------------------------------------------
 
@@ -328,14 +342,13 @@ class _Proxy:
             self.stats.cancelled += 1
         if not measurement.accepted:
             return
-        completion = measurement.completion_tokens
-        if completion is None and measurement.completion_chunks:
-            completion = measurement.completion_chunks
+        prompt, completion, estimated = measurement.counts()
+        end = self.clock()
         try:
             found = self.engine.end(
-                measurement.id, self.clock(), first_token=measurement.first_token,
-                prompt_tokens=measurement.prompt_tokens, completion_tokens=completion,
-                status=status,
+                measurement.id, end, first_token=measurement.first_token,
+                prompt_tokens=prompt, completion_tokens=completion, status=status,
+                scheduled=measurement.scheduled(end), tokens_estimated=estimated,
             )
         except ValueError as exc:  # a clock that is not monotonic; never the client's fault
             log.warning("proxy %s: request %s not ended: %s", self.table.name, measurement.id,
@@ -344,6 +357,12 @@ class _Proxy:
         if not found:
             self.stats.unmatched_ends += 1
 
+    def _learn(self, endpoint: str, reported: bool) -> None:
+        self.stats.counts_unasked[endpoint] = reported
+        log.info("proxy %s: the upstream's %s streams %s token counts unasked%s",
+                 self.table.name, endpoint, "report" if reported else "do not report",
+                 "" if reported else "; the proxy asks for include_usage from now on")
+
     def _count_upstream_error(self, exc: UpstreamError) -> None:
         if exc.status == 504:
             self.stats.upstream_timeouts += 1
@@ -351,3 +370,19 @@ class _Proxy:
             self.stats.upstream_unreachable += 1
         self._warn(f"upstream {exc.status}", "%s (%d unreachable, %d timeouts so far)",
                    exc.message, self.stats.upstream_unreachable, self.stats.upstream_timeouts)
+
+
+def _endpoint(path: str) -> str | None:
+    """Which of `MEASURED_SUFFIXES` the path ends with, if any."""
+    path = path.rstrip("/")
+    return next((suffix for suffix in MEASURED_SUFFIXES if path.endswith(suffix)), None)
+
+
+async def _send_held(response: web.StreamResponse, events: EventStream) -> None:
+    """Sends what the stream still holds before the connection is cut: the client would
+    have had it straight from the upstream."""
+    try:
+        if rest := events.finish():
+            await response.write(rest)
+    except (ConnectionError, RuntimeError):
+        pass

@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 
+from agent.intake.proxy.members import Span, appended, members, without
 from agent.intake.validate import (
     MAX_MODEL_LENGTH,
     UNKNOWN_MODEL,
@@ -48,43 +49,121 @@ _EVENT_END = re.compile(rb"(?:\r\n|\r(?=[^\n])|\n)(?:\r\n|\r(?=[^\n])|\n)")
 bytes received so far may be the first half of a `\r\n`: it ends a line only once the
 next byte is known."""
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+_ONE_DATA_LINE = re.compile(rb"(?P<head>data: ?)(?P<data>[^\r\n]*)(?P<end>(?:\r\n|\r|\n){2})",
+                            re.DOTALL)
 _DECODER = json.JSONDecoder()
 
 
 class Measurement:
-    """One measured request while it runs."""
+    """One measured request while it runs: what its answer said of its tokens and timing.
 
-    __slots__ = ("accepted", "completion_chunks", "completion_tokens", "first_token", "id",
-                 "prompt_tokens", "start")
+    Token counts, best first: the answer's `usage` where it is final (a non-streamed body,
+    a usage-only chunk, or a chunk that finishes a choice); llama.cpp's `timings`
+    (`prompt_n` + `cache_n`, `predicted_n`); else the content chunks counted, an estimate
+    (one chunk may carry several tokens) that the record marks as such. A `usage` on a
+    content chunk is not final (Ollama's `/v1/completions` puts zeros on every one).
+    """
+
+    __slots__ = ("_timings", "_usage", "accepted", "completion_chunks", "done", "error",
+                 "first_token", "id", "start")
 
     def __init__(self, request_id: str, start: float) -> None:
         self.id = request_id
         self.start = start
         self.accepted = False
         self.first_token: float | None = None
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
         self.completion_chunks = 0
+        self.error = False
+        """The answer reported an error in its body (an `error` event in a 200 stream)."""
+        self.done = False
+        """The stream reached its end: `[DONE]`, or a choice's finish_reason."""
+        self._usage: tuple[int | None, int | None] | None = None
+        self._timings: dict[str, Any] | None = None
 
     def take_usage(self, usage: Any) -> None:
+        """Takes a final `usage` object."""
         if not isinstance(usage, dict):
             return
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if token_count_problem(prompt) is None:
-            self.prompt_tokens = prompt
             # Embeddings have no completion tokens; their usage says only prompt and total.
-            self.completion_tokens = completion if token_count_problem(completion) is None else 0
+            self._usage = (prompt, completion if token_count_problem(completion) is None else 0)
         elif token_count_problem(completion) is None:
-            self.completion_tokens = completion
+            self._usage = (None, completion)
+
+    def take_answer(self, document: dict[str, Any] | None) -> None:
+        """Takes a whole (non-streamed) JSON answer."""
+        if document is not None:
+            self.take_usage(document.get("usage"))
+            self.take_timings(document.get("timings"))
+            self.error = self.error or "error" in document
+
+    def take_timings(self, timings: Any) -> None:
+        """Takes llama.cpp's `timings` object."""
+        if isinstance(timings, dict):
+            self._timings = timings
+
+    @property
+    def reported(self) -> bool:
+        """The answer carried the server's own counts."""
+        return self._usage is not None or self._timings_counts() is not None
+
+    def counts(self) -> tuple[int | None, int | None, bool]:
+        """Prompt tokens, completion tokens, and whether these are estimates."""
+        if self._usage is not None:
+            return (*self._usage, False)
+        if (counted := self._timings_counts()) is not None:
+            return (*counted, False)
+        if self.completion_chunks:
+            return None, self.completion_chunks, True
+        return None, None, False
+
+    def scheduled(self, end: float) -> float | None:
+        """When the server began on the request, from its own durations where the answer
+        gave them (llama.cpp: prompt_ms + predicted_ms before the end), kept within
+        [start, first token]."""
+        timings = self._timings
+        if timings is None:
+            return None
+        spent = [timings.get(name) for name in ("prompt_ms", "predicted_ms")]
+        if not all(isinstance(ms, (int, float)) and not isinstance(ms, bool)
+                   and 0 <= ms < 1e12 for ms in spent):
+            return None
+        latest = end if self.first_token is None else self.first_token
+        return min(max(end - sum(spent) / 1000, self.start), latest)  # type: ignore[arg-type]
+
+    def _timings_counts(self) -> tuple[int, int] | None:
+        timings = self._timings
+        if timings is None:
+            return None
+        prompt, cached, predicted = (timings.get(name) for name in
+                                     ("prompt_n", "cache_n", "predicted_n"))
+        cached = 0 if cached is None else cached
+        if not (isinstance(prompt, int) and isinstance(cached, int)
+                and isinstance(predicted, int)) or any(
+                token_count_problem(n) is not None
+                for n in (prompt, cached, predicted, prompt + cached)):
+            return None
+        return prompt + cached, predicted
 
 
 class EventStream:
-    """Reads a stream of server-sent events as it passes: the first token, the usage, and
-    the count of content chunks; with `rewrites`, drops the usage-only event.
+    """Reads a stream of server-sent events as it passes: the first token, the counts,
+    errors; with `rewrites` (the proxy asked for usage on the client's behalf), takes out
+    of the stream what that request added, so that the client receives what the server
+    sends unasked.
+
+    What asking adds: the usage-only chunk at the end, which is dropped, but whose other
+    members (llama.cpp moves its `timings` there from the finishing chunk) are put back on
+    the chunk that finished the last choice, at its end, as the server writes them unasked;
+    and a `usage` member on content chunks (Ollama's `/v1/completions`), which is removed.
+    So while rewriting, a chunk that finishes a choice is held until the next event shows
+    whether a usage-only chunk follows. Edits are made in the event's own bytes
+    (`agent.intake.proxy.members`); all else passes byte for byte.
 
     Without `rewrites`, every chunk is returned as received and parsed on the side. With
-    it, the complete events of each chunk are returned (minus the usage-only one) and an
-    incomplete last event waits for the rest of its bytes.
+    it, the complete events of each chunk are returned (edited as above) and an incomplete
+    last event waits for the rest of its bytes.
 
     An incomplete event is held in a growing buffer, and only the bytes that a chunk adds
     are searched for the event's end: an event that arrives in many small chunks costs its
@@ -92,7 +171,7 @@ class EventStream:
     for seconds when the whole of it was copied and searched again at each chunk).
     """
 
-    __slots__ = ("_clock", "_measurement", "_parsing", "_tail", "rewrites")
+    __slots__ = ("_clock", "_held", "_measurement", "_parsing", "_tail", "rewrites")
 
     def __init__(self, rewrites: bool, measurement: Measurement,
                  clock: Callable[[], float]) -> None:
@@ -101,6 +180,7 @@ class EventStream:
         self._clock = clock
         self._tail = bytearray()
         self._parsing = True
+        self._held: _Held | None = None
 
     def feed(self, chunk: bytes) -> bytes:
         """Takes a chunk from the upstream; returns the bytes to send on now."""
@@ -119,8 +199,7 @@ class EventStream:
         for match in _EVENT_END.finditer(buffer, max(held - 3, 0)):
             event = bytes(buffer[position:match.end()])
             position = match.end()
-            if self._read(event) and self.rewrites:
-                kept.append(event)
+            self._read(event, kept)
         if held:
             del self._tail[:position]
         else:
@@ -130,7 +209,10 @@ class EventStream:
                         "through unparsed", MAX_EVENT_BYTES)
             self._parsing = False
             tail = self._take_tail()
-            return b"".join(kept) + tail if self.rewrites else chunk
+            if not self.rewrites:
+                return chunk
+            self._release(kept)
+            kept.append(tail)
         if not self.rewrites:
             return chunk
         return kept[0] if len(kept) == 1 else b"".join(kept)
@@ -138,48 +220,149 @@ class EventStream:
     def finish(self) -> bytes:
         """The end of the stream: what is held back, passed on as it is; but a usage-only
         event that only the end shows complete (its blank line a CR, which might have been
-        the first half of a CRLF) is dropped like any other."""
+        the first half of a CRLF) is taken out like any other."""
         tail = self._take_tail()
-        keep = not (tail and self._parsing) or self._read(tail)
-        if not self.rewrites or (not keep and tail.endswith((b"\r\r", b"\n\r"))):
-            return b""
-        return tail
+        kept: list[bytes] = []
+        if tail and self._parsing and tail.endswith((b"\r\r", b"\n\r")):
+            self._read(tail, kept)
+        elif tail:
+            if self._parsing:
+                self._observe(tail)  # an unfinished event: read, and passed on unchanged
+            self._release(kept)
+            kept.append(tail)
+        self._release(kept)
+        return b"".join(kept) if self.rewrites else b""
 
     def settle(self) -> None:
         """Nothing more will come (the stream ended, or was cut off)."""
         self._tail = bytearray()
+        self._held = None
 
     def _take_tail(self) -> bytes:
         tail = bytes(self._tail)
         self._tail = bytearray()
         return tail
 
-    def _read(self, event: bytes) -> bool:
-        """Reads one event; False for the usage-only event that is to be dropped."""
-        data = _event_data(event)
-        if data is None or data == b"[DONE]":
-            return True
-        try:
-            chunk = _DECODER.decode(data.decode())  # SSE is UTF-8: json.loads would guess
-        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-            return True
-        if not isinstance(chunk, dict):
-            return True
+    def _release(self, kept: list[bytes]) -> None:
+        if self._held is not None:
+            kept.append(self._held.event)
+            self._held = None
+
+    def _read(self, event: bytes, kept: list[bytes]) -> None:
+        """Reads one complete event; while rewriting, appends to `kept` what is to be sent
+        on now."""
+        chunk = self._observe(event)
+        if not self.rewrites:
+            return
+        if chunk is None:
+            self._release(kept)
+            kept.append(event)
+            return
+        document, text = chunk
+        choices = document.get("choices")
+        if choices == [] and isinstance(document.get("usage"), dict):
+            self._drop_usage_chunk(text, kept)
+            return
+        self._release(kept)
+        if isinstance(choices, list) and choices and "usage" in document:
+            event = _edited(event, text, lambda t, spans: without(t, spans, "usage")) or event
+        if _finishes(choices):
+            self._held = _Held(event, frozenset(document))
+        else:
+            kept.append(event)
+
+    def _observe(self, event: bytes) -> tuple[dict[str, Any], str] | None:
+        """Takes what the event says into the measurement; returns its JSON object and
+        that object's text, None where it holds none."""
         measurement = self._measurement
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            measurement.take_usage(usage)
-        choices = chunk.get("choices")
-        if not isinstance(choices, list):
-            return True
-        if not choices:
-            return not (self.rewrites and isinstance(usage, dict))
-        carrying = sum(1 for choice in choices if _carries_token(choice))
-        if carrying:
-            measurement.completion_chunks += carrying
-            if measurement.first_token is None:
-                measurement.first_token = self._clock()
-        return True
+        if _is_error_event(event):
+            measurement.error = True
+        data = _event_data(event)
+        if data == b"[DONE]":
+            measurement.done = True
+        chunk = None if data is None or data == b"[DONE]" else _chunk(data)
+        if chunk is None:
+            return None
+        document = chunk[0]
+        if "error" in document:
+            measurement.error = True
+        choices = document.get("choices")
+        finishing = _finishes(choices)
+        if not isinstance(choices, list) or not choices or finishing:
+            measurement.take_usage(document.get("usage"))
+        measurement.take_timings(document.get("timings"))
+        measurement.done = measurement.done or finishing
+        if isinstance(choices, list):
+            carrying = sum(1 for choice in choices if _carries_token(choice))
+            if carrying:
+                measurement.completion_chunks += carrying
+                if measurement.first_token is None:
+                    measurement.first_token = self._clock()
+        return chunk
+
+    def _drop_usage_chunk(self, text: str, kept: list[bytes]) -> None:
+        """Drops the usage-only chunk; its members that the held finishing chunk lacks go
+        onto that chunk's end."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        spans = members(text) or []
+        extra = [text[start:end] for key, start, end in spans
+                 if key != "usage" and key not in held.keys]
+        if extra:
+            held.event = _edited(held.event, None,
+                                 lambda t, own: appended(t, own, extra)) or held.event
+        kept.append(held.event)
+
+
+class _Held:
+    """A chunk that finished a choice, held until the next event is known."""
+
+    __slots__ = ("event", "keys")
+
+    def __init__(self, event: bytes, keys: frozenset[str]) -> None:
+        self.event = event
+        self.keys = keys
+
+
+def _finishes(choices: Any) -> bool:
+    """A chunk's choices finish one of them (the last chunk of that choice)."""
+    return isinstance(choices, list) and any(
+        isinstance(choice, dict) and choice.get("finish_reason") is not None
+        for choice in choices)
+
+
+def _chunk(data: bytes) -> tuple[dict[str, Any], str] | None:
+    """The JSON object of an event's data, and its text; None where it is not one."""
+    try:
+        text = data.decode()  # SSE is UTF-8: json.loads would guess
+        document = _DECODER.decode(text)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return (document, text) if isinstance(document, dict) else None
+
+
+def _is_error_event(event: bytes) -> bool:
+    """An SSE event whose `event` field is `error` (as some servers name failures)."""
+    return any(line.startswith(b"event:") and line[6:].strip() == b"error"
+               for line in _LINE_END.split(event))
+
+
+def _edited(event: bytes, text: str | None,
+            edit: Callable[[str, list[Span]], str]) -> bytes | None:
+    """The event with its JSON object edited in place, where the event is one `data` line
+    holding one object (the form every server sends); else None, and it passes as it is."""
+    match = _ONE_DATA_LINE.fullmatch(event)
+    if match is None:
+        return None
+    try:
+        own = match["data"].decode() if text is None else text
+    except UnicodeDecodeError:
+        return None
+    spans = members(own)
+    if spans is None:
+        return None
+    return match["head"] + edit(own, spans).encode() + match["end"]
 
 
 class BodyCopy:
@@ -201,7 +384,8 @@ class BodyCopy:
         else:
             self._parts.append(chunk)
 
-    def usage(self) -> Any:
+    def document(self) -> dict[str, Any] | None:
+        """The answer's JSON object, where it was one and small enough to parse."""
         if self._parts is None:
             return None
         body = b"".join(self._parts)
@@ -216,8 +400,7 @@ class BodyCopy:
                     body = _inflate(body, -zlib.MAX_WBITS)
         except (zlib.error, _TooLarge):
             return None
-        document = _json_object(body)
-        return None if document is None else document.get("usage")
+        return _json_object(body)
 
 
 class _TooLarge(Exception):

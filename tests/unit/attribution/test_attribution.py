@@ -236,6 +236,30 @@ def test_end_fills_in_what_the_start_did_not_know() -> None:
     assert out["a"].gpu_j == pytest.approx(200.0)
 
 
+@pytest.mark.parametrize(("policy", "share_a"), [("equal", 200.0), ("tokens", 800.0 / 3)])
+def test_time_queued_in_the_server_gets_no_energy(policy: Policy, share_a: float) -> None:
+    # a arrives at 0 but the server begins on it at 6 (it said so: `scheduled`); b runs
+    # [0, 10), alone until 6. At 100 W, b gets [0, 6) whole and they share [6, 10): by
+    # time, or by tokens (a: 2 prompt tokens/s on [6, 8), 2 completion tokens/s on
+    # [8, 10); b: 1 completion token/s on [6, 10)).
+    eng = engine({0: steady(100.0, 10.0)}, policy=policy, prefill_weight=1.0)
+    eng.add(req("a", 0.0, None))
+    eng.add(req("b", 0.0, 10.0, prompt_tokens=4, completion_tokens=4, first_token=6.0))
+    assert eng.end("a", 10.0, first_token=8.0, prompt_tokens=4, completion_tokens=4,
+                   scheduled=6.0, tokens_estimated=True)
+    out = {e.request.id: e for e in eng.advance(LATER)}
+    assert out["a"].request.scheduled == 6.0 and out["a"].request.tokens_estimated
+    assert out["a"].gpu_j == pytest.approx(share_a)
+    assert out["b"].gpu_j == pytest.approx(1000.0 - share_a)
+
+
+def test_a_server_start_outside_the_request_is_rejected() -> None:
+    with pytest.raises(ValueError, match="scheduled"):
+        req("a", 5.0, 10.0, scheduled=4.0)
+    with pytest.raises(ValueError, match="scheduled"):
+        req("a", 5.0, 10.0, first_token=6.0, scheduled=7.0)
+
+
 def test_unknown_gpu_is_rejected_and_counted() -> None:
     eng = engine({0: steady(100.0, 10.0)})
     with pytest.raises(ValueError, match=r"GPU\(s\) \[3\]"):

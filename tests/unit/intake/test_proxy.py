@@ -131,9 +131,15 @@ def test_openai_client_gets_the_upstream_answers_and_each_request_is_measured(
     tokens = [(r.request.prompt_tokens, r.request.completion_tokens) for r in records]
     usage = chat.usage
     assert usage is not None and usage.prompt_tokens == CHAT_PROMPT_TOKENS
-    assert tokens[:2] == [(usage.prompt_tokens, usage.completion_tokens)] * 2
+    assert tokens[0] == (usage.prompt_tokens, usage.completion_tokens)
+    # The first stream that did not ask for usage passes untouched, to learn whether this
+    # upstream reports counts unasked (it does not): its completion tokens are the content
+    # chunks counted, marked as an estimate.
+    assert tokens[1] == (None, len([c for c in chat_stream if c.choices[0].delta.content]))
+    assert [r.request.tokens_estimated for r in records] == [False, True, False, True,
+                                                             False, False]
     assert completion.usage is not None
-    assert tokens[2:4] == [(count_tokens(PROMPT), 5)] * 2
+    assert tokens[2:4] == [(count_tokens(PROMPT), 5), (None, 5)]
     assert tokens[4:] == [(count_tokens(PROMPT) + 1, 0), (1, 0)]
     for record in records:
         request = record.request
@@ -156,6 +162,7 @@ def test_a_stream_passes_byte_for_byte_with_usage_asked_or_not(
         {"model": "llama", "messages": MESSAGES, "stream": True,
          "stream_options": {"include_usage": True}},
         {"model": "llama", "prompt": PROMPT, "stream": True},
+        {"model": "llama", "prompt": PROMPT, "stream": True},
     ]
     for body in bodies:
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
@@ -168,9 +175,14 @@ def test_a_stream_passes_byte_for_byte_with_usage_asked_or_not(
         assert (b'"choices":[],"usage":' in through) == asked
         assert through.endswith(b"data: [DONE]\n\n")
     records = finals(servers, engine)
-    assert len(records) == 4
-    assert all(r.request.prompt_tokens and r.request.completion_tokens for r in records)
+    assert len(records) == 5
+    assert all(r.request.completion_tokens for r in records)
     assert all(r.request.first_token is not None for r in records)
+    # The first unasked stream of each endpoint passes untouched, to learn that this
+    # upstream does not report counts unasked; later ones are asked for usage.
+    assert [(r.request.prompt_tokens is None, r.request.tokens_estimated)
+            for r in records] == [(True, True), (False, False), (False, False), (True, True),
+                                  (False, False)]
 
 
 def _stream(events: list[bytes], separators: list[bytes]) -> tuple[bytes, bytes]:
@@ -220,7 +232,7 @@ def test_sse_events_are_read_and_the_usage_event_dropped_however_the_bytes_are_c
     sent = [events.feed(whole[a:b]) for a, b in itertools.pairwise(bounds)]
     sent.append(events.finish())
     assert b"".join(sent) == (kept if rewrites else whole)
-    assert (measurement.prompt_tokens, measurement.completion_tokens) == (7, 3)
+    assert measurement.counts() == (7, 3, False)
     assert measurement.completion_chunks == 3  # "Jou", then "les" and "!" in one chunk
     assert measurement.first_token is not None
 
