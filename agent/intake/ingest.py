@@ -6,9 +6,13 @@
      "events": [
        {"type": "start", "id": "r1", "model": "llama-8b", "gpus": [0, 1], "time": 812.5},
        {"type": "end", "id": "r1", "time": 814.0, "first_token_time": 812.9,
-        "prompt_tokens": 12, "completion_tokens": 80, "status": "ok"},
+        "prompt_tokens": 12, "completion_tokens": 80, "status": "ok",
+        "scheduled_time": 812.6},             # optional: when the server began on it
        {"type": "request", "id": "r2", "model": "llama-8b", "gpus": ["GPU-5d1f..."],
         "start": 812.0, "end": 813.1, ...}]}
+
+`scheduled_time`, where a server knows it, is when it took the request from its queue:
+the time before it gets none of the request's energy (it goes to what the GPU did then).
 
 Times are `time.monotonic()` seconds of this host: CLOCK_MONOTONIC is shared by every
 process of one Linux host, so a server on the node sends its own monotonic times and no
@@ -75,7 +79,8 @@ _REQUIRED = {
     "end": ("id", "time"),
     "request": ("id", "model", "gpus", "start", "end"),
 }
-_OPTIONAL_END = ("first_token_time", "prompt_tokens", "completion_tokens", "status")
+_OPTIONAL_END = ("first_token_time", "scheduled_time", "prompt_tokens", "completion_tokens",
+                 "status")
 _FIELDS = {
     "start": frozenset(("type", *_REQUIRED["start"])),
     "end": frozenset(("type", *_REQUIRED["end"], *_OPTIONAL_END)),
@@ -216,11 +221,13 @@ class _Intake:
             end = window.time(event, "end")
             if end < start:
                 raise _Invalid("end", "the request ends before it starts")
-            first_token = _first_token(event, start, end, window)
+            first_token = _time_within(event, "first_token_time", start, end, window)
+            scheduled = _time_within(event, "scheduled_time", start,
+                                     end if first_token is None else first_token, window)
             request = Request(
                 request_id, model, SOURCE, gpus, start, end, first_token,
                 _tokens(event, "prompt_tokens"), _tokens(event, "completion_tokens"),
-                _status(event),
+                _status(event), scheduled,
             )
         try:
             self._engine.add(request)
@@ -229,18 +236,22 @@ class _Intake:
 
     def _end(self, event: dict[str, Any], request_id: str, window: _Window) -> None:
         end = window.time(event, "time")
-        first_token = _first_token(event, -math.inf, end, window)
+        first_token = _time_within(event, "first_token_time", -math.inf, end, window)
+        scheduled = _time_within(event, "scheduled_time", -math.inf,
+                                 end if first_token is None else first_token, window)
         try:
             found = self._engine.end(
                 request_id, end, first_token=first_token,
                 prompt_tokens=_tokens(event, "prompt_tokens"),
                 completion_tokens=_tokens(event, "completion_tokens"),
-                status=_status(event),
+                status=_status(event), scheduled=scheduled,
             )
         except ValueError as exc:
-            # Only the engine knows the start, and its message says what precedes it.
-            field = "first_token_time" if "first token" in str(exc) else "time"
-            raise _Invalid(field, str(exc)) from None
+            # Only the engine knows the start, and its message says what is out of place.
+            message = str(exc)
+            field = ("scheduled_time" if "scheduled" in message else
+                     "first_token_time" if "first token" in message else "time")
+            raise _Invalid(field, message) from None
         if not found:
             raise _Invalid("id", f"no open request {show(request_id)}: never started, "
                                  "already ended, or closed at the maximum age")
@@ -278,15 +289,19 @@ def _string(event: dict[str, Any], name: str, limit: int) -> str:
     return cast(str, value)
 
 
-def _first_token(
-    event: dict[str, Any], start: float, end: float, window: _Window
-) -> float | None:
-    if event.get("first_token_time") is None:
+_WITHIN = {"first_token_time": "the request's lifetime [start, end]",
+           "scheduled_time": "[start, first token (or end)]"}
+
+
+def _time_within(event: dict[str, Any], name: str, start: float, end: float,
+                 window: _Window) -> float | None:
+    """The optional time `name` of `event`, which must lie in [start, end]."""
+    if event.get(name) is None:
         return None
-    first = window.time(event, "first_token_time")
-    if not start <= first <= end:
-        raise _Invalid("first_token_time", "outside the request's lifetime [start, end]")
-    return first
+    value = window.time(event, name)
+    if not start <= value <= end:
+        raise _Invalid(name, f"outside {_WITHIN[name]}")
+    return value
 
 
 def _tokens(event: dict[str, Any], name: str) -> int | None:

@@ -581,7 +581,8 @@ class Stream:
                 held = None
 
         usage: tuple[int | None, int | None] | None = None
-        timing: Any = None
+        counted: tuple[int, int] | None = None  # the latest valid of each, from timings
+        timed = False
         chunks = 0
         error = done = False
         for i, (event, block) in enumerate(zip(self.events[:stop], blocks, strict=False)):
@@ -596,8 +597,11 @@ class Stream:
             if chunk is not None:
                 if not isinstance(choices, list) or not choices or finishing:
                     usage = _usage(chunk.get("usage"), usage)
-                if isinstance(chunk.get("timings"), dict):
-                    timing = chunk["timings"]
+                timing = chunk.get("timings")
+                counted = _timings_counts(timing) or counted
+                timed = timed or (isinstance(timing, dict) and all(
+                    type(timing.get(k)) in (int, float) and 0 <= timing[k] < 1e18
+                    for k in ("prompt_ms", "predicted_ms")))
             if not rewrites or chunk is None or not complete:
                 release()
                 sent.append(block)
@@ -619,16 +623,12 @@ class Stream:
                 sent.append(_render(event, edited))
         release()
         sent.extend(blocks[stop:])
-        counted = _timings_counts(timing)
         if usage is not None:
             tokens: tuple[int | None, int | None, bool] = (*usage, False)
         elif counted is not None:
             tokens = (*counted, False)
         else:
             tokens = (None, chunks or None, bool(chunks))
-        timed = isinstance(timing, dict) and all(
-            type(timing.get(k)) in (int, float) and 0 <= timing[k] < 1e12
-            for k in ("prompt_ms", "predicted_ms"))
         return Outcome(b"".join(sent), tokens, timed, error, done,
                        usage is not None or counted is not None)
 

@@ -34,10 +34,11 @@ from multidict import CIMultiDict
 
 from agent.attribution import AttributionEngine, CapacityExceeded
 from agent.config import ProxyTable
+from agent.intake.proxy.measurement import Measurement
+from agent.intake.proxy.ollama import NATIVE_SUFFIXES, NDJSON, LineStream
 from agent.intake.proxy.openai import (
     BodyCopy,
     EventStream,
-    Measurement,
     decodable,
     read_request,
     request_model,
@@ -61,7 +62,8 @@ from agent.requests import Request, RequestStatus
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Jouleprobe-Request-Id"
-MEASURED_SUFFIXES = ("/chat/completions", "/completions", "/embeddings")
+OPENAI_SUFFIXES = ("/chat/completions", "/completions", "/embeddings")
+MEASURED_SUFFIXES = (*OPENAI_SUFFIXES, *NATIVE_SUFFIXES)
 DEFAULT_MAX_CONCURRENT = POOL_SIZE
 """Requests handled at once by default: as many as the pool has connections, so that none
 waits for one. Far above what one server batches (vLLM: 256 sequences by default); what
@@ -248,7 +250,8 @@ class _Proxy:
                   len(prefix), model)
         headers = forward_headers(request.headers)
         stream = document is not None and document.get("stream") is True
-        unasked = stream and document is not None and wants_no_usage(document)
+        unasked = (stream and endpoint in OPENAI_SUFFIXES and document is not None
+                   and wants_no_usage(document))
         strip_usage = unasked and self.stats.counts_unasked.get(endpoint) is False
         learning = unasked and endpoint not in self.stats.counts_unasked
         body: bytes | AsyncIterator[bytes] = prefix
@@ -271,17 +274,20 @@ class _Proxy:
         headers = backward_headers(upstream.headers)
         headers[REQUEST_ID_HEADER] = measurement.id
         ok = 200 <= upstream.status < 300
+        encoding = upstream.headers.get(hdrs.CONTENT_ENCODING, "")
         sse = upstream.content_type == "text/event-stream" and ok
-        events = EventStream(strip_usage and sse, measurement, self.clock)
+        lines = upstream.content_type == NDJSON and ok and encoding in ("", "identity")
+        events: EventStream | LineStream = (
+            LineStream(measurement, self.clock) if lines
+            else EventStream(strip_usage and sse, measurement, self.clock))
         if events.rewrites:
             headers.popall(hdrs.CONTENT_LENGTH, None)
         response = relayed(upstream, headers)
-        copy = BodyCopy(upstream.headers.get(hdrs.CONTENT_ENCODING, "")) if (
-            ok and not sse) else None
+        copy = BodyCopy(encoding) if ok and not (sse or lines) else None
         try:
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
-                if sse:
+                if sse or lines:
                     chunk = events.feed(chunk)
                 elif copy is not None:
                     copy.add(chunk)
@@ -378,7 +384,7 @@ def _endpoint(path: str) -> str | None:
     return next((suffix for suffix in MEASURED_SUFFIXES if path.endswith(suffix)), None)
 
 
-async def _send_held(response: web.StreamResponse, events: EventStream) -> None:
+async def _send_held(response: web.StreamResponse, events: EventStream | LineStream) -> None:
     """Sends what the stream still holds before the connection is cut: the client would
     have had it straight from the upstream."""
     try:

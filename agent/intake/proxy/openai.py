@@ -28,13 +28,9 @@ from typing import Any
 
 import aiohttp
 
+from agent.intake.proxy.measurement import Measurement
 from agent.intake.proxy.members import Span, appended, members, without
-from agent.intake.validate import (
-    MAX_MODEL_LENGTH,
-    UNKNOWN_MODEL,
-    label_text_problem,
-    token_count_problem,
-)
+from agent.intake.validate import MAX_MODEL_LENGTH, UNKNOWN_MODEL, label_text_problem
 
 log = logging.getLogger(__name__)
 
@@ -52,99 +48,6 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 _ONE_DATA_LINE = re.compile(rb"(?P<head>data: ?)(?P<data>[^\r\n]*)(?P<end>(?:\r\n|\r|\n){2})",
                             re.DOTALL)
 _DECODER = json.JSONDecoder()
-
-
-class Measurement:
-    """One measured request while it runs: what its answer said of its tokens and timing.
-
-    Token counts, best first: the answer's `usage` where it is final (a non-streamed body,
-    a usage-only chunk, or a chunk that finishes a choice); llama.cpp's `timings`
-    (`prompt_n` + `cache_n`, `predicted_n`); else the content chunks counted, an estimate
-    (one chunk may carry several tokens) that the record marks as such. A `usage` on a
-    content chunk is not final (Ollama's `/v1/completions` puts zeros on every one).
-    """
-
-    __slots__ = ("_timings", "_usage", "accepted", "completion_chunks", "done", "error",
-                 "first_token", "id", "start")
-
-    def __init__(self, request_id: str, start: float) -> None:
-        self.id = request_id
-        self.start = start
-        self.accepted = False
-        self.first_token: float | None = None
-        self.completion_chunks = 0
-        self.error = False
-        """The answer reported an error in its body (an `error` event in a 200 stream)."""
-        self.done = False
-        """The stream reached its end: `[DONE]`, or a choice's finish_reason."""
-        self._usage: tuple[int | None, int | None] | None = None
-        self._timings: dict[str, Any] | None = None
-
-    def take_usage(self, usage: Any) -> None:
-        """Takes a final `usage` object."""
-        if not isinstance(usage, dict):
-            return
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if token_count_problem(prompt) is None:
-            # Embeddings have no completion tokens; their usage says only prompt and total.
-            self._usage = (prompt, completion if token_count_problem(completion) is None else 0)
-        elif token_count_problem(completion) is None:
-            self._usage = (None, completion)
-
-    def take_answer(self, document: dict[str, Any] | None) -> None:
-        """Takes a whole (non-streamed) JSON answer."""
-        if document is not None:
-            self.take_usage(document.get("usage"))
-            self.take_timings(document.get("timings"))
-            self.error = self.error or "error" in document
-
-    def take_timings(self, timings: Any) -> None:
-        """Takes llama.cpp's `timings` object."""
-        if isinstance(timings, dict):
-            self._timings = timings
-
-    @property
-    def reported(self) -> bool:
-        """The answer carried the server's own counts."""
-        return self._usage is not None or self._timings_counts() is not None
-
-    def counts(self) -> tuple[int | None, int | None, bool]:
-        """Prompt tokens, completion tokens, and whether these are estimates."""
-        if self._usage is not None:
-            return (*self._usage, False)
-        if (counted := self._timings_counts()) is not None:
-            return (*counted, False)
-        if self.completion_chunks:
-            return None, self.completion_chunks, True
-        return None, None, False
-
-    def scheduled(self, end: float) -> float | None:
-        """When the server began on the request, from its own durations where the answer
-        gave them (llama.cpp: prompt_ms + predicted_ms before the end), kept within
-        [start, first token]."""
-        timings = self._timings
-        if timings is None:
-            return None
-        spent = [timings.get(name) for name in ("prompt_ms", "predicted_ms")]
-        if not all(isinstance(ms, (int, float)) and not isinstance(ms, bool)
-                   and 0 <= ms < 1e12 for ms in spent):
-            return None
-        latest = end if self.first_token is None else self.first_token
-        return min(max(end - sum(spent) / 1000, self.start), latest)  # type: ignore[arg-type]
-
-    def _timings_counts(self) -> tuple[int, int] | None:
-        timings = self._timings
-        if timings is None:
-            return None
-        prompt, cached, predicted = (timings.get(name) for name in
-                                     ("prompt_n", "cache_n", "predicted_n"))
-        cached = 0 if cached is None else cached
-        if not (isinstance(prompt, int) and isinstance(cached, int)
-                and isinstance(predicted, int)) or any(
-                token_count_problem(n) is not None
-                for n in (prompt, cached, predicted, prompt + cached)):
-            return None
-        return prompt + cached, predicted
 
 
 class EventStream:
@@ -295,9 +198,7 @@ class EventStream:
         if isinstance(choices, list):
             carrying = sum(1 for choice in choices if _carries_token(choice))
             if carrying:
-                measurement.completion_chunks += carrying
-                if measurement.first_token is None:
-                    measurement.first_token = self._clock()
+                measurement.saw_token(carrying, self._clock())
         return chunk
 
     def _drop_usage_chunk(self, text: str, kept: list[bytes]) -> None:

@@ -119,11 +119,11 @@ def test_a_request_event_carries_every_end_field() -> None:
     engine = make_engine()
     status, answer, _ = post_events(make_app(engine), whole(
         "r", NOW - 30, NOW - 20, first_token_time=NOW - 25, prompt_tokens=0,
-        completion_tokens=7, status="cancelled"))
+        completion_tokens=7, status="cancelled", scheduled_time=NOW - 27))
     assert (status, answer) == (200, {"accepted": 1, "errors": []})
     request = finals(engine)["r"].request
     assert (request.first_token, request.prompt_tokens, request.completion_tokens,
-            request.status) == (NOW - 25, 0, 7, "cancelled")
+            request.status, request.scheduled) == (NOW - 25, 0, 7, "cancelled", NOW - 27)
 
 
 def test_gpus_by_uuid_with_or_without_prefix_and_wall_clock_times() -> None:
@@ -172,6 +172,9 @@ BAD_EVENTS: list[tuple[dict[str, Any] | list[Any], str]] = [
     (whole("x", NOW - 5, NOW - 10), "end"),
     (whole("x", NOW - 10, NOW - 5, first_token_time=NOW - 4), "first_token_time"),
     (whole("x", NOW - 10, NOW - 5, first_token_time="soon"), "first_token_time"),
+    (whole("x", NOW - 10, NOW - 5, scheduled_time=NOW - 11), "scheduled_time"),
+    (whole("x", NOW - 10, NOW - 5, first_token_time=NOW - 8, scheduled_time=NOW - 7),
+     "scheduled_time"),
     (whole("x", NOW - 10, NOW - 5, prompt_tokens=-1), "prompt_tokens"),
     (whole("x", NOW - 10, NOW - 5, prompt_tokens=True), "prompt_tokens"),
     (whole("x", NOW - 10, NOW - 5, completion_tokens=1.5), "completion_tokens"),
@@ -232,13 +235,16 @@ def test_an_end_that_precedes_the_start_known_to_the_engine_is_refused() -> None
         make_app(engine), start("a", NOW - 10, [1]), start("b", NOW - 10),
         {"type": "end", "id": "a", "time": NOW - 20},
         {"type": "end", "id": "b", "time": NOW - 5, "first_token_time": NOW - 15},
-        {"type": "end", "id": "b", "time": NOW - 5, "first_token_time": NOW - 8},
+        {"type": "end", "id": "b", "time": NOW - 5, "scheduled_time": NOW - 11},
+        {"type": "end", "id": "b", "time": NOW - 5, "first_token_time": NOW - 8,
+         "scheduled_time": NOW - 9},
     )
     assert status == 400
     assert [(e["index"], e["field"]) for e in answer["errors"]] == [
-        (2, "time"), (3, "first_token_time")
+        (2, "time"), (3, "first_token_time"), (4, "scheduled_time")
     ]
-    assert finals(engine)["b"].request.first_token == NOW - 8
+    b = finals(engine)["b"].request
+    assert (b.first_token, b.scheduled) == (NOW - 8, NOW - 9)
     assert engine.totals().pending_requests == 1  # "a" is still open, unharmed (GPU 1)
 
 

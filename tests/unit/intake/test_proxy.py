@@ -16,7 +16,7 @@ import logging
 import socket
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -39,30 +39,12 @@ from agent.intake.proxy import openai as proxy_openai
 from agent.intake.proxy.openai import EventStream, Measurement
 from agent.requests import RequestEnergy
 from agent.sim.upstream import count_tokens, fake_upstream_app
-from agent.timeline import EnergyPoint, Timeline
 
 API_KEY = "sk-test-4f1d9c0e7b2a-never-logged"
 PROMPT = "What does one request cost, in joules?"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
 CHAT_PROMPT_TOKENS = 1 + (1 + count_tokens("Be brief.")) + (1 + count_tokens(PROMPT))
 FAST = {"llama": 2000.0, "instant": float("inf")}
-
-
-@pytest.fixture
-def servers() -> Iterator[Servers]:
-    serving = Servers()
-    yield serving
-    serving.close()
-
-
-@pytest.fixture
-def engine() -> AttributionEngine:
-    """One GPU at a steady 100 W, with points from 10 s ago to well after the test."""
-    now = time.monotonic()
-    line = Timeline(max_points=2_000)
-    for i in range(1_100):
-        line.append(EnergyPoint(now - 10 + i, 100.0 * i))
-    return AttributionEngine({0: line}, settle_s=0.0, max_age_s=1e6)
 
 
 def start_proxy(servers: Servers, engine: AttributionEngine, upstream: str, *,
