@@ -1,12 +1,15 @@
-"""Shared fixtures. `fake_nvml` puts a scripted `pynvml` in place of the real one."""
+"""Shared fixtures. `fake_nvml` puts a scripted `pynvml` in place of the real one;
+`llama_server` runs a real llama.cpp server."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
 
+import llama_server as llama
 import pytest
 from fake_pynvml import FakeNvml
+from scripted import require_module, start_llama_server, stop_process
 
 
 @pytest.fixture
@@ -20,6 +23,19 @@ def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeNvml]:
     monkeypatch.setitem(sys.modules, "pynvml", fake.module)
     yield fake
     fake.release_all()
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The base URL of a real llama-server (tests/llama_server.py) running the tiny model,
+    with `--metrics`: one for the whole session."""
+    require_module("gguf")
+    folder = tmp_path_factory.mktemp("llama")
+    process, base = start_llama_server(folder, "-m", str(llama.write_model(folder / "tiny.gguf")))
+    try:
+        yield base
+    finally:
+        stop_process(process)
 
 
 def _real_gpu_reason() -> str | None:

@@ -109,6 +109,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_llama_server(folder: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A real llama-server (tests/llama_server.py) with `args` and `--metrics`, its log in
+    `folder`, once it answers /health: the process and its base URL. A missing binary is
+    `missing`."""
+    import llama_server
+
+    binary = llama_server.binary()
+    if not binary.is_file():
+        missing(f"llama-server is not built: run `python tests/llama_server.py` ({binary})")
+    port = free_port()
+    with (folder / "server.log").open("wb") as log:
+        process = subprocess.Popen(
+            [str(binary), *args, "--host", "127.0.0.1", "--port", str(port), "--metrics",
+             "-c", "1024", "--threads", "1"], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(f"{base}/health"), "llama-server answers /health",
+                   timeout_s=60)
+    except BaseException:
+        stop_process(process)
+        raise
+    return process, base
+
+
+def _answers(url: str) -> bool:
+    try:
+        return http_get(url)[0] == 200
+    except OSError:
+        return False
+
+
 def agent_env() -> dict[str, str]:
     """This environment without PYTHONPATH or JOULEPROBE_* settings, which would change
     what the agent under test does."""

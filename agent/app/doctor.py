@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import http.client
+import urllib.error
+import urllib.request
+
 from agent.config import Config
 from agent.devices.base import GpuInfo
 from agent.devices.host import probe_rapl
 from agent.devices.nvml import NvmlGpuReport, probe
 from agent.intake.discovery import GpuResolver, local_port
+from agent.intake.scrapers.kinds import KINDS, describe
 from agent.sim.gpus import SimulatedGpuSource, parse_spec
 
 
@@ -48,6 +53,26 @@ def _request_source_lines(config: Config, infos: list[GpuInfo]) -> list[str]:
     return lines
 
 
+def _scrape_metric_lines(config: Config) -> list[str]:
+    """Per scraped server, the metric families its windows are read from, and those that
+    are missing or declared of another type (renamed by a version): named here, since the
+    windows would only lack that quantity."""
+    lines = []
+    for table in config.scrape:
+        try:
+            with urllib.request.urlopen(table.url, timeout=5) as answer:
+                found = describe(KINDS[table.kind], answer.read().decode("utf-8", "replace"))
+        except urllib.error.HTTPError as exc:  # the server's words say why (llama.cpp's
+            # router: "model name is missing from the request")
+            said = exc.read()[:200].decode("utf-8", "replace").strip()
+            found = [f"cannot read its metrics: HTTP {exc.code}: {said}"]
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            found = [f"cannot read its metrics: {exc}"]
+        lines.append(f"  scrape {table.kind} ({table.url}) reads:")
+        lines += [f"    {line}" for line in found]
+    return lines
+
+
 def report(config: Config) -> tuple[str, bool]:
     """The doctor's text, and whether the GPUs can be measured."""
     lines = []
@@ -70,6 +95,7 @@ def report(config: Config) -> tuple[str, bool]:
         infos = [GpuInfo(g.index, g.uuid or "", g.name or "", g.energy_source, g.power_field)
                  for g in nvml.gpus]
     lines += _request_source_lines(config, infos)
+    lines += _scrape_metric_lines(config)
     rapl = probe_rapl(config.host.rapl_path)
     if rapl.readable:
         lines.append(f"Host: RAPL readable at {rapl.root}: {', '.join(rapl.domains)}")

@@ -204,7 +204,10 @@ class _ModelAccumulator:
             self.joules[boundary].append(value)
         self.statuses[record.status] += 1
         self.simulated = self.simulated or record.simulated
-        if record.prompt_tokens is not None and record.completion_tokens is not None:
+        # J per token only from the server's own counts: an estimate (content chunks
+        # counted) runs low wherever one chunk carries several tokens.
+        if (record.prompt_tokens is not None and record.completion_tokens is not None
+                and not record.tokens_estimated):
             self.token_requests += 1
             self.token_gpu_j.append(gpu)
             self.token_it_j.append(it)

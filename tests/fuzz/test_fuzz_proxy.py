@@ -615,8 +615,8 @@ class Stream:
                 continue
             release()
             edited = dict(chunk)
-            if isinstance(choices, list) and choices:
-                edited.pop("usage", None)
+            if isinstance(choices, list) and choices and isinstance(chunk.get("usage"), dict):
+                del edited["usage"]
             if finishing:
                 held = (event, edited)
             else:

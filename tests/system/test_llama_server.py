@@ -4,45 +4,18 @@ what it sends at the end of a stream, the facts the proxy has to keep (issue 14)
 from __future__ import annotations
 
 import json
-import subprocess
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import llama_server
 import pytest
-from scripted import free_port, missing, require_module, wait_until
+from scripted import require_module
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    require_module("gguf")
-    binary = llama_server.binary()
-    if not binary.is_file():
-        missing(f"llama-server is not built: run `python tests/llama_server.py` ({binary})")
-    folder = tmp_path_factory.mktemp("llama")
-    model = llama_server.write_model(folder / "tiny.gguf")
-    port = free_port()
-    with (folder / "server.log").open("wb") as log:
-        process = subprocess.Popen(
-            [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-             "--metrics", "-c", "1024", "--threads", "1"], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _healthy(base), "llama-server answers /health", timeout_s=60)
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def _healthy(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base}/health", timeout=2) as answer:
-            return bool(answer.status == 200)
-    except OSError:
-        return False
+@pytest.fixture
+def server(llama_server: str) -> str:
+    return llama_server
 
 
 def _chat(base: str, body: dict[str, Any]) -> bytes:

@@ -59,7 +59,8 @@ class EventStream:
     What asking adds: the usage-only chunk at the end, which is dropped, but whose other
     members (llama.cpp moves its `timings` there from the finishing chunk) are put back on
     the chunk that finished the last choice, at its end, as the server writes them unasked;
-    and a `usage` member on content chunks (Ollama's `/v1/completions`), which is removed.
+    and a `usage` object on content chunks (Ollama's `/v1/completions` puts zeros on each),
+    which is removed. A `"usage": null` stays: TGI writes it on every chunk, asked or not.
     So while rewriting, a chunk that finishes a choice is held until the next event shows
     whether a usage-only chunk follows. Edits are made in the event's own bytes
     (`agent.intake.proxy.members`); all else passes byte for byte.
@@ -167,7 +168,7 @@ class EventStream:
             self._drop_usage_chunk(text, kept)
             return
         self._release(kept)
-        if isinstance(choices, list) and choices and "usage" in document:
+        if isinstance(choices, list) and choices and isinstance(document.get("usage"), dict):
             event = _edited(event, text, lambda t, spans: without(t, spans, "usage")) or event
         if _finishes(choices):
             self._held = _Held(event, frozenset(document))

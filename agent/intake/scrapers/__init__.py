@@ -10,6 +10,7 @@ from agent.intake.scrapers.kinds import KINDS, ServerKind, read_counts
 from agent.intake.scrapers.scraper import WindowScraper, WindowSink
 from agent.intake.scrapers.window import (
     CounterDeltas,
+    CounterWindow,
     GpuWindowEnergy,
     ModelWindow,
     Usage,
@@ -21,6 +22,7 @@ from agent.intake.scrapers.window import (
 __all__ = [
     "KINDS",
     "CounterDeltas",
+    "CounterWindow",
     "GpuWindowEnergy",
     "ModelWindow",
     "ServerKind",

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import aiohttp
 
@@ -109,8 +109,10 @@ class WindowScraper:
         `timelines`: the sampler's, and `idle_power_w` the engine's baseline per GPU.
         `store`: keeps the settled windows, if given (the metrics always get them).
         `model`: the model name of a server whose metrics carry none (TGI, llama.cpp);
-        by default the first id of its OpenAI /v1/models. `clock` stamps window bounds and
-        must be the sampler's (time.monotonic)."""
+        by default the `model` of the URL's query (llama.cpp's router mode serves the
+        metrics of one of its models per `?model=ID`), else the first id of its OpenAI
+        /v1/models. `clock` stamps window bounds and must be the sampler's
+        (time.monotonic)."""
         if kind not in KINDS:
             raise ValueError(f"unknown scrape kind {kind!r} (known: {', '.join(KINDS)})")
         self.kind = KINDS[kind]
@@ -121,13 +123,13 @@ class WindowScraper:
         self._idle_power_w = idle_power_w
         self._metrics = metrics
         self._store = store
-        self._model = model
+        queried = parse_qs(urlsplit(url).query).get("model")
+        self._model = model or (queried[0] if queried else None)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.max_settle_s = max_settle_s
         self.prefill_weight = prefill_weight
         self._clock = clock
-        self._deltas = CounterDeltas()
-        self._previous_time: float | None = None
+        self._deltas = CounterDeltas(self.kind.significant_digits)
         self._pending: deque[_Window] = deque()
         self._failing: ErrorKind | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -179,8 +181,11 @@ class WindowScraper:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         try:
             async with self._session.get(url) as response:
-                if response.status != 200:
-                    raise ScrapeError("http_status", f"HTTP {response.status} from {url}")
+                if response.status != 200:  # the server's words say why (llama.cpp's
+                    # router: "model name is missing from the request")
+                    said = (await response.text(errors="replace"))[:200].strip()
+                    raise ScrapeError("http_status", f"HTTP {response.status} from {url}: "
+                                                     f"{said} ({self.kind.hint})")
                 return await response.text()
         except TimeoutError:
             raise ScrapeError("timeout", f"no answer from {url} in time") from None
@@ -201,18 +206,17 @@ class WindowScraper:
     # -- windows ------------------------------------------------------------------------
 
     async def _open_window(self, counts: dict[SeriesKey, float], now: float) -> None:
-        start, self._previous_time = self._previous_time, now
-        usage = self._deltas.update(counts)
-        if usage is None or start is None:
+        window = self._deltas.update(counts, now)
+        if window is None:
             return
         try:  # off the loop: a GPU set not yet discovered may wait for its discovery
             gpus = await asyncio.to_thread(self._gpus)
         except ValueError as exc:
             self._metrics.scrape_failed(self.source, "gpus")
             log.warning("%s: window of %.1f s dropped, its GPUs are unknown: %s",
-                        self.source, now - start, exc)
+                        self.source, window.end - window.start, exc)
             return
-        self._pending.append(_Window(start, now, gpus, usage))
+        self._pending.append(_Window(window.start, window.end, gpus, window.usage))
 
     def _settle(self, now: float) -> list[WindowFigures]:
         settled = []

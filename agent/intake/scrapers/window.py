@@ -9,6 +9,13 @@ Pure functions and one small state holder, so that every rule here is tested wit
   model loaded, a histogram's first observation) was created since the previous scrape
   and counts from 0. Deltas are taken per series, then summed per model, so that one
   series disappearing (an unloaded adapter) is not mistaken for a reset of the model.
+  A server that writes values with few significant digits (llama.cpp: six) moves a
+  counter past 999999 in steps (of 10, then 100, …): a window in which such a coarse
+  counter did not move may still have done up to a step of work, so it is not closed:
+  its work is carried into the next window (the baseline stays), for at most
+  `max_carry_s`. A step then lands in a window that worked, never a window of zero by
+  rounding, and a rounded value is never lower than the one before, so no delta is
+  negative; the sum of the windows stays the counter's increase, within one step.
 - **Window energy** (`gpu_window_energy`): per GPU, the energy of [start, end] from the
   sampler's timeline: each interval between two points contributes its energy times the
   fraction of it inside the window (power taken as constant within an interval); gap
@@ -53,20 +60,44 @@ class Usage:
     completion_tokens: float | None = None
 
 
+MAX_CARRY_S = 60.0
+"""The longest a window is carried on for a coarse counter that stood still (an idle
+server's windows are then this long)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CounterWindow:
+    """What the counters say of [start, end]: per model, its increases."""
+
+    start: float
+    end: float
+    usage: dict[str, Usage]
+
+
 class CounterDeltas:
     """Turns successive scrapes' cumulative series into per-model increases."""
 
-    def __init__(self) -> None:
+    def __init__(self, significant_digits: int | None = None,
+                 max_carry_s: float = MAX_CARRY_S) -> None:
+        """`significant_digits`: how many the server writes (`ServerKind`); None: all."""
+        self._digits = significant_digits
+        self.max_carry_s = max_carry_s
         self._previous: dict[SeriesKey, float] | None = None
+        self._since = 0.0
 
-    def update(self, counts: Mapping[SeriesKey, float]) -> dict[str, Usage] | None:
-        """Per-model increases since the previous call; None on the first (the baseline).
+    def update(self, counts: Mapping[SeriesKey, float], now: float) -> CounterWindow | None:
+        """The window from the baseline to `now`, which becomes the baseline; None on the
+        first call (the baseline), and while a coarse counter stands still (carried).
 
         A model's quantity is None where none of its series counts it (a Triton model
         outside LLM backends has no token series), 0 where its series did not move."""
-        previous, self._previous = self._previous, dict(counts)
-        if previous is None:
+        if self._previous is None:
+            self._previous, self._since = dict(counts), now
             return None
+        if now - self._since < self.max_carry_s and self._stood_still(counts):
+            return None
+        previous, start = self._previous, self._since
+        self._previous, self._since = dict(counts), now
         sums: dict[str, dict[Quantity, float]] = {}
         for key, value in counts.items():
             quantity, model, _ = key
@@ -74,7 +105,16 @@ class CounterDeltas:
             increase = value - before if value >= before else value
             per_model = sums.setdefault(model, {})
             per_model[quantity] = per_model.get(quantity, 0.0) + increase
-        return {model: Usage(**values) for model, values in sums.items()}
+        return CounterWindow(start, now,
+                             {model: Usage(**values) for model, values in sums.items()})
+
+    def _stood_still(self, counts: Mapping[SeriesKey, float]) -> bool:
+        """Whether a series written with too few digits to count by 1 did not move."""
+        if self._digits is None or self._previous is None:
+            return False
+        coarse = 10.0 ** self._digits  # from here on, a value is written to a step > 1
+        return any(value >= coarse and value == self._previous.get(key)
+                   for key, value in counts.items())
 
 
 @dataclass(frozen=True, slots=True)

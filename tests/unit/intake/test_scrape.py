@@ -6,6 +6,7 @@ clock and the timelines' points are set by each test."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -20,6 +21,7 @@ from agent.config import SCRAPE_KINDS
 from agent.intake.scrapers import (
     KINDS,
     CounterDeltas,
+    CounterWindow,
     GpuWindowEnergy,
     Usage,
     WindowFigures,
@@ -28,7 +30,7 @@ from agent.intake.scrapers import (
     read_counts,
     split_window,
 )
-from agent.intake.scrapers.kinds import NotServerMetrics, SeriesKey
+from agent.intake.scrapers.kinds import NotServerMetrics, SeriesKey, describe
 from agent.timeline import EnergyPoint, Timeline
 from exporters.window_metrics import WindowMetrics
 
@@ -47,49 +49,157 @@ def per_model(counts: dict[SeriesKey, float]) -> dict[tuple[str, str], float]:
 
 
 # --- parsing -------------------------------------------------------------------------------
+# Captures under fixtures/metrics/ are servers' own output (each file says where it is from);
+# the other server files are not captures, and are read only where no capture was found.
+
+IDLE, BUSY = "metrics/llamacpp_b11434_idle.txt", "metrics/llamacpp_b11434_busy.txt"
+"""A real llama-server (b11434, tests/llama_server.py) before and after a few requests."""
+
+
+def line_value(text: str, series: str) -> float:
+    """The value on the exposition line of `series` (name and labels as written)."""
+    (value,) = [line.removeprefix(f"{series} ") for line in text.splitlines()
+                if line.startswith(f"{series} ")]
+    return float(value)
 
 
 @pytest.mark.parametrize(("kind", "expected"), [
     ("vllm", {(LLAMA, "requests"): 100, (LLAMA, "prompt_tokens"): 10_000,
               (LLAMA, "completion_tokens"): 50_000}),
-    ("sglang", {(LLAMA, "requests"): 83_521, (LLAMA, "prompt_tokens"): 8_128_902,
-                (LLAMA, "completion_tokens"): 7_557_572}),
     ("tgi", {("served", "requests"): 120, ("served", "prompt_tokens"): 31_500,
              ("served", "completion_tokens"): 42_000}),
     ("triton", {("ensemble", "requests"): 200, ("tensorrt_llm", "requests"): 200,
                 ("resnet50", "requests"): 1000, ("tensorrt_llm", "prompt_tokens"): 60_000,
                 ("tensorrt_llm", "completion_tokens"): 40_000}),
-    ("llamacpp", {("served", "prompt_tokens"): 5120, ("served", "completion_tokens"): 20_480}),
 ])
 def test_each_servers_fixture_parses(kind: str, expected: dict[tuple[str, str], float]) -> None:
     assert per_model(read_counts(KINDS[kind], fixture(f"{kind}_1.txt"), "served")) == expected
 
 
+QWEN = "Qwen/Qwen2.5-0.5B-Instruct"
+QWEN_LABEL = f'{{model_name="{QWEN}"}}'
+
+
+@pytest.mark.parametrize(("capture", "requests_series"), [
+    ("metrics/sglang_0.4.3.txt", "sglang:num_requests_total"),
+    # Before 0.4.2 there is no request counter: finished requests are the latency count.
+    ("metrics/sglang_0.4.0.txt", "sglang:e2e_request_latency_seconds_count"),
+])
+def test_sglang_requests_are_read_from_the_family_its_version_has(
+    capture: str, requests_series: str,
+) -> None:
+    text = fixture(capture)
+    assert per_model(read_counts(KINDS["sglang"], text, "unused")) == {
+        (QWEN, "requests"): line_value(text, requests_series + QWEN_LABEL),
+        (QWEN, "prompt_tokens"): line_value(text, "sglang:prompt_tokens_total" + QWEN_LABEL),
+        (QWEN, "completion_tokens"):
+            line_value(text, "sglang:generation_tokens_total" + QWEN_LABEL),
+    }
+
+
+def test_sglang_before_its_first_request_counts_nothing_yet() -> None:
+    """Its empty answer is a baseline of zeros, so the first requests are in a window."""
+    kind = KINDS["sglang"]
+    idle, busy = (read_counts(kind, fixture(f"metrics/sglang_0.4.0{name}.txt"), "m")
+                  for name in ("_idle", ""))
+    assert idle == {}
+    assert describe(kind, fixture("metrics/sglang_0.4.0_idle.txt"))[0].startswith("no metric yet")
+    deltas = CounterDeltas()
+    deltas.update(idle, 0.0)
+    assert usage(deltas.update(busy, 15.0)) == {
+        QWEN: Usage(**{quantity: value for (quantity, _, _), value in busy.items()})}
+
+
+def test_a_request_is_not_counted_twice_where_both_families_count_it() -> None:
+    text = fixture("metrics/sglang_0.4.3.txt")
+    both = [line_value(text, name + QWEN_LABEL) for name in (
+        "sglang:num_requests_total", "sglang:e2e_request_latency_seconds_count")]
+    assert both[0] == both[1] > 0
+    requests = [key for key in read_counts(KINDS["sglang"], text, "m") if key[0] == "requests"]
+    assert len(requests) == 1
+
+
+def test_tritons_vllm_backend_tokens_are_read_with_tritons_labels() -> None:
+    text = fixture("metrics/triton_vllm_backend_readme.txt")
+    labels = '{model="vllm_model",version="1"}'
+    counts = read_counts(KINDS["triton"], text, "unused")
+    assert per_model(counts) == {
+        ("vllm_model", "prompt_tokens"): line_value(text, "vllm:prompt_tokens_total" + labels),
+        ("vllm_model", "completion_tokens"):
+            line_value(text, "vllm:generation_tokens_total" + labels),
+    }
+    # No request family in it: requests are unknown (None), not 0.
+    deltas = CounterDeltas()
+    deltas.update(counts, 0.0)
+    assert usage(deltas.update(counts, 1.0))["vllm_model"].requests is None
+
+
+def test_a_llama_server_capture_parses() -> None:
+    text = fixture(BUSY)
+    assert per_model(read_counts(KINDS["llamacpp"], text, "served")) == {
+        ("served", "prompt_tokens"): line_value(text, "llamacpp:prompt_tokens_total"),
+        ("served", "completion_tokens"): line_value(text, "llamacpp:tokens_predicted_total"),
+    }
+
+
+def test_a_body_sent_as_one_json_string_is_decoded() -> None:
+    """llama.cpp builds of late 2025 (ggml-org/llama.cpp#17384) passed the exposition to the
+    server's JSON `ok()` response helper, which dumped it as one JSON string: quoted,
+    newlines escaped (fixed by #17386 with an `ok()` for std::string). A real capture,
+    dumped the same way."""
+    text = fixture(BUSY)
+    quoted = json.dumps(text, ensure_ascii=False)
+    assert quoted.startswith('"# ') and "\n" not in quoted and "\\n" in quoted
+    kind = KINDS["llamacpp"]
+    assert read_counts(kind, quoted, "m") == read_counts(kind, text, "m")
+    with pytest.raises(ValueError):
+        read_counts(kind, '"# HELP llamacpp:prompt_tokens_total', "m")  # cut short
+
+
 def test_a_family_of_another_declared_type_is_not_read() -> None:
-    text = fixture("vllm_1.txt").replace(
-        "# TYPE vllm:prompt_tokens_total counter", "# TYPE vllm:prompt_tokens_total gauge")
-    quantities = {quantity for quantity, _, _ in read_counts(KINDS["vllm"], text, "m")}
-    assert quantities == {"requests", "completion_tokens"}
+    text = fixture(BUSY).replace(
+        "# TYPE llamacpp:prompt_tokens_total counter", "# TYPE llamacpp:prompt_tokens_total gauge")
+    quantities = {quantity for quantity, _, _ in read_counts(KINDS["llamacpp"], text, "m")}
+    assert quantities == {"completion_tokens"}
+    assert "prompt_tokens: MISSING" in describe(KINDS["llamacpp"], text)[1]
+    assert "declared gauge, not counter" in describe(KINDS["llamacpp"], text)[1]
 
 
 def test_another_servers_metrics_are_refused() -> None:
     with pytest.raises(NotServerMetrics, match="--enable-metrics"):
-        read_counts(KINDS["sglang"], fixture("vllm_1.txt"), "m")
+        read_counts(KINDS["sglang"], fixture(BUSY), "m")
+
+
+def test_describe_names_the_family_read_and_what_is_missing() -> None:
+    old, new = (describe(KINDS["sglang"], fixture(f"metrics/sglang_{v}.txt"))
+                for v in ("0.4.0", "0.4.3"))
+    assert old[0] == ("requests: sglang:e2e_request_latency_seconds_count; "
+                      "no sglang:num_requests_total")
+    assert new[0] == ("requests: sglang:num_requests_total, "
+                      "else sglang:e2e_request_latency_seconds_count")
+    triton = describe(KINDS["triton"], fixture("metrics/triton_vllm_backend_readme.txt"))
+    assert triton[0].startswith("requests: MISSING, none of nv_inference_request_success_total")
+    assert triton[1] == "prompt_tokens: vllm:prompt_tokens_total; no nv_llm_input_token_len_sum"
+    assert describe(KINDS["llamacpp"], fixture(IDLE))[0] == "requests: not exported by llamacpp"
 
 
 # --- deltas --------------------------------------------------------------------------------
 
 
 def test_deltas_baseline_increase_and_reset() -> None:
-    kind = KINDS["vllm"]
+    kind = KINDS["llamacpp"]
+    idle, busy = (read_counts(kind, fixture(name), "m") for name in (IDLE, BUSY))
     deltas = CounterDeltas()
-    assert deltas.update(read_counts(kind, fixture("vllm_1.txt"), "m")) is None  # baseline
-    window = deltas.update(read_counts(kind, fixture("vllm_2.txt"), "m"))
-    assert window == {LLAMA: Usage(requests=20, prompt_tokens=2000, completion_tokens=8000)}
+    assert deltas.update(idle, 10.0) is None  # baseline
+    window = deltas.update(busy, 20.0)
+    assert window is not None and (window.start, window.end) == (10.0, 20.0)
+    increase = {quantity: busy[key] - idle[key] for key in busy for quantity in [key[0]]}
+    assert window.usage == {"m": Usage(**increase)}
+    assert all(value > 0 for value in increase.values())
     # The server restarted and is lower than before: its new values are the increase.
-    restarted = deltas.update(read_counts(kind, fixture("vllm_1.txt"), "m"))
-    assert restarted == {LLAMA: Usage(requests=100, prompt_tokens=10_000,
-                                      completion_tokens=50_000)}
+    restarted = deltas.update(idle, 30.0)
+    assert restarted is not None
+    assert restarted.usage == {"m": Usage(**{key[0]: idle[key] for key in idle})}
 
 
 def test_deltas_are_per_series() -> None:
@@ -97,9 +207,67 @@ def test_deltas_are_per_series() -> None:
     deltas = CounterDeltas()
     stop = ("requests", "m", (("reason", "stop"),))
     length = ("requests", "m", (("reason", "length"),))
-    deltas.update({stop: 10.0, length: 5.0})
-    assert deltas.update({stop: 12.0}) == {"m": Usage(requests=2.0)}
-    assert deltas.update({stop: 12.0, length: 3.0}) == {"m": Usage(requests=3.0)}
+    deltas.update({stop: 10.0, length: 5.0}, 0.0)
+    assert usage(deltas.update({stop: 12.0}, 1.0)) == {"m": Usage(requests=2.0)}
+    assert usage(deltas.update({stop: 12.0, length: 3.0}, 2.0)) == {"m": Usage(requests=3.0)}
+
+
+def usage(window: CounterWindow | None) -> dict[str, Usage]:
+    assert window is not None
+    return window.usage
+
+
+def printed(value: int) -> float:
+    """`value` as llama.cpp writes it: a C++ stream's default, six significant digits
+    (tools/server/server-task.cpp, `to_metrics`), which is printf's %g."""
+    return float(f"{value:g}")
+
+
+TOKENS: SeriesKey = ("completion_tokens", "m", ())
+
+
+def test_six_digit_counters_carry_a_still_window_into_the_next() -> None:
+    assert f"{1_234_567:g}" == "1.23457e+06" and f"{999_999:g}" == "999999"
+    deltas = CounterDeltas(significant_digits=6, max_carry_s=60.0)
+    true = 1_234_561
+    deltas.update({TOKENS: printed(true)}, 0.0)
+    true += 4  # 1234565 is still written 1.23456e+06: no window yet, nothing said is 0
+    assert deltas.update({TOKENS: printed(true)}, 15.0) is None
+    true += 5  # 1234570: written 1.23457e+06, one step of 10 since the baseline
+    window = deltas.update({TOKENS: printed(true)}, 30.0)
+    assert window is not None and (window.start, window.end) == (0.0, 30.0)
+    assert window.usage["m"].completion_tokens == printed(true) - printed(1_234_561) == 10
+
+
+def test_six_digit_windows_add_up_to_the_counter_and_none_is_empty_by_rounding() -> None:
+    deltas = CounterDeltas(significant_digits=6, max_carry_s=60.0)
+    now, true = 0.0, 998_000
+    done = {now: true}  # the true count at each scrape
+    deltas.update({TOKENS: printed(true)}, now)
+    windows = []
+    for step in [3, 700, 1, 1, 2, 999, 4, 0, 6, 13, 1, 250, 7, 7, 7, 7] * 3:
+        now, true = now + 15.0, true + step
+        done[now] = true
+        windows += [w for w in [deltas.update({TOKENS: printed(true)}, now)] if w]
+    assert printed(true) > 1e6, "the walk crosses into six-digit rounding"
+    tokens = [usage(w)["m"].completion_tokens or 0.0 for w in windows]
+    assert sum(tokens) == printed(done[windows[-1].end]) - printed(998_000)
+    for window, counted in zip(windows, tokens, strict=True):
+        work = done[window.end] - done[window.start]
+        assert counted >= 0 and (counted > 0 or work == 0), (window, counted, work)
+        assert abs(counted - work) <= 10, "within a step of what was done"
+    assert any(w.end - w.start > 15.0 for w in windows), "some windows were carried"
+
+
+def test_an_idle_six_digit_counter_still_closes_windows_after_max_carry() -> None:
+    deltas = CounterDeltas(significant_digits=6, max_carry_s=60.0)
+    deltas.update({TOKENS: 2.5e6}, 0.0)
+    assert [deltas.update({TOKENS: 2.5e6}, t) for t in (15.0, 30.0, 45.0)] == [None] * 3
+    idle = deltas.update({TOKENS: 2.5e6}, 60.0)
+    assert idle is not None and idle.usage["m"].completion_tokens == 0.0
+    exact = CounterDeltas()  # a server that writes every digit is never carried
+    exact.update({TOKENS: 2.5e6}, 0.0)
+    assert exact.update({TOKENS: 2.5e6}, 15.0) is not None
 
 
 # --- window energy -------------------------------------------------------------------------
@@ -222,63 +390,80 @@ class Sink:
 
 def test_two_scrapes_of_a_real_server_give_one_window() -> None:
     metrics, clock, sink = WindowMetrics(), Clock(10.0), Sink()
+    idle, busy = fixture(IDLE), fixture(BUSY)
 
     async def test(url: str) -> None:
-        vllm = scraper(url, "vllm", clock, metrics, store=sink)
-        assert await vllm.scrape_once() == []  # the baseline
+        llama = scraper(url, "llamacpp", clock, metrics, store=sink, model="tiny")
+        assert await llama.scrape_once() == []  # the baseline
         assert sink.submitted == [], "nothing settled, nothing stored"
         clock.now = 20.0
-        (figures,) = await vllm.scrape_once()  # the timeline is already past t = 20
-        await vllm.close()
-        assert sink.submitted == [("scrape:vllm", [figures])], "once per settling scrape"
-        window = figures.models[LLAMA]
+        (figures,) = await llama.scrape_once()  # the timeline is already past t = 20
+        await llama.close()
+        assert sink.submitted == [("scrape:llamacpp", [figures])], "once per settling scrape"
+        window = figures.models["tiny"]
         assert (figures.start, figures.end, figures.gpus) == (10.0, 20.0, (0,))
         # 200 W for 10 s on GPU 0, idle baseline 50 W.
         assert (window.gpu_static_j, window.gpu_dynamic_j) == pytest.approx((500.0, 1500.0))
 
-    asyncio.run(serving([fixture("vllm_1.txt"), fixture("vllm_2.txt")], None, test))
+    asyncio.run(serving([idle, busy], None, test))
     got = samples(metrics)
-    labels = {"model": LLAMA, "source": "scrape:vllm"}
-    assert got.get_sample_value("jouleprobe_window_requests_total", labels) == 20
+    labels = {"model": "tiny", "source": "scrape:llamacpp"}
     assert got.get_sample_value("jouleprobe_window_energy_joules_total",
                                 {"component": "gpu_static", **labels}) == pytest.approx(500.0)
-    assert got.get_sample_value("jouleprobe_window_tokens_total",
-                                {"kind": "completion", **labels}) == 8000
-    assert got.get_sample_value("jouleprobe_scrapes_total", {"source": "scrape:vllm"}) == 2
+    predicted = "llamacpp:tokens_predicted_total"
+    assert got.get_sample_value("jouleprobe_window_tokens_total", {"kind": "completion", **labels}
+                                ) == line_value(busy, predicted) - line_value(idle, predicted)
+    assert got.get_sample_value("jouleprobe_scrapes_total", {"source": "scrape:llamacpp"}) == 2
 
 
 def test_a_window_waits_until_the_sampler_has_passed_its_end() -> None:
     metrics, clock = WindowMetrics(), Clock(25.0)
 
     async def test(url: str) -> None:
-        vllm = scraper(url, "vllm", clock, metrics, max_settle_s=60.0)
-        await vllm.scrape_once()
+        llama = scraper(url, "llamacpp", clock, metrics, max_settle_s=60.0, model="tiny")
+        await llama.scrape_once()
         clock.now = 35.0  # the timeline ends at t = 30
-        assert await vllm.scrape_once() == []
+        assert await llama.scrape_once() == []
         clock.now = 95.0  # past max_settle_s: settled with what was measured
-        (settled,) = await vllm.scrape_once()
-        await vllm.close()
+        (settled,) = await llama.scrape_once()
+        await llama.close()
         assert (settled.start, settled.end) == (25.0, 35.0)
         assert settled.measured_j == pytest.approx(200.0 * 5)
 
-    asyncio.run(serving([fixture("vllm_1.txt"), fixture("vllm_2.txt")], None, test))
+    asyncio.run(serving([fixture(IDLE), fixture(BUSY)], None, test))
 
 
 def test_a_server_without_model_label_is_named_by_its_v1_models() -> None:
     metrics, clock = WindowMetrics(), Clock(10.0)
-    later = fixture("tgi_1.txt").replace("tgi_request_success 120", "tgi_request_success 125")
 
     async def test(url: str) -> None:
-        tgi = scraper(url, "tgi", clock, metrics)
-        await tgi.scrape_once()
+        llama = scraper(url, "llamacpp", clock, metrics)
+        await llama.scrape_once()
         clock.now = 20.0
-        (figures,) = await tgi.scrape_once()
-        await tgi.close()
-        assert figures.models["bigscience/bloom-560m"].usage.requests == 5
-        assert figures.weighting == "requests"  # no token moved in this window
+        (figures,) = await llama.scrape_once()
+        await llama.close()
+        assert list(figures.models) == ["/models/tiny.gguf"]
+        assert figures.weighting == "tokens"
 
-    models = {"object": "list", "data": [{"id": "bigscience/bloom-560m", "object": "model"}]}
-    asyncio.run(serving([fixture("tgi_1.txt"), later], models, test))
+    models: dict[str, object] = {"object": "list", "data": [{"id": "/models/tiny.gguf"}]}
+    asyncio.run(serving([fixture(IDLE), fixture(BUSY)], models, test))
+
+
+def test_the_model_of_the_urls_query_names_the_windows() -> None:
+    """llama.cpp's router mode serves one model's metrics per `?model=ID`, and lists all
+    of its models in /v1/models: the query's is the one scraped."""
+    metrics, clock = WindowMetrics(), Clock(10.0)
+
+    async def test(url: str) -> None:
+        llama = scraper(f"{url}?model=second", "llamacpp", clock, metrics)
+        await llama.scrape_once()
+        clock.now = 20.0
+        (figures,) = await llama.scrape_once()
+        await llama.close()
+        assert list(figures.models) == ["second"]
+
+    models: dict[str, object] = {"object": "list", "data": [{"id": "first"}, {"id": "second"}]}
+    asyncio.run(serving([fixture(IDLE), fixture(BUSY)], models, test))
 
 
 def test_an_unreachable_server_is_counted_and_logged_once(
@@ -325,17 +510,17 @@ def test_windows_with_unknown_gpus_are_dropped_whole() -> None:
         raise ValueError("nothing listens on port 8000")
 
     async def test(url: str) -> None:
-        vllm = scraper(url, "vllm", clock, metrics, gpus=unknown)
-        await vllm.scrape_once()
+        llama = scraper(url, "llamacpp", clock, metrics, gpus=unknown, model="tiny")
+        await llama.scrape_once()
         clock.now = 20.0
-        assert await vllm.scrape_once() == []
-        await vllm.close()
+        assert await llama.scrape_once() == []
+        await llama.close()
 
-    asyncio.run(serving([fixture("vllm_1.txt"), fixture("vllm_2.txt")], None, test))
+    asyncio.run(serving([fixture(IDLE), fixture(BUSY)], None, test))
     got = samples(metrics)
     assert got.get_sample_value("jouleprobe_scrape_errors_total",
-                                {"kind": "gpus", "source": "scrape:vllm"}) == 1
-    assert not any(sample.name == "jouleprobe_window_requests_total"
+                                {"kind": "gpus", "source": "scrape:llamacpp"}) == 1
+    assert not any(sample.name == "jouleprobe_window_tokens_total"
                    for family in got.collect() for sample in family.samples)
 
 

@@ -4,6 +4,7 @@ and the scrape windows' figures beside the requests'."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import random
@@ -100,6 +101,14 @@ def test_statistics_per_model_and_boundary_against_hand_computed_values() -> Non
     assert a.it_j_per_token_all == pytest.approx(10800 / 310)
     assert b.requests_with_tokens == 1
     assert b.it_j_per_completion_token is None and b.it_j_per_token_all is None
+
+
+def test_estimated_counts_are_left_out_of_the_joules_per_token() -> None:
+    estimated = dataclasses.replace(stored("r4", "a", 3600, 0, 0, 0, prompt=5, completion=9),
+                                    tokens_estimated=True)
+    (a, _) = build_report([*RECORDS, estimated], generated=NOW).models
+    assert a.requests == 4
+    assert (a.requests_with_tokens, a.prompt_tokens, a.completion_tokens) == (2, 110, 200)
 
 
 def test_json_parses_back_with_every_figure() -> None:
