@@ -176,6 +176,21 @@ class IngestSection:
 
 
 @dataclass(frozen=True)
+class OtlpSection:
+    listen: str = _key("127.0.0.1:4318", "OTLP/HTTP trace receiver (POST /v1/traces), started "
+                       "when a [[trace]] table exists; off loopback it needs token_file",
+                       _host_port)
+    token_file: str = _key("", "file holding the bearer token that exporters must send")
+    max_body_bytes: int = _key(16777216, "largest export accepted, once decompressed",
+                               _positive)
+    max_concurrent: int = _key(16, "exports handled at once; more get 503 with Retry-After",
+                               _positive)
+    settle: float = _key(10.0, "seconds attribution waits for spans when a [[trace]] table "
+                         "exists (the SDK batches them for 5 s, a collector adds its own)",
+                         _non_negative)
+
+
+@dataclass(frozen=True)
 class RecordsSection:
     path: str = _key("jouleprobe.db", "SQLite file of request records and scrape windows (WAL)")
     flush_interval: float = _key(1.0, "seconds between two batched writes", _positive)
@@ -209,18 +224,30 @@ class ScrapeTable:
 
 
 @dataclass(frozen=True)
+class TraceTable:
+    """One `[[trace]]` table: a server that exports its request spans to the receiver."""
+
+    service: str = _key(REQUIRED, "the service.name of its spans' resource (OTEL_SERVICE_NAME); "
+                        "requests' source is trace:SERVICE")
+    gpus: GpuSpec = _key(REQUIRED, "GPUs serving it: [0, 1] or UUIDs")
+    model: str = _key("", "model name to record; by default the span's own, else the service")
+
+
+@dataclass(frozen=True)
 class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     host: HostSection = field(default_factory=HostSection)
     site: SiteSection = field(default_factory=SiteSection)
     attribution: AttributionSection = field(default_factory=AttributionSection)
     ingest: IngestSection = field(default_factory=IngestSection)
+    otlp: OtlpSection = field(default_factory=OtlpSection)
     records: RecordsSection = field(default_factory=RecordsSection)
     proxy: tuple[ProxyTable, ...] = ()
     scrape: tuple[ScrapeTable, ...] = ()
+    trace: tuple[TraceTable, ...] = ()
 
 
-TABLES: dict[str, type] = {"proxy": ProxyTable, "scrape": ScrapeTable}
+TABLES: dict[str, type] = {"proxy": ProxyTable, "scrape": ScrapeTable, "trace": TraceTable}
 """Arrays of tables (`[[proxy]]`): set in the file only, not by environment or flags."""
 
 

@@ -17,14 +17,18 @@ from agent.devices.base import GpuSource
 from agent.devices.host import open_host_source
 from agent.devices.nvml import NvmlGpuSource
 from agent.health import assess
+from agent.intake.access import check_listen_access, load_token
 from agent.intake.discovery import GpuResolver, local_port
-from agent.intake.ingest import check_listen_access, ingest_app, load_token
+from agent.intake.ingest import ingest_app
+from agent.intake.otlp import OTLP_STATS, TraceSource, otlp_app
+from agent.intake.otlp import RUNNER_OPTIONS as OTLP_RUNNER_OPTIONS
 from agent.intake.proxy import PROXY_STATS, proxy_app
 from agent.intake.proxy import RUNNER_OPTIONS as PROXY_RUNNER_OPTIONS
 from agent.intake.scrapers import WindowScraper
 from agent.report import RecordsApi
 from agent.sim.gpus import SimulatedGpuSource
 from exporters.http import metrics_app
+from exporters.otlp_metrics import OtlpMetrics
 from exporters.proxy_metrics import ProxyMetrics
 
 log = logging.getLogger(__name__)
@@ -115,14 +119,42 @@ def build_apps(node: Node, token: str | None) -> tuple[web.Application, web.Appl
     return metrics, ingest
 
 
+def trace_receiver(node: Node, token: str | None) -> web.Application | None:
+    """The OTLP receiver for the `[[trace]]` tables, if there are any."""
+    config = node.config
+    if not config.trace:
+        return None
+    sources = []
+    for table in config.trace:
+        if table.gpus == "auto":
+            raise ValueError(f'[[trace]] {table.service!r}: gpus = "auto" is not supported for '
+                             "trace sources yet; list the GPU indices or UUIDs")
+        gpus = GpuResolver(table.gpus, node.sampler.gpus(), None).current
+        sources.append(TraceSource(table.service, gpus, table.model))
+    receiver = otlp_app(node.engine, sources, token=token,
+                        max_body_bytes=config.otlp.max_body_bytes,
+                        max_concurrent=config.otlp.max_concurrent)
+    node.collector.add(OtlpMetrics(receiver[OTLP_STATS]).families)
+    return receiver
+
+
 async def serve(config: Config, gpu_source: GpuSource) -> None:
-    token = load_token(config.ingest.token_file) if config.ingest.token_file else None
-    check_listen_access(config.ingest.listen, token)
+    token = load_token(config.ingest.token_file, "ingest.token_file")
+    check_listen_access(config.ingest.listen, token, "the ingest API", "ingest.token_file")
+    otlp_token = load_token(config.otlp.token_file, "otlp.token_file")
+    if config.trace:
+        check_listen_access(config.otlp.listen, otlp_token, "the OTLP receiver",
+                            "otlp.token_file")
     host_source = open_host_source(
         config.host.rapl_path, config.host.idle_watts, config.host.max_watts
     )
     node = Node(config, gpu_source, host_source)
-    metrics, ingest = build_apps(node, token)
+    try:
+        metrics, ingest = build_apps(node, token)
+        receiver = trace_receiver(node, otlp_token)
+    except ValueError:  # a source's GPUs: nothing was measured yet, nothing is lost
+        node.drain()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -133,6 +165,9 @@ async def serve(config: Config, gpu_source: GpuSource) -> None:
     try:
         runners.append(await start_site(metrics, config.agent.listen, "/metrics and /api/v1"))
         runners.append(await start_site(ingest, config.ingest.listen, "the ingest API"))
+        if receiver is not None:
+            runners.append(await start_site(receiver, config.otlp.listen,
+                                            "the OTLP trace receiver", **OTLP_RUNNER_OPTIONS))
         proxies = {table.name: proxy_app(table, node.engine,
                                          resolver(node, table.gpus, table.upstream).current,
                                          max_concurrent=table.max_concurrent)

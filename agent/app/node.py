@@ -48,7 +48,10 @@ class Node:
             prefill_weight=attribution.prefill_weight,
             pue=config.site.pue,
             idle_power_w={gpu.index: idle for gpu in self.sampler.gpus()} if idle else None,
-            settle_s=attribution.settle,
+            # Spans arrive a batch delay after their request ended: with trace sources,
+            # intervals wait for them (a span later still is attributed late).
+            settle_s=max(attribution.settle, config.otlp.settle) if config.trace
+            else attribution.settle,
             max_age_s=attribution.max_age,
             max_pending=attribution.max_pending,
             power_limit_w=self.sampler.power_limit_w,

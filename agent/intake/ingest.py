@@ -31,13 +31,9 @@ lock, and the cap on events per POST bounds how long one batch holds the loop.
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 import logging
 import math
-import os
-import stat
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -45,8 +41,8 @@ from typing import Any, cast
 from aiohttp import web
 
 from agent.attribution import AttributionEngine, CapacityExceeded
-from agent.config import parse_listen
 from agent.devices.base import GpuInfo
+from agent.intake.access import refused
 from agent.intake.client import EVENTS_PATH
 from agent.intake.validate import (
     MAX_MODEL_LENGTH,
@@ -328,13 +324,6 @@ def _refusal(field: str | None, error: str) -> dict[str, Any]:
     return {"accepted": 0, "errors": [{"field": field, "error": error}]}
 
 
-def _bearer(header: str) -> bytes | None:
-    scheme, _, credentials = header.partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return credentials.strip().encode("utf-8", "replace")
-
-
 def ingest_app(
     engine: AttributionEngine,
     gpus: list[GpuInfo],
@@ -355,20 +344,13 @@ def ingest_app(
     """
     limit = BusyLimit(max_concurrent)
     intake = _Intake(engine, gpus, clock, wall_clock)
-    expected = None if token is None else token.encode()
+
+    unauthorized = json.dumps(_refusal("Authorization", "a valid bearer token is required"))
 
     async def events(request: web.Request) -> web.Response:
-        if expected is not None:
-            given = _bearer(request.headers.get("Authorization", ""))
-            # compare_digest takes the same time wherever the first difference lies.
-            if given is None or not hmac.compare_digest(given, expected):
-                challenge = 'Bearer realm="jouleprobe"'
-                if given is not None:
-                    challenge += ', error="invalid_token"'
-                return web.json_response(
-                    _refusal("Authorization", "a valid bearer token is required"),
-                    status=401, headers={"WWW-Authenticate": challenge},
-                )
+        if (refusal := refused(request, token, unauthorized.encode(), "application/json")
+                ) is not None:
+            return refusal
         if limit.full:
             return limit.answer(
                 _refusal(None, f"{max_concurrent} POSTs are being handled already; retry later"))
@@ -386,52 +368,3 @@ def ingest_app(
     app = web.Application(client_max_size=max_body_bytes)
     app.router.add_post(EVENTS_PATH, events)
     return app
-
-
-def load_token(path: str) -> str | None:
-    """The bearer token held in `path` (surrounding whitespace removed); None for no path.
-
-    Raises ValueError if the file cannot be read or holds no token: an agent configured
-    for a token must never fall back to running without one.
-    """
-    if not path:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-            mode = os.fstat(f.fileno()).st_mode
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read ingest.token_file {path}: {exc}") from None
-    if not token:
-        raise ValueError(f"ingest.token_file {path} is empty")
-    if mode & stat.S_IROTH:
-        log.warning("ingest.token_file %s is readable by every user of this host", path)
-    return token
-
-
-def _loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False  # a host name: where it resolves to cannot be vouched for
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
-
-
-def check_listen_access(listen: str, token: str | None) -> None:
-    """Refuses a listener reachable from other hosts unless a bearer token protects it.
-
-    Anyone who can POST events can skew every per-request figure of the node; on loopback
-    that is only local processes, which is the trust boundary of the node itself.
-    """
-    host, _ = parse_listen(listen)
-    if token is None and not _loopback(host):
-        raise ValueError(
-            f"the ingest API on {listen} listens off loopback without a token_file: anyone "
-            "who can reach it could report requests; set ingest.token_file or listen on "
-            "127.0.0.1"
-        )
-

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 import pytest
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from otel_spans import vllm_span
 from scripted import (
     FIXTURES,
     ROOT,
@@ -157,6 +165,57 @@ def test_a_configured_proxy_measures_requests(tmp_path: Path, fake_upstream: str
         assert record["energy_j"]["gpu"] > 0 and record["simulated"] is True
         metrics = http_get(f"http://{address}/metrics")[1].decode()
         assert 'jouleprobe_proxy_requests_total{proxy="fake",status="ok"} 1.0' in metrics
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+
+
+def test_a_configured_trace_source_records_the_spans_of_the_real_exporter(
+        tmp_path: Path) -> None:
+    """vLLM-shaped spans (tests/unit/intake/test_otlp.py) through the OpenTelemetry SDK's
+    batching processor and OTLP/HTTP exporter, as vLLM exports them, into `jouleprobe run`:
+    per-request records with no proxy in the path, queue time excluded."""
+    otlp = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "jouleprobe.toml"
+    config.write_text(
+        f'[records]\npath = "{tmp_path / "records.db"}"\n[ingest]\nlisten = "127.0.0.1:0"\n'
+        f'[attribution]\nsettle = 0.2\n[otlp]\nlisten = "{otlp}"\nsettle = 1.0\n'
+        '[[trace]]\nservice = "vllm-llama"\ngpus = [0]\nmodel = "llama-8b"\n'
+    )
+    address = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "agent.log"
+    proc = start_agent(["--config", str(config), "--simulate", "1xH100", "--listen", address],
+                       log)
+    try:
+        wait_for("the OTLP receiver", lambda: http_get(f"http://{otlp}/v1/traces")[0] == 405,
+                 proc, log, timeout_s=30)
+        provider = TracerProvider(resource=Resource.create({"service.name": "vllm-llama"}))
+        provider.add_span_processor(BatchSpanProcessor(
+            OTLPSpanExporter(endpoint=f"http://{otlp}/v1/traces")))
+        arrival = time.time()
+        time.sleep(1.5)  # the requests ran while the agent measured
+        vllm_span(provider, "chatcmpl-a", arrival, queue=0.3, ttft=0.5, e2e=1.2, prompt=20,
+                  completion=30)
+        vllm_span(provider, "chatcmpl-b", arrival + 0.2, queue=0.0, ttft=0.1, e2e=1.0,
+                  prompt=5, completion=50)
+        provider.shutdown()  # flushes the batch
+
+        def record(request_id: str) -> dict[str, Any]:
+            url = f"http://{address}/api/v1/requests/{request_id}"
+            wait_for("the record", lambda: http_get(url)[0] == 200, proc, log, timeout_s=30)
+            return dict(json.loads(http_get(url)[1]))
+
+        records = {request_id: record(request_id) for request_id in ("chatcmpl-a", "chatcmpl-b")}
+        a = records["chatcmpl-a"]
+        assert (a["source"], a["model"], a["status"]) == ("trace:vllm-llama", "llama-8b", "ok")
+        assert (a["prompt_tokens"], a["completion_tokens"], a["tokens_estimated"]) == (
+            20, 30, False)
+        assert a["scheduled"] - a["start"] == pytest.approx(0.3, abs=1e-3)
+        assert a["end"] - a["start"] == pytest.approx(1.2, abs=1e-3)
+        assert a["energy_j"]["gpu"] > 0 and records["chatcmpl-b"]["energy_j"]["gpu"] > 0
+        metrics = http_get(f"http://{address}/metrics")[1].decode()
+        assert ('jouleprobe_otlp_spans_total{outcome="accepted",reason="trace:vllm-llama"} 2.0'
+                in metrics)
     finally:
         stop_process(proc)
     assert proc.returncode == 0, log.read_text()[-4000:]

@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-import zlib
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
+from agent.intake.encoding import DECODABLE, decoded
 from agent.intake.proxy.measurement import Measurement
 from agent.intake.proxy.members import Span, appended, members, without
 from agent.intake.validate import MAX_MODEL_LENGTH, UNKNOWN_MODEL, label_text_problem
@@ -39,7 +39,6 @@ MAX_PARSE_BYTES = 16 * 2**20
 MAX_EVENT_BYTES = 2**20
 """Largest SSE event parsed; past it, the rest of the stream passes through unparsed."""
 
-_DECODABLE = frozenset(("gzip", "x-gzip", "deflate", "identity"))
 _EVENT_END = re.compile(rb"(?:\r\n|\r(?=[^\n])|\n)(?:\r\n|\r(?=[^\n])|\n)")
 """The blank line that ends an SSE event, whatever the line endings. A `\r` that ends the
 bytes received so far may be the first half of a `\r\n`: it ends a line only once the
@@ -274,7 +273,7 @@ class BodyCopy:
 
     def __init__(self, content_encoding: str) -> None:
         self._encoding = content_encoding.strip().lower()
-        self._parts: list[bytes] | None = [] if self._encoding in _DECODABLE | {""} else None
+        self._parts: list[bytes] | None = [] if self._encoding in DECODABLE else None
         self._size = 0
 
     def add(self, chunk: bytes) -> None:
@@ -293,29 +292,9 @@ class BodyCopy:
         body = b"".join(self._parts)
         self._parts = None
         try:
-            if self._encoding in ("gzip", "x-gzip"):
-                body = _inflate(body, zlib.MAX_WBITS | 16)
-            elif self._encoding == "deflate":
-                try:
-                    body = _inflate(body, zlib.MAX_WBITS)
-                except zlib.error:  # servers send raw deflate as often as zlib-wrapped
-                    body = _inflate(body, -zlib.MAX_WBITS)
-        except (zlib.error, _TooLarge):
+            return _json_object(decoded(body, self._encoding, MAX_PARSE_BYTES))
+        except ValueError:  # TooLarge among them
             return None
-        return _json_object(body)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _inflate(body: bytes, wbits: int) -> bytes:
-    """Decompresses at most `MAX_PARSE_BYTES`, so that a small bomb cannot take the memory."""
-    inflater = zlib.decompressobj(wbits)
-    out = inflater.decompress(body, MAX_PARSE_BYTES)
-    if inflater.unconsumed_tail:
-        raise _TooLarge
-    return out
 
 
 async def read_request(content: aiohttp.StreamReader, content_encoding: str | None
@@ -359,7 +338,7 @@ def decodable(accept_encoding: str) -> str:
     """The client's Accept-Encoding, restricted to codings `BodyCopy` can decode."""
     items = [item for item in accept_encoding.split(",") if item.strip()]
     kept = [item for item in items
-            if item.split(";", 1)[0].strip().lower() in _DECODABLE]
+            if item.split(";", 1)[0].strip().lower() in DECODABLE]
     if len(kept) == len(items):
         return accept_encoding
     return ",".join(kept).strip() or "identity"

@@ -11,7 +11,6 @@ import asyncio
 import json
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,13 +21,7 @@ from scripted import free_port, serve_app, wait_until
 
 from agent.attribution import AttributionEngine
 from agent.intake.client import EVENTS_PATH, Tracker
-from agent.intake.ingest import (
-    MAX_EVENTS,
-    MAX_ID_LENGTH,
-    check_listen_access,
-    ingest_app,
-    load_token,
-)
+from agent.intake.ingest import MAX_EVENTS, MAX_ID_LENGTH, ingest_app
 from agent.requests import RequestEnergy
 from agent.timeline import EnergyPoint, Timeline
 
@@ -314,34 +307,6 @@ def test_capacity_exceeded_answers_429_with_retry_after() -> None:
     assert [(e["index"], e["field"]) for e in answer["errors"]] == [(1, "type"), (3, None)]
     assert "max_pending" in answer["errors"][1]["error"]
     assert engine.totals().pending_requests == 2
-
-
-@pytest.mark.parametrize("listen", [
-    "127.0.0.1:29401", "127.8.9.10:1", "[::1]:29401", "localhost:29401",
-    "[::ffff:127.0.0.1]:29401",
-])
-def test_loopback_listeners_need_no_token(listen: str) -> None:
-    check_listen_access(listen, None)
-
-
-@pytest.mark.parametrize("listen", ["0.0.0.0:29401", "[::]:29401", "10.0.0.5:29401",
-                                    "node7.example:29401", ":29401"])
-def test_listeners_off_loopback_need_a_token(listen: str) -> None:
-    with pytest.raises(ValueError, match="listens off loopback without a token_file"):
-        check_listen_access(listen, None)
-    check_listen_access(listen, "a-token")
-
-
-def test_load_token(tmp_path: Path) -> None:
-    path = tmp_path / "token"
-    path.write_text("  s3cret\n")
-    assert load_token(str(path)) == "s3cret"
-    assert load_token("") is None
-    path.write_text("\n")
-    with pytest.raises(ValueError, match="empty"):
-        load_token(str(path))
-    with pytest.raises(ValueError, match="cannot read"):
-        load_token(str(tmp_path / "missing"))
 
 
 def test_every_gpu_of_the_api_needs_a_timeline() -> None:

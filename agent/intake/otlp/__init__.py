@@ -1,0 +1,13 @@
+"""Per-request energy with nothing in the data path: the agent as an OpenTelemetry trace
+receiver (docs/design.md §6). `spans` says which spans are requests and what they say,
+`receiver` is the OTLP/HTTP endpoint that takes them into the attribution engine."""
+
+from agent.intake.otlp.receiver import (
+    OTLP_STATS,
+    RUNNER_OPTIONS,
+    TraceSource,
+    TraceStats,
+    otlp_app,
+)
+
+__all__ = ["OTLP_STATS", "RUNNER_OPTIONS", "TraceSource", "TraceStats", "otlp_app"]

@@ -1,0 +1,34 @@
+"""The OTLP trace receiver's own counters, as Prometheus families."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from agent.intake.otlp import TraceStats
+from agent.sampler import NodeSnapshot
+
+
+class OtlpMetrics:
+    """Renders the receiver's `TraceStats`; `families` is a `FamilyProducer`."""
+
+    def __init__(self, stats: TraceStats) -> None:
+        self._stats = stats
+
+    def families(self, _snapshot: NodeSnapshot) -> Iterator[Metric]:
+        spans = CounterMetricFamily(
+            "jouleprobe_otlp_spans",
+            "Spans received: accepted (reason = the trace source), ignored (not a request, "
+            "or sent again) or rejected (a request span that could not be used), by reason.",
+            labels=("outcome", "reason"),
+        )
+        for (outcome, reason), count in sorted(self._stats.spans.items()):
+            spans.add_metric([outcome, reason], count)
+        exports = CounterMetricFamily(
+            "jouleprobe_otlp_exports", "Export requests answered, by HTTP status.",
+            labels=("code",),
+        )
+        for code, count in sorted(self._stats.exports.items()):
+            exports.add_metric([str(code)], count)
+        yield from (spans, exports)

@@ -1,0 +1,235 @@
+"""The OTLP trace receiver: spans shaped as vLLM shapes them (tests/otel_spans.py), sent
+by the real OpenTelemetry SDK and its OTLP/HTTP exporter, into a real AttributionEngine;
+and bodies it must refuse."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import http.client
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from google.protobuf import json_format
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from otel_spans import NS, vllm_span
+from scripted import Servers, wait_until
+
+from agent.attribution import AttributionEngine
+from agent.intake.otlp import OTLP_STATS, RUNNER_OPTIONS, TraceSource, TraceStats, otlp_app
+from agent.requests import RequestEnergy
+from agent.timeline import EnergyPoint, Timeline
+
+
+def provider_for(url: str, service: str) -> TracerProvider:
+    provider = TracerProvider(resource=Resource.create({"service.name": service,
+                                                        "vllm.process_id": "4242"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=url)))
+    return provider
+
+
+@pytest.fixture
+def receiver(servers: Servers, engine: AttributionEngine) -> Iterator[tuple[str, TraceStats]]:
+    app = otlp_app(engine, [TraceSource("vllm-a", lambda: (0,))], token=None,
+                   max_body_bytes=1 << 20)
+    yield servers.serve(app, **RUNNER_OPTIONS), app[OTLP_STATS]
+
+
+def finals(engine: AttributionEngine) -> dict[str, RequestEnergy]:
+    return {e.request.id: e for e in engine.advance(time.monotonic() + 2_000)}
+
+
+def test_vllm_request_spans_from_the_real_exporter_become_requests(
+        receiver: tuple[str, TraceStats], engine: AttributionEngine) -> None:
+    url, stats = receiver
+    provider = provider_for(f"{url}/v1/traces", "vllm-a")
+    arrival = time.time() - 5.0
+    offset = time.time() - time.monotonic()
+    vllm_span(provider, "cmpl-1", arrival, queue=0.5, ttft=0.75, e2e=2.0, prompt=12,
+              completion=40)
+    vllm_span(provider, "cmpl-2", arrival + 1, queue=0.0, ttft=0.1, e2e=1.0, prompt=3,
+              completion=9)
+    with provider.get_tracer("fastapi").start_as_current_span("POST /v1/completions"):
+        pass  # the HTTP server's own span: not a request span
+    provider.shutdown()
+
+    out = finals(engine)
+    assert sorted(out) == ["cmpl-1", "cmpl-2"]
+    first = out["cmpl-1"].request
+    assert (first.source, first.model, first.gpus) == ("trace:vllm-a", "vllm-a", (0,))
+    assert (first.prompt_tokens, first.completion_tokens, first.status) == (12, 40, "ok")
+    # Wall-clock span times on this host's monotonic clock, to the offset's own jitter.
+    times = (first.start, first.scheduled, first.first_token, first.end)
+    expected = (arrival, arrival + 0.5, arrival + 0.75, arrival + 2.0)
+    assert times == pytest.approx(tuple(t - offset for t in expected), abs=0.05)
+    assert out["cmpl-1"].gpu_j > 0
+    assert stats.spans == {("accepted", "trace:vllm-a"): 2,
+                           ("ignored", "not_a_request"): 1}
+    assert stats.exports == {200: 3}
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any, bytes]:
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("POST", "/v1/traces", body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+TRACE_ID = "5b8efff798038103d269b633813fc60c"
+
+
+def otlp_json(*spans: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
+    """(service, span name, attributes) spans, arrived 5 s ago, 1 s long, in OTLP JSON
+    (hex ids, integer enums, 64-bit integers as strings)."""
+    start = int((time.time() - 5) * NS)
+    document: dict[str, Any] = {"resourceSpans": [{
+        "resource": {"attributes": [
+            {"key": "service.name", "value": {"stringValue": service}}]},
+        "scopeSpans": [{"spans": [{
+            "traceId": TRACE_ID, "spanId": f"{index + 1:016x}",
+            "name": name, "kind": 2, "startTimeUnixNano": str(start),
+            "endTimeUnixNano": str(start + NS),
+            "attributes": [{"key": k, "value": ({"intValue": str(v)} if type(v) is int else
+                                                {"doubleValue": v} if type(v) is float else
+                                                {"stringValue": v})}
+                           for k, v in attributes.items()]}]}]}
+        for index, (service, name, attributes) in enumerate(spans)]}
+    return document
+
+
+def export_of(*spans: tuple[str, str, dict[str, Any]]) -> ExportTraceServiceRequest:
+    """The same as a protobuf message (whose JSON mapping has base64 ids)."""
+    document = otlp_json(*spans)
+    for resource_spans in document["resourceSpans"]:
+        for span in resource_spans["scopeSpans"][0]["spans"]:
+            for key in ("traceId", "spanId"):
+                span[key] = base64.b64encode(bytes.fromhex(span[key])).decode()
+    return json_format.ParseDict(document, ExportTraceServiceRequest())
+
+
+REQUEST = {"gen_ai.request.id": "r", "gen_ai.usage.prompt_tokens": 5,
+           "gen_ai.usage.completion_tokens": 6, "gen_ai.latency.e2e": 1.0}
+
+
+def test_otlp_json_gzipped_with_a_partial_success_for_what_could_not_be_used(
+        receiver: tuple[str, TraceStats], engine: AttributionEngine) -> None:
+    url, stats = receiver
+    document = otlp_json(("vllm-a", "llm_request", REQUEST),
+                         ("vllm-a", "llm_request", {**REQUEST, "gen_ai.request.id": "bad",
+                                                    "gen_ai.usage.prompt_tokens": -3}),
+                         ("vllm-b", "llm_request", {**REQUEST, "gen_ai.request.id": "other"}))
+    body = gzip.compress(json.dumps(document).encode())
+    status, headers, answer = post(url, body, {"Content-Type": "application/json",
+                                               "Content-Encoding": "gzip"})
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    partial = json.loads(answer)["partialSuccess"]
+    assert partial["rejectedSpans"] == "2"
+    assert "1 x llm_request with gen_ai.usage.prompt_tokens = -3" in partial["errorMessage"]
+    assert "1 x no [[trace]] table for service.name 'vllm-b'" in partial["errorMessage"]
+    assert stats.spans["rejected", "unknown_service"] == stats.spans[
+        "rejected", "bad_tokens"] == 1
+    assert sorted(finals(engine)) == ["r"]
+
+
+def test_a_batch_sent_again_is_not_counted_twice(
+        receiver: tuple[str, TraceStats], engine: AttributionEngine) -> None:
+    url, stats = receiver
+    body = export_of(("vllm-a", "llm_request", REQUEST)).SerializeToString()
+    for _ in range(2):
+        status, _, answer = post(url, body, {"Content-Type": "application/x-protobuf"})
+        response = ExportTraceServiceResponse.FromString(answer)
+        assert status == 200 and response.partial_success.rejected_spans == 0
+    assert len(finals(engine)) == 1
+    assert stats.spans["ignored", "sent_again"] == 1
+
+
+@pytest.mark.parametrize(("body", "headers", "status"), [
+    (b"\xff\x00 not protobuf", {"Content-Type": "application/x-protobuf"}, 400),
+    (b"{not json", {"Content-Type": "application/json"}, 400),
+    (b'{"resourceSpans": 5}', {"Content-Type": "application/json"}, 400),
+    (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "zz"}]}]}]}',
+     {"Content-Type": "application/json"}, 400),  # ids are hex in OTLP JSON
+    (b"x" * (2 << 20), {"Content-Type": "application/x-protobuf"}, 413),
+    (gzip.compress(b"\x00" * (2 << 20)), {"Content-Type": "application/x-protobuf",
+                                          "Content-Encoding": "gzip"}, 413),  # a small bomb
+    (b"x", {"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"}, 400),
+    (b"x", {"Content-Type": "application/x-protobuf", "Content-Encoding": "br"}, 415),
+    (b"{}", {"Content-Type": "text/plain"}, 415),
+])
+def test_bodies_it_cannot_take_get_a_4xx_and_leave_the_engine_alone(
+        receiver: tuple[str, TraceStats], engine: AttributionEngine, body: bytes,
+        headers: dict[str, str], status: int) -> None:
+    url, stats = receiver
+    answer = post(url, body, headers)
+    assert answer[0] == status, answer
+    assert finals(engine) == {} and stats.spans == {}
+    assert post(url, export_of(("vllm-a", "llm_request", REQUEST)).SerializeToString(),
+                {"Content-Type": "application/x-protobuf"})[0] == 200  # still up
+
+
+def test_at_capacity_the_exporter_is_told_to_retry_and_nothing_is_lost(
+        servers: Servers) -> None:
+    now = time.monotonic()
+    line = Timeline(max_points=2_000)
+    for i in range(1_100):
+        line.append(EnergyPoint(now - 10 + i, 100.0 * i))
+    engine = AttributionEngine({0: line}, settle_s=0.0, max_age_s=1e6, max_pending=1)
+    app = otlp_app(engine, [TraceSource("vllm-a", lambda: (0,))], token=None,
+                   max_body_bytes=1 << 20)
+    url = servers.serve(app, **RUNNER_OPTIONS)
+    body = export_of(("vllm-a", "llm_request", REQUEST),
+                     ("vllm-a", "llm_request", {**REQUEST, "gen_ai.request.id": "s"})
+                     ).SerializeToString()
+    status, headers, _ = post(url, body, {"Content-Type": "application/x-protobuf"})
+    assert status == 429 and int(headers["Retry-After"]) >= 1
+    assert [e.request.id for e in engine.advance(now + 2_000)] == ["r"]
+    status, _, _ = post(url, body, {"Content-Type": "application/x-protobuf"})  # the retry
+    assert status == 200
+    assert [e.request.id for e in engine.advance(now + 2_000)] == ["s"]
+    assert app[OTLP_STATS].spans["accepted", "trace:vllm-a"] == 2
+
+
+def test_off_loopback_only_the_token_gets_in(servers: Servers,
+                                              engine: AttributionEngine) -> None:
+    app = otlp_app(engine, [TraceSource("vllm-a", lambda: (0,))], token="s3cret",
+                   max_body_bytes=1 << 20)
+    url = servers.serve(app, **RUNNER_OPTIONS)
+    body = export_of(("vllm-a", "llm_request", REQUEST)).SerializeToString()
+    protobuf = {"Content-Type": "application/x-protobuf"}
+    assert post(url, body, protobuf)[0] == 401
+    assert post(url, body, {**protobuf, "Authorization": "Bearer wrong"})[0] == 401
+    assert post(url, body, {**protobuf, "Authorization": "Bearer s3cret"})[0] == 200
+    wait_until(lambda: len(finals(engine)) == 1, "the request")
+
+
+def test_each_sequence_of_an_n_request_is_a_request_and_the_model_is_found(
+        servers: Servers, engine: AttributionEngine) -> None:
+    """vLLM gives each sequence of an n > 1 request its own span with the parent's id; V0
+    names the model on the span (`gen_ai.response.model`), v1 does not."""
+    app = otlp_app(engine, [TraceSource("vllm-a", lambda: (0,)),
+                            TraceSource("vllm-b", lambda: (0,), model="llama-70b")],
+                   token=None, max_body_bytes=1 << 20)
+    url = servers.serve(app, **RUNNER_OPTIONS)
+    v0 = {**REQUEST, "gen_ai.request.id": "v0", "gen_ai.response.model": "facebook/opt-125m"}
+    body = export_of(("vllm-a", "llm_request", REQUEST), ("vllm-a", "llm_request", REQUEST),
+                     ("vllm-a", "llm_request", v0),
+                     ("vllm-b", "llm_request", {**v0, "gen_ai.request.id": "b"})
+                     ).SerializeToString()
+    assert post(url, body, {"Content-Type": "application/x-protobuf"})[0] == 200
+    models = {e.request.id: e.request.model for e in finals(engine).values()}
+    assert models == {"r": "vllm-a", f"r/{TRACE_ID}{2:016x}": "vllm-a",
+                      "v0": "facebook/opt-125m", "b": "llama-70b"}
