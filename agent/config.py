@@ -180,6 +180,9 @@ class OtlpSection:
     listen: str = _key("127.0.0.1:4318", "OTLP/HTTP trace receiver (POST /v1/traces), started "
                        "when a [[trace]] table exists; off loopback it needs token_file",
                        _host_port)
+    grpc_listen: str = _key("127.0.0.1:4317", "OTLP/gRPC trace receiver (TraceService/Export, "
+                            "vLLM's default protocol), started with the HTTP one; '' for none",
+                            lambda v: None if v == "" else _host_port(v))
     token_file: str = _key("", "file holding the bearer token that exporters must send")
     max_body_bytes: int = _key(16777216, "largest export accepted, once decompressed",
                                _positive)

@@ -26,9 +26,10 @@ class OtlpMetrics:
         for (outcome, reason), count in sorted(self._stats.spans.items()):
             spans.add_metric([outcome, reason], count)
         exports = CounterMetricFamily(
-            "jouleprobe_otlp_exports", "Export requests answered, by HTTP status.",
-            labels=("code",),
+            "jouleprobe_otlp_exports",
+            "Export requests answered, by transport (http, grpc) and status code.",
+            labels=("transport", "code"),
         )
-        for code, count in sorted(self._stats.exports.items()):
-            exports.add_metric([str(code)], count)
+        for (transport, code), count in sorted(self._stats.exports.items()):
+            exports.add_metric([transport, code], count)
         yield from (spans, exports)

@@ -9,6 +9,7 @@ import signal
 import socket
 from typing import Any
 
+import grpc
 from aiohttp import web
 
 from agent.app.node import Node
@@ -20,8 +21,9 @@ from agent.health import assess
 from agent.intake.access import check_listen_access, load_token
 from agent.intake.discovery import GpuResolver, local_port
 from agent.intake.ingest import ingest_app
-from agent.intake.otlp import OTLP_STATS, TraceSource, otlp_app
 from agent.intake.otlp import RUNNER_OPTIONS as OTLP_RUNNER_OPTIONS
+from agent.intake.otlp import TraceReceiver, TraceSource, otlp_app
+from agent.intake.otlp.grpc_service import start_grpc
 from agent.intake.proxy import PROXY_STATS, proxy_app
 from agent.intake.proxy import RUNNER_OPTIONS as PROXY_RUNNER_OPTIONS
 from agent.intake.scrapers import WindowScraper
@@ -119,7 +121,7 @@ def build_apps(node: Node, token: str | None) -> tuple[web.Application, web.Appl
     return metrics, ingest
 
 
-def trace_receiver(node: Node, token: str | None) -> web.Application | None:
+def trace_receiver(node: Node) -> TraceReceiver | None:
     """The OTLP receiver for the `[[trace]]` tables, if there are any."""
     config = node.config
     if not config.trace:
@@ -131,11 +133,26 @@ def trace_receiver(node: Node, token: str | None) -> web.Application | None:
                              "trace sources yet; list the GPU indices or UUIDs")
         gpus = GpuResolver(table.gpus, node.sampler.gpus(), None).current
         sources.append(TraceSource(table.service, gpus, table.model))
-    receiver = otlp_app(node.engine, sources, token=token,
-                        max_body_bytes=config.otlp.max_body_bytes,
-                        max_concurrent=config.otlp.max_concurrent)
-    node.collector.add(OtlpMetrics(receiver[OTLP_STATS]).families)
+    receiver = TraceReceiver(node.engine, sources)
+    node.collector.add(OtlpMetrics(receiver.stats).families)
     return receiver
+
+
+async def start_trace_receiver(receiver: TraceReceiver, config: Config, token: str | None
+                               ) -> tuple[web.AppRunner, grpc.aio.Server | None]:
+    """OTLP over HTTP and, unless `otlp.grpc_listen` is empty, over gRPC."""
+    otlp = config.otlp
+    http = await start_site(
+        otlp_app(receiver, token=token, max_body_bytes=otlp.max_body_bytes,
+                 max_concurrent=otlp.max_concurrent),
+        otlp.listen, "the OTLP/HTTP trace receiver", **OTLP_RUNNER_OPTIONS)
+    if not otlp.grpc_listen:
+        return http, None
+    server = await start_grpc(receiver, otlp.grpc_listen, token=token,
+                              max_body_bytes=otlp.max_body_bytes,
+                              max_concurrent=otlp.max_concurrent)
+    log.info("serving the OTLP/gRPC trace receiver on %s", otlp.grpc_listen)
+    return http, server
 
 
 async def serve(config: Config, gpu_source: GpuSource) -> None:
@@ -143,15 +160,15 @@ async def serve(config: Config, gpu_source: GpuSource) -> None:
     check_listen_access(config.ingest.listen, token, "the ingest API", "ingest.token_file")
     otlp_token = load_token(config.otlp.token_file, "otlp.token_file")
     if config.trace:
-        check_listen_access(config.otlp.listen, otlp_token, "the OTLP receiver",
-                            "otlp.token_file")
+        for listen in filter(None, (config.otlp.listen, config.otlp.grpc_listen)):
+            check_listen_access(listen, otlp_token, "the OTLP receiver", "otlp.token_file")
     host_source = open_host_source(
         config.host.rapl_path, config.host.idle_watts, config.host.max_watts
     )
     node = Node(config, gpu_source, host_source)
     try:
         metrics, ingest = build_apps(node, token)
-        receiver = trace_receiver(node, otlp_token)
+        receiver = trace_receiver(node)
     except ValueError:  # a source's GPUs: nothing was measured yet, nothing is lost
         node.drain()
         raise
@@ -160,14 +177,15 @@ async def serve(config: Config, gpu_source: GpuSource) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     runners: list[web.AppRunner] = []
+    grpc_server: grpc.aio.Server | None = None
     node.start()
     tasks = [asyncio.create_task(attribute_periodically(node)), *start_scrapers(node)]
     try:
         runners.append(await start_site(metrics, config.agent.listen, "/metrics and /api/v1"))
         runners.append(await start_site(ingest, config.ingest.listen, "the ingest API"))
         if receiver is not None:
-            runners.append(await start_site(receiver, config.otlp.listen,
-                                            "the OTLP trace receiver", **OTLP_RUNNER_OPTIONS))
+            http, grpc_server = await start_trace_receiver(receiver, config, otlp_token)
+            runners.append(http)
         proxies = {table.name: proxy_app(table, node.engine,
                                          resolver(node, table.gpus, table.upstream).current,
                                          max_concurrent=table.max_concurrent)
@@ -185,6 +203,8 @@ async def serve(config: Config, gpu_source: GpuSource) -> None:
         log.info("stopping: attributing what was measured and flushing records")
     finally:
         await cancel(tasks)
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1.0)
         for runner in reversed(runners):
             await runner.cleanup()
         await asyncio.to_thread(node.drain)

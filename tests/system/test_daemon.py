@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+    OTLPSpanExporter as GrpcExporter,
+)
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -175,11 +178,12 @@ def test_a_configured_trace_source_records_the_spans_of_the_real_exporter(
     """vLLM-shaped spans (tests/unit/intake/test_otlp.py) through the OpenTelemetry SDK's
     batching processor and OTLP/HTTP exporter, as vLLM exports them, into `jouleprobe run`:
     per-request records with no proxy in the path, queue time excluded."""
-    otlp = f"127.0.0.1:{free_port()}"
+    otlp, otlp_grpc = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     config = tmp_path / "jouleprobe.toml"
     config.write_text(
         f'[records]\npath = "{tmp_path / "records.db"}"\n[ingest]\nlisten = "127.0.0.1:0"\n'
-        f'[attribution]\nsettle = 0.2\n[otlp]\nlisten = "{otlp}"\nsettle = 1.0\n'
+        f'[attribution]\nsettle = 0.2\n[otlp]\nlisten = "{otlp}"\n'
+        f'grpc_listen = "{otlp_grpc}"\nsettle = 1.0\n'
         '[[trace]]\nservice = "vllm-llama"\ngpus = [0]\nmodel = "llama-8b"\n'
     )
     address = f"127.0.0.1:{free_port()}"
@@ -189,16 +193,21 @@ def test_a_configured_trace_source_records_the_spans_of_the_real_exporter(
     try:
         wait_for("the OTLP receiver", lambda: http_get(f"http://{otlp}/v1/traces")[0] == 405,
                  proc, log, timeout_s=30)
-        provider = TracerProvider(resource=Resource.create({"service.name": "vllm-llama"}))
-        provider.add_span_processor(BatchSpanProcessor(
-            OTLPSpanExporter(endpoint=f"http://{otlp}/v1/traces")))
+        # One span over OTLP/HTTP, one over gRPC (vLLM's default protocol).
+        providers = []
+        for exporter in (OTLPSpanExporter(endpoint=f"http://{otlp}/v1/traces"),
+                         GrpcExporter(endpoint=otlp_grpc, insecure=True)):
+            provider = TracerProvider(resource=Resource.create({"service.name": "vllm-llama"}))
+            provider.add_span_processor(BatchSpanProcessor(exporter))
+            providers.append(provider)
         arrival = time.time()
         time.sleep(1.5)  # the requests ran while the agent measured
-        vllm_span(provider, "chatcmpl-a", arrival, queue=0.3, ttft=0.5, e2e=1.2, prompt=20,
-                  completion=30)
-        vllm_span(provider, "chatcmpl-b", arrival + 0.2, queue=0.0, ttft=0.1, e2e=1.0,
+        vllm_span(providers[0], "chatcmpl-a", arrival, queue=0.3, ttft=0.5, e2e=1.2,
+                  prompt=20, completion=30)
+        vllm_span(providers[1], "chatcmpl-b", arrival + 0.2, queue=0.0, ttft=0.1, e2e=1.0,
                   prompt=5, completion=50)
-        provider.shutdown()  # flushes the batch
+        for provider in providers:
+            provider.shutdown()  # flushes the batch
 
         def record(request_id: str) -> dict[str, Any]:
             url = f"http://{address}/api/v1/requests/{request_id}"

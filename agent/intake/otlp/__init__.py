@@ -3,11 +3,11 @@ receiver (docs/design.md §6). `spans` says which spans are requests and what th
 `receiver` is the OTLP/HTTP endpoint that takes them into the attribution engine."""
 
 from agent.intake.otlp.receiver import (
-    OTLP_STATS,
     RUNNER_OPTIONS,
+    TraceReceiver,
     TraceSource,
     TraceStats,
     otlp_app,
 )
 
-__all__ = ["OTLP_STATS", "RUNNER_OPTIONS", "TraceSource", "TraceStats", "otlp_app"]
+__all__ = ["RUNNER_OPTIONS", "TraceReceiver", "TraceSource", "TraceStats", "otlp_app"]

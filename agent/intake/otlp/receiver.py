@@ -45,7 +45,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from agent.attribution import AttributionEngine, CapacityExceeded
 from agent.intake.access import refused
-from agent.intake.encoding import TooLarge, decoded
+from agent.intake.encoding import DECODABLE, TooLarge, decoded
 from agent.intake.otlp.spans import Ignored, Rejected, TracedRequest, attributes, read_span
 from agent.intake.validate import BusyLimit
 from agent.requests import Request
@@ -88,16 +88,19 @@ class TraceStats:
     (the source of an accepted one), for the agent's own metrics."""
 
     spans: Counter[tuple[str, str]] = field(default_factory=Counter)
-    exports: Counter[int] = field(default_factory=Counter)
-    """Export requests answered, by HTTP status."""
+    exports: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Export requests answered, by transport (http, grpc) and status (HTTP's, or gRPC's
+    code)."""
 
 
-OTLP_STATS = web.AppKey("jouleprobe_otlp_stats", TraceStats)
+class TraceReceiver:
+    """Takes exports into the engine, whichever transport brought them (`otlp_app` over
+    HTTP, `grpc_service.start_grpc` over gRPC); one per agent, so that a batch sent again
+    over either is recognised."""
 
-
-class _Receiver:
-    def __init__(self, engine: AttributionEngine, sources: Sequence[TraceSource],
-                 clock: Callable[[], float], wall_clock: Callable[[], float]) -> None:
+    def __init__(self, engine: AttributionEngine, sources: Sequence[TraceSource], *,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
         self.sources = {source.service: source for source in sources}
         self.clock = clock
@@ -106,10 +109,21 @@ class _Receiver:
         self.taken: OrderedDict[bytes, None] = OrderedDict()
         """The spans (trace and span id) taken lately: a batch sent again is recognised."""
         self.retry_after_s = max(1, math.ceil(engine.settle_s))
+        self._warned = -math.inf
 
     def take(self, export: ExportTraceServiceRequest) -> tuple[bool, int, str]:
         """Applies the request spans of `export`; returns whether the engine had room for
-        them all, how many spans were rejected, and why."""
+        them all, how many spans were rejected, and why (also logged, once a minute at
+        most: every export of a misconfigured server would say the same)."""
+        room, rejected, reason = self._take(export)
+        now = self.clock()
+        if rejected and now >= self._warned + WARNING_INTERVAL_S:
+            self._warned = now
+            log.warning("OTLP: %d span(s) of requests rejected (jouleprobe_otlp_spans_total "
+                        "counts them all): %s", rejected, reason)
+        return room, rejected, reason
+
+    def _take(self, export: ExportTraceServiceRequest) -> tuple[bool, int, str]:
         now = self.clock()
         offset = self.wall_clock() - now
         rejected: Counter[str] = Counter()
@@ -207,25 +221,14 @@ def _summary(details: Counter[str]) -> str:
     return "; ".join(shown) + (f"; and {more} other reason(s)" if more > 0 else "")
 
 
-def otlp_app(
-    engine: AttributionEngine,
-    sources: Sequence[TraceSource],
-    *,
-    token: str | None,
-    max_body_bytes: int,
-    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
-    clock: Callable[[], float] = time.monotonic,
-    wall_clock: Callable[[], float] = time.time,
-) -> web.Application:
-    """The receiver into `engine`, for `sources`; its counts are `app[OTLP_STATS]`. Serve
-    it with `web.AppRunner(app, **RUNNER_OPTIONS)`."""
+def otlp_app(receiver: TraceReceiver, *, token: str | None, max_body_bytes: int,
+             max_concurrent: int = DEFAULT_MAX_CONCURRENT) -> web.Application:
+    """OTLP/HTTP into `receiver`. Serve it with `web.AppRunner(app, **RUNNER_OPTIONS)`."""
     limit = BusyLimit(max_concurrent)
-    receiver = _Receiver(engine, sources, clock, wall_clock)
-    warned = [-math.inf]
 
     def answer(status: int, binary: bool, message: str = "", rejected: int = 0,
                headers: dict[str, str] | None = None) -> web.Response:
-        receiver.stats.exports[status] += 1
+        receiver.stats.exports["http", str(status)] += 1
         if status != 200:  # a google.rpc.Status would do; the message in text says as much
             return web.Response(status=status, text=message, headers=headers)
         response = ExportTraceServiceResponse()
@@ -241,7 +244,7 @@ def otlp_app(
         binary = request.content_type == PROTOBUF
         if (refusal := refused(request, token, b"a valid bearer token is required",
                                "text/plain")) is not None:
-            receiver.stats.exports[401] += 1
+            receiver.stats.exports["http", "401"] += 1
             return refusal
         if request.content_type not in (PROTOBUF, JSON):
             return answer(415, binary, f"content type {request.content_type!r}: "
@@ -250,14 +253,17 @@ def otlp_app(
             return answer(503, binary, f"{max_concurrent} exports are being handled; retry",
                           headers={"Retry-After": "1"})
         with limit.slot():
+            encoding = request.headers.get("Content-Encoding", "")
+            if encoding.strip().lower() not in DECODABLE:
+                return answer(415, binary, f"content coding {encoding!r}: expected gzip, "
+                                           "deflate or none")
             try:
-                body = decoded(await request.read(), request.headers.get(
-                    "Content-Encoding", ""), max_body_bytes)
+                body = decoded(await request.read(), encoding, max_body_bytes)
             except (web.HTTPRequestEntityTooLarge, TooLarge):
                 return answer(413, binary, f"larger than {max_body_bytes} bytes "
                                            "(otlp.max_body_bytes): send smaller batches")
             except ValueError as exc:
-                return answer(415 if "content coding" in str(exc) else 400, binary, str(exc))
+                return answer(400, binary, str(exc))
             try:
                 export = (ExportTraceServiceRequest.FromString(body) if binary
                           else _from_json(body))
@@ -267,14 +273,9 @@ def otlp_app(
         if not room:
             return answer(429, binary, "attribution is at capacity (max_pending); retry",
                           headers={"Retry-After": str(receiver.retry_after_s)})
-        if rejected and clock() >= warned[0] + WARNING_INTERVAL_S:
-            warned[0] = clock()
-            log.warning("OTLP: %d span(s) of requests rejected (one warning a minute at most; "
-                        "jouleprobe_otlp_spans_total counts them all): %s", rejected, reason)
         return answer(200, binary, reason, rejected)
 
     app = web.Application(client_max_size=max_body_bytes)
-    app[OTLP_STATS] = receiver.stats
     for path in (TRACES_PATH, "/"):
         app.router.add_post(path, traces)
     return app

@@ -14,6 +14,9 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+    OTLPSpanExporter as GrpcExporter,
+)
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -21,12 +24,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from otel_spans import NS, vllm_span
-from scripted import Servers, wait_until
+from scripted import Servers, free_port, wait_until
 
 from agent.attribution import AttributionEngine
-from agent.intake.otlp import OTLP_STATS, RUNNER_OPTIONS, TraceSource, TraceStats, otlp_app
+from agent.intake.otlp import RUNNER_OPTIONS, TraceReceiver, TraceSource, TraceStats, otlp_app
+from agent.intake.otlp.grpc_service import start_grpc
 from agent.requests import RequestEnergy
 from agent.timeline import EnergyPoint, Timeline
 
@@ -40,9 +44,9 @@ def provider_for(url: str, service: str) -> TracerProvider:
 
 @pytest.fixture
 def receiver(servers: Servers, engine: AttributionEngine) -> Iterator[tuple[str, TraceStats]]:
-    app = otlp_app(engine, [TraceSource("vllm-a", lambda: (0,))], token=None,
-                   max_body_bytes=1 << 20)
-    yield servers.serve(app, **RUNNER_OPTIONS), app[OTLP_STATS]
+    receiver = TraceReceiver(engine, [TraceSource("vllm-a", lambda: (0,))])
+    app = otlp_app(receiver, token=None, max_body_bytes=1 << 20)
+    yield servers.serve(app, **RUNNER_OPTIONS), receiver.stats
 
 
 def finals(engine: AttributionEngine) -> dict[str, RequestEnergy]:
@@ -75,7 +79,7 @@ def test_vllm_request_spans_from_the_real_exporter_become_requests(
     assert out["cmpl-1"].gpu_j > 0
     assert stats.spans == {("accepted", "trace:vllm-a"): 2,
                            ("ignored", "not_a_request"): 1}
-    assert stats.exports == {200: 3}
+    assert stats.exports == {("http", "200"): 3}
 
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any, bytes]:
@@ -188,9 +192,9 @@ def test_at_capacity_the_exporter_is_told_to_retry_and_nothing_is_lost(
     for i in range(1_100):
         line.append(EnergyPoint(now - 10 + i, 100.0 * i))
     engine = AttributionEngine({0: line}, settle_s=0.0, max_age_s=1e6, max_pending=1)
-    app = otlp_app(engine, [TraceSource("vllm-a", lambda: (0,))], token=None,
-                   max_body_bytes=1 << 20)
-    url = servers.serve(app, **RUNNER_OPTIONS)
+    receiver = TraceReceiver(engine, [TraceSource("vllm-a", lambda: (0,))])
+    url = servers.serve(otlp_app(receiver, token=None, max_body_bytes=1 << 20),
+                        **RUNNER_OPTIONS)
     body = export_of(("vllm-a", "llm_request", REQUEST),
                      ("vllm-a", "llm_request", {**REQUEST, "gen_ai.request.id": "s"})
                      ).SerializeToString()
@@ -200,14 +204,14 @@ def test_at_capacity_the_exporter_is_told_to_retry_and_nothing_is_lost(
     status, _, _ = post(url, body, {"Content-Type": "application/x-protobuf"})  # the retry
     assert status == 200
     assert [e.request.id for e in engine.advance(now + 2_000)] == ["s"]
-    assert app[OTLP_STATS].spans["accepted", "trace:vllm-a"] == 2
+    assert receiver.stats.spans["accepted", "trace:vllm-a"] == 2
 
 
 def test_off_loopback_only_the_token_gets_in(servers: Servers,
                                               engine: AttributionEngine) -> None:
-    app = otlp_app(engine, [TraceSource("vllm-a", lambda: (0,))], token="s3cret",
-                   max_body_bytes=1 << 20)
-    url = servers.serve(app, **RUNNER_OPTIONS)
+    receiver = TraceReceiver(engine, [TraceSource("vllm-a", lambda: (0,))])
+    url = servers.serve(otlp_app(receiver, token="s3cret", max_body_bytes=1 << 20),
+                        **RUNNER_OPTIONS)
     body = export_of(("vllm-a", "llm_request", REQUEST)).SerializeToString()
     protobuf = {"Content-Type": "application/x-protobuf"}
     assert post(url, body, protobuf)[0] == 401
@@ -220,10 +224,10 @@ def test_each_sequence_of_an_n_request_is_a_request_and_the_model_is_found(
         servers: Servers, engine: AttributionEngine) -> None:
     """vLLM gives each sequence of an n > 1 request its own span with the parent's id; V0
     names the model on the span (`gen_ai.response.model`), v1 does not."""
-    app = otlp_app(engine, [TraceSource("vllm-a", lambda: (0,)),
-                            TraceSource("vllm-b", lambda: (0,), model="llama-70b")],
-                   token=None, max_body_bytes=1 << 20)
-    url = servers.serve(app, **RUNNER_OPTIONS)
+    receiver = TraceReceiver(engine, [TraceSource("vllm-a", lambda: (0,)),
+                                      TraceSource("vllm-b", lambda: (0,), model="llama-70b")])
+    url = servers.serve(otlp_app(receiver, token=None, max_body_bytes=1 << 20),
+                        **RUNNER_OPTIONS)
     v0 = {**REQUEST, "gen_ai.request.id": "v0", "gen_ai.response.model": "facebook/opt-125m"}
     body = export_of(("vllm-a", "llm_request", REQUEST), ("vllm-a", "llm_request", REQUEST),
                      ("vllm-a", "llm_request", v0),
@@ -233,3 +237,42 @@ def test_each_sequence_of_an_n_request_is_a_request_and_the_model_is_found(
     models = {e.request.id: e.request.model for e in finals(engine).values()}
     assert models == {"r": "vllm-a", f"r/{TRACE_ID}{2:016x}": "vllm-a",
                       "v0": "facebook/opt-125m", "b": "llama-70b"}
+
+
+def test_over_grpc_as_vllm_exports_by_default(servers: Servers,
+                                              engine: AttributionEngine) -> None:
+    """The real OTLP/gRPC exporter (vLLM's default protocol) into the same receiver: the
+    request is taken, a span it cannot use comes back in partial_success, and without the
+    token nothing gets in."""
+    receiver = TraceReceiver(engine, [TraceSource("vllm-a", lambda: (0,))])
+    port = free_port()
+    server = servers.call(start_grpc(receiver, f"127.0.0.1:{port}", token="s3cret",
+                                     max_body_bytes=1 << 20))
+    try:
+        spans: list[Any] = []
+        provider = TracerProvider(resource=Resource.create({"service.name": "vllm-a"}))
+        provider.add_span_processor(SimpleSpanProcessor(Collect(spans)))
+        vllm_span(provider, "cmpl-g", time.time() - 3, queue=0.1, ttft=0.2, e2e=1.0,
+                  prompt=7, completion=8)
+        exporter = GrpcExporter(endpoint=f"127.0.0.1:{port}", insecure=True, timeout=5,
+                                headers={"authorization": "Bearer s3cret"})
+        assert exporter.export(spans) == SpanExportResult.SUCCESS
+        stranger = GrpcExporter(endpoint=f"127.0.0.1:{port}", insecure=True, timeout=5)
+        assert stranger.export(spans) == SpanExportResult.FAILURE
+        (record,) = finals(engine).values()
+        assert (record.request.id, record.request.source, record.request.prompt_tokens) == (
+            "cmpl-g", "trace:vllm-a", 7)
+        assert receiver.stats.exports == {("grpc", "OK"): 1, ("grpc", "UNAUTHENTICATED"): 1}
+    finally:
+        servers.call(server.stop(grace=None))
+
+
+class Collect(SpanExporter):
+    """Keeps the finished spans, for an exporter under test to send."""
+
+    def __init__(self, spans: list[Any]) -> None:
+        self.spans = spans
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.spans.extend(spans)
+        return SpanExportResult.SUCCESS
