@@ -167,13 +167,12 @@ class TraceReceiver:
         except ValueError as exc:
             return Rejected("gpus_unknown", f"the GPUs of {source.service!r} are not known: {exc}")
 
-        def local(wall: float | None) -> float | None:
-            return None if wall is None else wall - offset
-
+        first, scheduled = traced.first_token, traced.scheduled
         request = Request(
             traced.id, source.model or traced.model or source.service, source.name, gpus,
-            traced.start - offset, local(traced.end), local(traced.first_token),
-            traced.prompt_tokens, traced.completion_tokens, "ok", local(traced.scheduled))
+            traced.start - offset, traced.end - offset,
+            None if first is None else first - offset, traced.prompt_tokens,
+            traced.completion_tokens, "ok", None if scheduled is None else scheduled - offset)
         try:
             try:
                 self.engine.add(request)

@@ -26,6 +26,10 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from agent.intake.validate import MAX_MODEL_LENGTH, label_text_problem, token_count_problem
 
 VLLM_SPAN = "llm_request"
+_VLLM_KEYS = frozenset((
+    "gen_ai.request.id", "gen_ai.response.model", "gen_ai.usage.prompt_tokens",
+    "gen_ai.usage.completion_tokens", "gen_ai.latency.time_in_queue",
+    "gen_ai.latency.time_to_first_token", "gen_ai.latency.e2e"))
 MAX_ID_LENGTH = 128
 
 
@@ -62,20 +66,29 @@ class Rejected(NamedTuple):
     """What is wrong, for the exporter's and the operator's eyes."""
 
 
-def attributes(pairs: Iterable[KeyValue]) -> dict[str, Any]:
-    """The scalar attributes (string, bool, int, double) by key; others are left out."""
+_SCALARS = frozenset(("string_value", "bool_value", "int_value", "double_value"))
+
+
+def attributes(pairs: Iterable[KeyValue], wanted: frozenset[str] | None = None
+               ) -> dict[str, Any]:
+    """The scalar attributes (string, bool, int, double) by key, of the `wanted` keys only
+    if given (a span carries many that are not read); others are left out."""
     found: dict[str, Any] = {}
     for pair in pairs:
-        kind = pair.value.WhichOneof("value")
-        if kind in ("string_value", "bool_value", "int_value", "double_value"):
-            found[pair.key] = getattr(pair.value, kind)
+        key = pair.key
+        if wanted is not None and key not in wanted:
+            continue
+        value = pair.value
+        kind = value.WhichOneof("value")
+        if kind in _SCALARS:
+            found[key] = getattr(value, kind)
     return found
 
 
 def read_span(span: Span) -> TracedRequest | Ignored | Rejected:
     """What `span` says, if it is a request of a server this module knows."""
     if span.name == VLLM_SPAN:
-        return _vllm(span, attributes(span.attributes))
+        return _vllm(span, attributes(span.attributes, _VLLM_KEYS))
     return Ignored("not_a_request")
 
 
