@@ -46,7 +46,14 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from agent.attribution import AttributionEngine, CapacityExceeded
 from agent.intake.access import refused
 from agent.intake.encoding import DECODABLE, TooLarge, decoded
-from agent.intake.otlp.spans import Ignored, Rejected, TracedRequest, attributes, read_span
+from agent.intake.otlp.spans import (
+    Ignored,
+    Phases,
+    Rejected,
+    TracedRequest,
+    attributes,
+    read_span,
+)
 from agent.intake.validate import BusyLimit
 from agent.requests import Request
 
@@ -106,6 +113,7 @@ class TraceReceiver:
         self.clock = clock
         self.wall_clock = wall_clock
         self.stats = TraceStats()
+        self.phases = Phases()
         self.taken: OrderedDict[bytes, None] = OrderedDict()
         """The spans (trace and span id) taken lately: a batch sent again is recognised."""
         self.retry_after_s = max(1, math.ceil(engine.settle_s))
@@ -128,13 +136,18 @@ class TraceReceiver:
         offset = self.wall_clock() - now
         rejected: Counter[str] = Counter()
         for resource_spans in export.resource_spans:
-            resource = attributes(resource_spans.resource.attributes)
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    self.phases.note(span, scope_spans.scope.name)
+        for resource_spans in export.resource_spans:
+            resource = attributes(resource_spans.resource.attributes, _SERVICE)
             service = resource.get("service.name")
             source = self.sources.get(service) if isinstance(service, str) else None
             for scope_spans in resource_spans.scope_spans:
+                scope = scope_spans.scope.name
                 for span in scope_spans.spans:
                     try:
-                        outcome = self._span(span, source, service, now, offset)
+                        outcome = self._span(span, scope, source, service, now, offset)
                     except CapacityExceeded:
                         return False, sum(rejected.values()), _summary(rejected)
                     if isinstance(outcome, Rejected):
@@ -144,10 +157,10 @@ class TraceReceiver:
                         self.stats.spans["ignored", outcome.reason] += 1
         return True, sum(rejected.values()), _summary(rejected)
 
-    def _span(self, span: Span, source: TraceSource | None, service: object, now: float,
-              offset: float) -> Ignored | Rejected | None:
+    def _span(self, span: Span, scope: str, source: TraceSource | None, service: object,
+              now: float, offset: float) -> Ignored | Rejected | None:
         """What became of `span`: None where its request was accepted."""
-        traced = read_span(span)
+        traced = read_span(span, scope, self.phases)
         if not isinstance(traced, TracedRequest):
             return traced
         if source is None:
@@ -172,7 +185,8 @@ class TraceReceiver:
             traced.id, source.model or traced.model or source.service, source.name, gpus,
             traced.start - offset, traced.end - offset,
             None if first is None else first - offset, traced.prompt_tokens,
-            traced.completion_tokens, "ok", None if scheduled is None else scheduled - offset)
+            traced.completion_tokens, traced.status,
+            None if scheduled is None else scheduled - offset)
         try:
             try:
                 self.engine.add(request)
@@ -189,6 +203,7 @@ class TraceReceiver:
 
 
 _IDS = ("traceId", "spanId", "parentSpanId")
+_SERVICE = frozenset(("service.name",))
 
 
 def _from_json(body: bytes) -> ExportTraceServiceRequest:

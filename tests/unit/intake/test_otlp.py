@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
-from otel_spans import NS, vllm_span
+from otel_spans import NS, sglang_request, triton_request, vllm_span
 from scripted import Servers, free_port, wait_until
 
 from agent.attribution import AttributionEngine
@@ -142,7 +142,8 @@ def test_otlp_json_gzipped_with_a_partial_success_for_what_could_not_be_used(
     assert status == 200 and headers["Content-Type"].startswith("application/json")
     partial = json.loads(answer)["partialSuccess"]
     assert partial["rejectedSpans"] == "2"
-    assert "1 x llm_request with gen_ai.usage.prompt_tokens = -3" in partial["errorMessage"]
+    assert ("1 x 'llm_request' span with gen_ai.usage.prompt_tokens = -3"
+            in partial["errorMessage"])
     assert "1 x no [[trace]] table for service.name 'vllm-b'" in partial["errorMessage"]
     assert stats.spans["rejected", "unknown_service"] == stats.spans[
         "rejected", "bad_tokens"] == 1
@@ -276,3 +277,55 @@ class Collect(SpanExporter):
     def export(self, spans: Any) -> SpanExportResult:
         self.spans.extend(spans)
         return SpanExportResult.SUCCESS
+
+
+def test_sglang_request_spans_with_the_queue_from_the_scheduler_process(
+        servers: Servers, engine: AttributionEngine) -> None:
+    receiver = TraceReceiver(engine, [TraceSource("sglang", lambda: (0,))])
+    url = servers.serve(otlp_app(receiver, token=None, max_body_bytes=1 << 20),
+                        **RUNNER_OPTIONS)
+    tokenizer, scheduler = (provider_for(f"{url}/v1/traces", "sglang") for _ in range(2))
+    arrival = time.time() - 5.0
+    offset = time.time() - time.monotonic()
+    sglang_request(tokenizer, scheduler, "5f3a9c0d1e2b4a6c8d0e2f4a6b8c0d1e", arrival,
+                   queue=0.4, ttft=0.6, e2e=2.0, prompt=30, completion=64)
+    sglang_request(tokenizer, scheduler, "9a8b7c6d5e4f30211203040506070809", arrival,
+                   queue=0.1, ttft=0.3, e2e=0.5, prompt=9, completion=2, aborted=True)
+    tokenizer.shutdown()
+    scheduler.shutdown()
+
+    out = {e.request.id: e.request for e in finals(engine).values()}
+    done = out["5f3a9c0d1e2b4a6c8d0e2f4a6b8c0d1e"]
+    assert (done.source, done.model, done.status) == (
+        "trace:sglang", "Qwen/Qwen2.5-7B-Instruct", "ok")
+    assert (done.prompt_tokens, done.completion_tokens) == (30, 64)
+    assert (done.start, done.scheduled, done.first_token, done.end) == pytest.approx(
+        tuple(arrival + t - offset for t in (0.0, 0.4, 0.6, 2.0)), abs=0.05)
+    aborted = out["9a8b7c6d5e4f30211203040506070809"]
+    assert (aborted.status, aborted.model, aborted.prompt_tokens) == ("cancelled", "sglang",
+                                                                       None)
+    # The thread span and every phase: spans of the trace, not requests.
+    assert receiver.stats.spans["ignored", "not_a_request"] == 2 * 6
+
+
+def test_triton_model_spans_weigh_by_time_from_their_compute_start(
+        servers: Servers, engine: AttributionEngine) -> None:
+    receiver = TraceReceiver(engine, [TraceSource("triton-inference-server", lambda: (0,))])
+    url = servers.serve(otlp_app(receiver, token=None, max_body_bytes=1 << 20),
+                        **RUNNER_OPTIONS)
+    provider = provider_for(f"{url}/v1/traces", "triton-inference-server")
+    arrival = time.time() - 5.0
+    offset = time.time() - time.monotonic()
+    triton_request(provider, arrival, queue=0.25, compute=1.0, request_id="req-7")
+    triton_request(provider, arrival, queue=0.0, compute=0.5, model="preprocess",
+                   parent_id=1)  # a model inside an ensemble
+    provider.shutdown()
+
+    (record,) = finals(engine).values()
+    request = record.request
+    assert (request.id, request.model, request.source) == (
+        "req-7", "simple", "trace:triton-inference-server")
+    assert (request.prompt_tokens, request.completion_tokens) == (None, None)
+    assert request.scheduled - request.start == pytest.approx(0.25, abs=1e-3)
+    assert request.start == pytest.approx(arrival + 50e-6 - offset, abs=0.05)
+    assert receiver.stats.spans["ignored", "composing_model"] == 1
