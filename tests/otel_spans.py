@@ -1,15 +1,6 @@
 """Spans as the inference servers shape them, made with the real OpenTelemetry SDK, for the
-OTLP receiver's tests.
-
-vLLM (0.34.0, vllm/v1/engine/output_processor.py `do_tracing` through
-vllm/tracing/otel.py): one `llm_request` span per finished request, kind SERVER, scope
-`vllm.tracing.otel`, started at the request's arrival (wall-clock ns, `time.time()`) and
-ended by the SDK when vLLM traces it; latencies in seconds since arrival; sampling options
-only where they are not 0 (a greedy request has no temperature); no model name (vLLM 0.10
-and earlier, the V0 engine, set `gen_ai.response.model`). The resource carries
-`vllm.process_id`, and the service name of OTEL_SERVICE_NAME.
-
-SGLang (0.5.23) and Triton (server e1db8a60): see `sglang_request` and `triton_request`.
+OTLP receiver's tests: vLLM's (`agent.sim.traces.vllm_span`, which the demo's simulated
+server exports too), SGLang's (0.5.23) and Triton's (server e1db8a60).
 """
 
 from __future__ import annotations
@@ -18,30 +9,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
 
-NS = 1_000_000_000
+from agent.sim.traces import NS, vllm_span
 
-
-def vllm_span(provider: TracerProvider, request_id: str, arrival: float, *, queue: float,
-              ttft: float, e2e: float, prompt: int, completion: int) -> None:
-    """One request's span as vLLM's output processor makes it: opened at the arrival time
-    (wall-clock ns), its latencies in seconds since arrival."""
-    tracer = provider.get_tracer("vllm.tracing.otel")
-    span = tracer.start_span("llm_request", kind=SpanKind.SERVER, start_time=int(arrival * NS))
-    span.set_attributes({  # as do_tracing sets them; temperature 0 is left out, as there
-        "gen_ai.usage.prompt_tokens": prompt,
-        "gen_ai.usage.completion_tokens": completion,
-        "gen_ai.request.id": request_id,
-        "gen_ai.request.top_p": 1.0,
-        "gen_ai.request.max_tokens": 256,
-        "gen_ai.request.n": 1,
-        "gen_ai.latency.time_in_queue": queue,
-        "gen_ai.latency.time_to_first_token": ttft,
-        "gen_ai.latency.e2e": e2e,
-        "gen_ai.latency.time_in_model_prefill": ttft - queue,
-        "gen_ai.latency.time_in_model_decode": e2e - ttft,
-        "gen_ai.latency.time_in_model_inference": e2e - queue,
-    })
-    span.end(end_time=int((arrival + e2e + 0.001) * NS))  # vLLM ends it when it traces
+__all__ = ["NS", "sglang_request", "triton_request", "vllm_span"]
 
 
 def sglang_request(tokenizer: TracerProvider, scheduler: TracerProvider, rid: str,

@@ -1,8 +1,11 @@
 """`jouleprobe demo`: the whole pipeline on simulated GPUs under a synthetic inference load.
 
 Nothing here is a shortcut around the agent. Each simulated board serves one model through a
-small OpenAI-compatible server (`fake_upstream`), and the load goes through the agent's real
-reverse proxy in front of it, as operators deploy it in front of vLLM: the proxy times each
+small OpenAI-compatible server (`fake_upstream`) that runs `MAX_BATCH` requests at once and
+queues the others. One board's server exports each finished request as vLLM's OTLP span,
+through the real OpenTelemetry SDK and exporter, to the agent's real OTLP receiver, with
+nothing in the data path; the load of the others goes through the agent's real reverse
+proxy in front of them, as operators deploy it in front of vLLM: the proxy times each
 request, reads its token usage (streaming and not) and reports it to the real attribution
 engine; the simulated boards are read by the real sampler at 10 Hz; the records go to a real
 SQLite file; and the closing check reads the agent's own `/metrics` over HTTP. Only the GPUs
@@ -24,12 +27,19 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.app.daemon import attribute_periodically, build_apps, start_site
 from agent.app.node import Node
 from agent.config import ProxyTable, load
 from agent.devices.host import EstimatedHostSource
+from agent.intake.otlp import RUNNER_OPTIONS as OTLP_RUNNER_OPTIONS
+from agent.intake.otlp import TraceReceiver, TraceSource, otlp_app
+from agent.intake.otlp.receiver import TRACES_PATH
 from agent.intake.proxy import RUNNER_OPTIONS as PROXY_RUNNER_OPTIONS
 from agent.intake.proxy import proxy_app
 from agent.report import run_report
@@ -45,14 +55,21 @@ MODELS = ("small-8b", "large-70b")
 """Board i serves MODELS[i % 2]: one model replica per board, two sizes."""
 THINK_S = 0.2
 """Mean pause of a client between two requests (exponential)."""
+MAX_BATCH = 4
+"""Requests a simulated server runs at once; more wait in its queue (at 8 clients)."""
+TRACED = 1
+"""The board whose server exports its request spans to the agent instead of a proxy."""
 
 
 def served_model(gpu: int) -> str:
     return MODELS[gpu % len(MODELS)]
 
 
-def upstream_for(gpu: int, load: RequestLoad) -> web.Application:
-    """The fake server of board `gpu`: its hooks make the board draw each request's power."""
+def upstream_for(gpu: int, load: RequestLoad, traces: TracerProvider | None = None
+                 ) -> web.Application:
+    """The fake server of board `gpu`: its hooks make the board draw each request's power
+    (once it leaves the server's queue: `MAX_BATCH` run at once); with `traces`, it exports
+    each finished request's span as vLLM does."""
     model = served_model(gpu)
     profile = PROFILES[model]
 
@@ -68,7 +85,8 @@ def upstream_for(gpu: int, load: RequestLoad) -> web.Application:
     return fake_upstream_app(
         models={model: profile.decode_tokens_per_s},
         prefill_speedup=profile.prefill_tokens_per_s / profile.decode_tokens_per_s,
-        on_start=start, on_first_token=first_token, on_end=end,
+        on_start=start, on_first_token=first_token, on_end=end, max_batch=MAX_BATCH,
+        traces=traces,
     )
 
 
@@ -101,7 +119,7 @@ def progress(done: int, elapsed: float, seconds: float) -> None:
     sys.stderr.flush()
 
 
-async def run_load(proxies: list[str], seconds: float) -> int:
+async def run_load(entries: list[str], seconds: float) -> int:
     """Phases of `CONCURRENCY_PHASES` clients per GPU, back to back; returns the requests."""
     done: list[int] = []
     rng = random.Random(0)
@@ -113,7 +131,7 @@ async def run_load(proxies: list[str], seconds: float) -> int:
             clients = [
                 asyncio.create_task(client(session, url, served_model(gpu), until,
                                            random.Random(rng.random()), done))
-                for gpu, url in enumerate(proxies) for _ in range(concurrency)
+                for gpu, url in enumerate(entries) for _ in range(concurrency)
             ]
             while not all(task.done() for task in clients):
                 progress(len(done), time.monotonic() - t0, seconds)
@@ -123,7 +141,7 @@ async def run_load(proxies: list[str], seconds: float) -> int:
     progress(len(done), time.monotonic() - t0, seconds)
     if sys.stderr.isatty():
         sys.stderr.write("\n")
-    print(f"  {len(done)} requests in {time.monotonic() - t0:.1f} s through the proxies")
+    print(f"  {len(done)} requests in {time.monotonic() - t0:.1f} s")
     return len(done)
 
 
@@ -162,29 +180,46 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
     logging.getLogger("agent").setLevel(logging.WARNING)  # the demo prints its own story
 
     print(f"jouleprobe demo: SIMULATED node {spec} ({', '.join(m.nvml_name for m in models)});")
-    print(f"  each GPU serves one model ({', '.join(served_model(i) for i in range(len(models)))})"
-          f" behind the jouleprobe proxy; {seconds:.0f} s of chat requests, streamed and not,")
+    print(f"  each GPU serves one model ({', '.join(served_model(i) for i in range(len(models)))}),"
+          f" {MAX_BATCH} requests at a time, the rest queued; GPU {TRACED} exports vLLM's")
+    print("  request spans to the agent's OTLP receiver (nothing in the data path), the others"
+          " are")
+    print(f"  behind the jouleprobe proxy; {seconds:.0f} s of chat requests, streamed and not,")
     print(f"  {' -> '.join(map(str, CONCURRENCY_PHASES))} clients per GPU; host energy ESTIMATED"
           " from CPU use")
     node.start()
     attribution = asyncio.create_task(attribute_periodically(node))
     runners = [await start_site(metrics_app, config.agent.listen, "metrics")]
+    # vLLM's spans name no model: the trace source does, as a [[trace]] table would.
+    traced = TraceReceiver(node.engine, [TraceSource(f"gpu{TRACED}", _fixed((TRACED,)),
+                                                     served_model(TRACED))])
+    receiver = await start_site(otlp_app(traced, token=None, max_body_bytes=1 << 24),
+                                "127.0.0.1:0", "OTLP receiver", **OTLP_RUNNER_OPTIONS)
+    runners.append(receiver)
+    traces = TracerProvider(resource=Resource.create({"service.name": f"gpu{TRACED}"}))
+    traces.add_span_processor(BatchSpanProcessor(  # vLLM's exporter, sooner than its 5 s
+        OTLPSpanExporter(endpoint=f"{_url(receiver)}{TRACES_PATH}"), schedule_delay_millis=500))
     try:
-        proxies = []
+        entries = []
         for gpu in range(len(models)):
-            upstream = await start_site(upstream_for(gpu, request_load), "127.0.0.1:0",
-                                        f"simulated server of GPU {gpu}")
+            upstream = await start_site(
+                upstream_for(gpu, request_load, traces if gpu == TRACED else None),
+                "127.0.0.1:0", f"simulated server of GPU {gpu}")
             runners.append(upstream)
+            if gpu == TRACED:
+                entries.append(_url(upstream))
+                continue
             table = ProxyTable(name=f"gpu{gpu}", listen="127.0.0.1:0",
                                upstream=_url(upstream), gpus=(gpu,))
             proxy = await start_site(proxy_app(table, node.engine, _fixed((gpu,)),
                                                max_concurrent=table.max_concurrent),
                                      table.listen, f"proxy {table.name}", **PROXY_RUNNER_OPTIONS)
             runners.append(proxy)
-            proxies.append(_url(proxy))
+            entries.append(_url(proxy))
         print(f"  idle for {IDLE_LEAD_S:.0f} s so the agent learns each GPU's idle power ...")
         await asyncio.sleep(IDLE_LEAD_S)
-        await run_load(proxies, seconds)
+        await run_load(entries, seconds)
+        await asyncio.to_thread(traces.shutdown)  # the last spans, exported
         await asyncio.sleep(config.attribution.settle + 2 * config.agent.sample_interval)
         attribution.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -32,17 +32,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import math
 import re
 import struct
+import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from opentelemetry.sdk.trace import TracerProvider
+
+from agent.sim.traces import vllm_span
 
 CREATED = 1_700_000_000
 """`created` of every response, for responses that do not depend on when they were made."""
@@ -191,6 +196,8 @@ class _FakeUpstream:
         on_start: Callable[[int, str], None] | None,
         on_first_token: Hook | None,
         on_end: Hook | None,
+        max_batch: int | None = None,
+        traces: TracerProvider | None = None,
     ) -> None:
         if not models:
             raise ValueError("the fake upstream needs at least one model")
@@ -203,6 +210,10 @@ class _FakeUpstream:
         self.on_first_token = on_first_token
         self.on_end = on_end
         self._keys = itertools.count(1)
+        if max_batch is not None and max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self._batch = None if max_batch is None else asyncio.Semaphore(max_batch)
+        self._traces = traces
 
     # --- routes ------------------------------------------------------------------------
 
@@ -262,14 +273,27 @@ class _FakeUpstream:
             job = self._job(raw, kind)
         except _BadRequest as exc:
             return _error(exc.status, exc.message, exc.param, exc.code)
-        key = self._start(job.model)
-        try:
-            if job.stream:
-                return await self._stream(request, job, key)
-            await self._produce(job, key)
-            return web.Response(body=_dumps(self._whole(job)), content_type="application/json")
-        finally:
-            self._end(key)
+        arrival = time.time()
+        async with self._batch or contextlib.nullcontext():
+            scheduled = time.time()
+            key = self._start(job.model)
+            first_token: list[float] = []
+            finished = False
+            try:
+                if job.stream:
+                    response, finished = await self._stream(request, job, key, first_token)
+                    return response
+                await self._produce(job, key, first_token)
+                finished = True
+                return web.Response(body=_dumps(self._whole(job)),
+                                    content_type="application/json")
+            finally:
+                self._end(key)
+                if self._traces is not None and finished:
+                    vllm_span(self._traces, f"{job.id}-{key}", arrival,
+                              queue=scheduled - arrival, ttft=first_token[0] - arrival,
+                              e2e=time.time() - arrival, prompt=job.prompt_tokens,
+                              completion=len(job.tokens))
 
     def _job(self, raw: bytes, kind: str) -> _Job:
         body, model, speed = self._parse(raw)
@@ -306,13 +330,15 @@ class _FakeUpstream:
                               "model_not_found")
         return body, model, self.models[model]
 
-    async def _produce(self, job: _Job, key: int) -> None:
+    async def _produce(self, job: _Job, key: int, first_token: list[float]) -> None:
         """Waits as long as the whole generation takes (non-streaming answers)."""
         await self._sleep(self._prefill_s(job))
-        self._first_token(key)
+        self._first_token(key, first_token)
         await self._sleep((len(job.tokens) - 1) / job.speed)
 
-    async def _stream(self, request: web.Request, job: _Job, key: int) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, job: _Job, key: int,
+                      first_token: list[float]) -> tuple[web.StreamResponse, bool]:
+        """The streamed answer, and whether it was sent whole."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
@@ -323,16 +349,16 @@ class _FakeUpstream:
                 if i:
                     await self._sleep(1 / job.speed)
                 else:
-                    self._first_token(key)
+                    self._first_token(key, first_token)
                 await response.write(self._event(job, self._choice(job, text=token)))
             await response.write(self._event(job, self._choice(job, finish=True)))
             if job.include_usage:
                 await response.write(self._event(job, [], usage=job.usage()))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
-        except ConnectionResetError:
-            pass  # the client has gone: generation stops, as vLLM aborts the request
-        return response
+        except ConnectionResetError:  # the client has gone: generation stops, as vLLM
+            return response, False    # aborts the request
+        return response, True
 
     def _prefill_s(self, job: _Job) -> float:
         return job.prompt_tokens / (job.speed * self.prefill_speedup)
@@ -397,7 +423,9 @@ class _FakeUpstream:
             self.on_start(key, model)
         return key
 
-    def _first_token(self, key: int) -> None:
+    def _first_token(self, key: int, when: list[float] | None = None) -> None:
+        if when is not None:
+            when.append(time.time())
         if self.on_first_token is not None:
             self.on_first_token(key)
 
@@ -414,14 +442,20 @@ def fake_upstream_app(
     on_start: Callable[[int, str], None] | None = None,
     on_first_token: Hook | None = None,
     on_end: Hook | None = None,
+    max_batch: int | None = None,
+    traces: TracerProvider | None = None,
 ) -> web.Application:
     """An OpenAI-compatible server for `models` ({name: decode tokens per second}).
 
     Prefill runs `prefill_speedup` times faster than decoding. With `api_key` set, every
-    `/v1/...` request must carry `Authorization: Bearer <api_key>` (else 401). See the
-    module docstring for the answers, the timing and the hooks.
+    `/v1/...` request must carry `Authorization: Bearer <api_key>` (else 401). With
+    `max_batch`, at most that many completions run at once and the others wait in a queue,
+    as in a server's batch. With `traces`, each finished completion is exported as vLLM's
+    `llm_request` span (`agent.sim.traces`). See the module docstring for the answers, the
+    timing and the hooks.
     """
-    fake = _FakeUpstream(models, prefill_speedup, api_key, on_start, on_first_token, on_end)
+    fake = _FakeUpstream(models, prefill_speedup, api_key, on_start, on_first_token, on_end,
+                         max_batch, traces)
     app = web.Application()
     app.router.add_get("/health", fake.health)
     app.router.add_get("/v1/models", fake.list_models)
