@@ -188,9 +188,9 @@ class OtlpSection:
                                _positive)
     max_concurrent: int = _key(16, "exports handled at once; more get 503 with Retry-After",
                                _positive)
-    settle: float = _key(10.0, "seconds attribution waits for spans when a [[trace]] table "
-                         "exists (the SDK batches them for 5 s, a collector adds its own)",
-                         _non_negative)
+    settle: float = _key(60.0, "seconds attribution waits for spans when a [[trace]] table "
+                         "exists: a span comes after its request's end (and the SDK's 5 s "
+                         "batch), so this bounds the traced requests' length", _non_negative)
 
 
 @dataclass(frozen=True)

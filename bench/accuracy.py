@@ -1,24 +1,30 @@
 """Accuracy of per-request GPU energy against a simulator that knows the truth.
 
-Run: python bench/accuracy.py [--concurrency 1 8 32 64] [--seed 0] [--prefill-weight W|auto]
-                              [--quiet-s 300]
+Run: python bench/accuracy.py [--concurrency 1 8 32 64] [--seeds 0 1 2 3 4]
+                              [--max-batch 16] [--prefill-weight W|auto] [--quiet-s 300]
 
 For each concurrency (closed-loop clients per GPU), a synthetic trace of two model sizes on
 two simulated H100s (`agent.sim.load`) drives a `SimulatedGpuSource` with its real
 NVML behaviour (integer-mJ counter refreshed every 50 ms), read by the real `Sampler` at
 10 Hz on a simulated clock (no sleeping). The reads are not aligned to the counter's
 refreshes: they start at a random phase and jitter by ±2 ms, as a real scheduler's do.
-The intake is realistic too: the engine hears of a request when it starts (open, no
-counts) and gets its first-token time and token counts when it ends, at the next tick.
+Each board runs at most `--max-batch` requests at once (16); beyond, requests wait in its
+queue, drawing no power, as in a serving engine's scheduler (`synthetic_trace`). The intake
+is realistic too, in two kinds (`INTAKES`): as a proxy sees it, the engine hears of a
+request when it arrives (open, no counts) and gets its first-token time and token counts
+when it ends, at the next tick, so queue time counts as the request's; as vLLM's span tells
+it, the engine gets the whole request, with the time it left the queue, up to 5 s after its
+end, and waits 6 s for such reports.
 The first 10 s are idle, so the engine learns the idle baseline as it would on a node;
 then `--quiet-s` seconds of single-stream load (the quieter hours an agent has seen before
 a peak, in which it can measure the prefill weight) come before the level's own load.
 Errors are computed over the level's own requests only.
 
 Each request's attributed GPU energy (gpu_dynamic + gpu_static) is compared with its truth
-(its own dynamic energy plus its equal share of idle while it ran), for both engine
-policies (at the engine's default prefill weight unless --prefill-weight is given, which
-is what an operator who calibrated it would set) and two naive methods:
+(its own dynamic energy plus its equal share of idle while it ran, queue excluded), for
+both engine policies and both intakes (at the engine's default prefill weight unless
+--prefill-weight is given, which is what an operator who calibrated it would set) and two
+naive methods:
 
 - lifetime_diff: the counter read at the request's start and at its end (what a client
   that reads NVML around its own call gets: every concurrent request's energy too);
@@ -61,9 +67,23 @@ DURATION_S = {1: 600.0, 8: 120.0, 32: 90.0, 64: 90.0}
 """How long clients send at each concurrency: a few hundred requests or more, and several
 lifetimes of the slow model, so that most requests run at the target concurrency."""
 POLICIES = ("equal", "tokens")
-METHODS = (*POLICIES, "lifetime_diff", "window_average")
-TARGETS = {("tokens", 32): (0.02, 0.08), ("tokens", 1): (0.01, None)}
-"""(median, p95) error targets of the brief, checked and reported (not tuned for)."""
+INTAKES = ("proxy", "trace")
+"""How the engine hears of requests: `proxy`, at arrival (open, no counts) and its end
+with the first-token time and counts, as the proxy and the ingest API report them; `trace`,
+whole, when its span comes (`EXPORT_DELAY_S` after its end), with the time it left the
+server's queue, as the OTLP receiver reports vLLM's spans."""
+ENGINES = tuple(f"{policy}-{intake}" for intake in INTAKES for policy in POLICIES)
+METHODS = (*ENGINES, "lifetime_diff", "window_average")
+TARGETS = {("tokens-proxy", 32): (0.02, 0.08), ("tokens-proxy", 1): (0.01, None),
+           ("tokens-trace", 32): (0.02, 0.08)}
+"""(median, p95) error targets of the briefs, checked and reported (not tuned for); with a
+queue, only the trace intake can meet them."""
+MAX_BATCH = 16
+"""Requests a simulated board runs at once (`--max-batch`); more wait in its queue."""
+EXPORT_DELAY_S = 5.0
+"""A span is exported up to this long after its request ended (the SDK's batch delay)."""
+TRACE_SETTLE_S = 60.0
+"""What the engine fed by spans waits for them (the agent's otlp.settle, for this delay)."""
 
 
 class SimClock:
@@ -93,39 +113,47 @@ class Level:
     simulated_ratio: list[float] = field(default_factory=list)
     """Per GPU, the simulation's prompt-token ÷ completion-token dynamic energy."""
     late: int = 0
+    queued: float = 0.0
+    """Share of the requests that waited in a board's queue."""
+    mean_queue_s: float = 0.0
     simulation_error: float = 0.0
     """Max relative difference between the source's integral and the load's exact energy."""
 
 
 def run_level(concurrency: int, duration_s: float, seed: int,
               prefill_weight: PrefillWeight = DEFAULT_PREFILL_WEIGHT,
-              quiet_s: float = QUIET_S) -> Level:
+              quiet_s: float = QUIET_S, max_batch: int | None = MAX_BATCH) -> Level:
     models = parse_spec(GPUS)
     quiet = [replace(r, id=f"quiet-{r.id}") for r in synthetic_trace(
         len(models), concurrency=1, duration_s=quiet_s, start=WARMUP_S, seed=seed + 1
     )] if quiet_s > 0 else []
     start = max((r.end for r in quiet), default=WARMUP_S)
     trace = synthetic_trace(len(models), concurrency=concurrency, duration_s=duration_s,
-                            start=start, seed=seed)
+                            start=start, seed=seed, max_batch=max_batch)
     load = RequestLoad(models)
     load.schedule(sorted(quiet + trace, key=lambda r: r.start))
     clock = SimClock(0.0)
     source = SimulatedGpuSource(models, load, clock=clock)
     sampler = Sampler(source, interval_s=SAMPLE_INTERVAL_S)
-    engines = {policy: AttributionEngine(sampler.timelines, policy=policy,
-                                         prefill_weight=prefill_weight,
-                                         power_limit_w=sampler.power_limit_w)
-               for policy in POLICIES}
-    finals: dict[str, dict[str, float]] = {policy: {} for policy in POLICIES}
+    engines = {
+        f"{policy}-{intake}": AttributionEngine(
+            sampler.timelines, policy=policy, prefill_weight=prefill_weight,
+            power_limit_w=sampler.power_limit_w,
+            **({"settle_s": TRACE_SETTLE_S} if intake == "trace" else {}))
+        for intake in INTAKES for policy in POLICIES}
+    finals: dict[str, dict[str, float]] = {name: {} for name in engines}
 
-    # Intake events in time order: (time, 0 = start | 1 = end, request).
-    events = sorted([(r.start, 0, r) for r in quiet + trace]
-                    + [(r.end, 1, r) for r in quiet + trace],
+    # Intake events in time order: (time, 0 = arrival | 1 = end | 2 = span, request).
+    spans = random.Random(seed + 2)
+    events = sorted([(r.arrived, 0, r) for r in quiet + trace]
+                    + [(r.end, 1, r) for r in quiet + trace]
+                    + [(r.end + spans.uniform(0.0, EXPORT_DELAY_S), 2, r)
+                       for r in quiet + trace],
                     key=lambda e: (e[0], e[1]))
     counter_at: dict[tuple[str, int], float] = {}
     rng = random.Random(seed)
     last_end = max(r.end for r in trace)
-    stop = last_end + max(engine.settle_s for engine in engines.values()) + 1.0
+    stop = last_end + EXPORT_DELAY_S + max(e.settle_s for e in engines.values()) + 1.0
     tick, next_event = 0, 0
     base = rng.uniform(0.0, source.counter_period_s)
     while True:
@@ -134,11 +162,12 @@ def run_level(concurrency: int, duration_s: float, seed: int,
             at, kind, request = events[next_event]
             next_event += 1
             clock.now = at
-            energy = source.read(request.gpu).energy_j
-            assert energy is not None
-            counter_at[request.id, kind] = energy
-            for engine in engines.values():
-                _intake(engine, request, kind)
+            if kind < 2:
+                energy = source.read(request.gpu).energy_j
+                assert energy is not None
+                counter_at[request.id, kind] = energy
+            for name, engine in engines.items():
+                _intake(engine, request, kind, name.endswith("-trace"))
         clock.now = now
         sampler.sample_all()
         tick += 1
@@ -152,7 +181,9 @@ def run_level(concurrency: int, duration_s: float, seed: int,
     level = Level(concurrency, len(trace), _in_flight(trace, len(models), start,
                                                       start + duration_s))
     truth = {r.id: load.truth_j(r.id) for r in trace}
-    for policy, engine in engines.items():
+    level.queued = sum(r.arrival is not None for r in trace) / len(trace)
+    level.mean_queue_s = statistics.fmean(r.start - r.arrived for r in trace)
+    for name, engine in engines.items():
         totals = engine.totals()
         if totals.pending_requests:
             raise RuntimeError(f"{totals.pending_requests} requests never became final")
@@ -161,9 +192,9 @@ def run_level(concurrency: int, duration_s: float, seed: int,
             attributed = gpu.gpu_dynamic_j + gpu.gpu_static_j
             level.conservation = max(level.conservation, abs(
                 attributed + gpu.unattributed_j - gpu.measured_j) / gpu.measured_j)
-        level.errors[policy] = [(finals[policy][r.id] - truth[r.id]) / truth[r.id]
-                                for r in trace]
-        if policy == "tokens":
+        level.errors[name] = [(finals[name][r.id] - truth[r.id]) / truth[r.id]
+                              for r in trace]
+        if name == "tokens-proxy":
             level.idle_learned_w = [gpu.idle_power_w for gpu in totals.gpus.values()]
             level.prefill_weight = [gpu.prefill_weight for gpu in totals.gpus.values()]
     level.simulated_ratio = [_simulated_ratio(r.model, concurrency)
@@ -204,12 +235,18 @@ def _prefill_weight(value: str) -> PrefillWeight:
     return "auto" if value == "auto" else float(value)
 
 
-def _intake(engine: AttributionEngine, request: TraceRequest, kind: int) -> None:
-    """What an intake path tells the engine: the start, then the rest at the end."""
-    if kind == 0:
+def _intake(engine: AttributionEngine, request: TraceRequest, kind: int, traced: bool
+            ) -> None:
+    """What an intake path tells the engine: through a proxy, the arrival, then the rest
+    at the end; by a span, everything (the queue exit too) once the span comes."""
+    if traced:
+        if kind == 2:
+            engine.add(replace(request.to_request(), start=request.arrived,
+                               scheduled=request.start))
+    elif kind == 0:
         engine.add(Request(id=request.id, model=request.model, source="simulated",
-                           gpus=(request.gpu,), start=request.start))
-    else:
+                           gpus=(request.gpu,), start=request.arrived))
+    elif kind == 1:
         engine.end(request.id, request.end, first_token=request.first_token,
                    prompt_tokens=request.prompt_tokens,
                    completion_tokens=request.completion_tokens)
@@ -232,7 +269,10 @@ def summarise(errors: list[float]) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(DURATION_S))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
+                        help=f"requests a board runs at once, the rest queued ({MAX_BATCH}; "
+                             "0: no bound, no queue)")
     parser.add_argument("--prefill-weight", type=_prefill_weight, default=DEFAULT_PREFILL_WEIGHT,
                         help=f"the engine's prefill weight ({DEFAULT_PREFILL_WEIGHT}, its default)")
     parser.add_argument("--quiet-s", type=float, default=QUIET_S,
@@ -243,33 +283,37 @@ def main() -> None:
     results: list[dict[str, float | int | str]] = []
     conservation = 0.0
     verdicts: list[str] = []
-    prefill_weights: dict[int, list[float | None]] = {}
+    prefill_weights: dict[str, list[float | None]] = {}
+    max_batch = args.max_batch or None
     print(f"{GPUS} simulated, 10 Hz sampling, prefill_weight {args.prefill_weight}, "
-          f"{args.quiet_s:g} s of single-stream load first, seed {args.seed}")
-    for concurrency in args.concurrency:
+          f"{args.quiet_s:g} s of single-stream load first, batch "
+          f"{max_batch or 'unbounded'}, seeds {' '.join(map(str, args.seeds))}")
+    for seed, concurrency in ((s, c) for s in args.seeds for c in args.concurrency):
         started = time.process_time()
-        level = run_level(concurrency, DURATION_S.get(concurrency, 90.0), args.seed,
-                          args.prefill_weight, args.quiet_s)
+        level = run_level(concurrency, DURATION_S.get(concurrency, 90.0), seed,
+                          args.prefill_weight, args.quiet_s, max_batch)
         conservation = max(conservation, level.conservation)
         idle = ", ".join("?" if w is None else f"{w:.1f}" for w in level.idle_learned_w)
-        print(f"concurrency {concurrency}: {level.requests} requests, in flight per GPU "
+        print(f"seed {seed}, concurrency {concurrency}: {level.requests} requests, "
+              f"queued {level.queued:.0%}, mean queue {level.mean_queue_s:.2f} s, "
+              f"in flight per GPU "
               f"{', '.join(f'{c:.1f}' for c in level.in_flight)}, learned idle {idle} W, "
               f"late {level.late}, conservation {level.conservation:.1e}, simulation "
               f"{level.simulation_error:.1e}, {time.process_time() - started:.1f} s CPU")
         weights = ", ".join("time" if w is None else f"{w:.4f}" for w in level.prefill_weight)
         print(f"  tokens prefill weight at the end {weights} (simulation's ratio "
               f"{', '.join(f'{r:.4f}' for r in level.simulated_ratio)})")
-        prefill_weights[concurrency] = level.prefill_weight
+        prefill_weights[f"{seed}/{concurrency}"] = level.prefill_weight
         print(f"  {'method':<16}{'median':>10}{'p95':>10}{'bias':>10}")
         for method in METHODS:
             median, p95, bias = summarise(level.errors[method])
             print(f"  {method:<16}{median:>10.2%}{p95:>10.2%}{bias:>+10.2%}")
-            results.append({"concurrency": concurrency, "method": method,
+            results.append({"seed": seed, "concurrency": concurrency, "method": method,
                             "median_error": median, "p95_error": p95})
             target = TARGETS.get((method, concurrency))
             if target is not None:
                 met = median <= target[0] and (target[1] is None or p95 <= target[1])
-                verdicts.append(f"{method} at concurrency {concurrency}: "
+                verdicts.append(f"{method} at concurrency {concurrency}, seed {seed}: "
                                 f"{'met' if met else 'NOT met'}")
     verdicts.append(f"conservation <= 1e-9: {'met' if conservation <= 1e-9 else 'NOT met'}")
     print("targets: " + "; ".join(verdicts))

@@ -169,7 +169,7 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
     config = load(environ={}, overrides={
         "agent.simulate": spec, "agent.listen": "127.0.0.1:0",
         "ingest.listen": "127.0.0.1:0", "records.path": str(store),
-        "attribution.settle": 1.0,
+        "attribution.settle": 4.0,  # the traced board's spans come after their requests
     })
     models = parse_spec(spec)
     request_load = RequestLoad(models)

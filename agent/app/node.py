@@ -48,8 +48,9 @@ class Node:
             prefill_weight=attribution.prefill_weight,
             pue=config.site.pue,
             idle_power_w={gpu.index: idle for gpu in self.sampler.gpus()} if idle else None,
-            # Spans arrive a batch delay after their request ended: with trace sources,
-            # intervals wait for them (a span later still is attributed late).
+            # A span arrives after its request ended (and a batch delay): with trace
+            # sources, intervals wait for the requests that ran in them (one longer than
+            # that is attributed late: what was not yet shared).
             settle_s=max(attribution.settle, config.otlp.settle) if config.trace
             else attribution.settle,
             max_age_s=attribution.max_age,

@@ -93,6 +93,13 @@ class TraceRequest:
     end: float
     prompt_tokens: int
     completion_tokens: int
+    arrival: float | None = None
+    """When it reached the server, where it then waited in the queue until `start` (when
+    the server began on it); None: it began at once."""
+
+    @property
+    def arrived(self) -> float:
+        return self.start if self.arrival is None else self.arrival
 
     def to_request(self, source: str = "simulated") -> Request:
         """The completed request as an intake path would report it to the engine."""
@@ -360,8 +367,9 @@ def synthetic_trace(
     prompt_median: float = 400.0,
     completion_median: float = 180.0,
     seed: int = 0,
+    max_batch: int | None = None,
 ) -> list[TraceRequest]:
-    """A deterministic inference workload for `gpu_count` boards, sorted by start time.
+    """A deterministic inference workload for `gpu_count` boards, sorted by arrival.
 
     - Board i serves `models[i % len(models)]` (one model replica per board, as a serving
       engine is usually deployed).
@@ -375,15 +383,22 @@ def synthetic_trace(
       to completion, so the trace ends a little later.
     - Prompt and completion lengths are log-normal around the medians (σ 1.0 and 0.9, the
       long tails of chat workloads), clipped to [8, 8192] and [4, 2048] tokens.
+    - With `max_batch`, a board runs at most that many requests at once; a request that
+      arrives while they run waits in a first-come-first-served queue (its `arrival` is
+      when it came, its `start` when a slot freed), as a serving engine's scheduler holds
+      requests beyond its batch. Without, every request starts when it arrives.
     - Prefill lasts prompt / prefill rate; decode lasts completion / the decode rate at a
-      batch of `concurrency` (`ModelProfile.decode_rate`).
+      batch of `concurrency` (or `max_batch`, if smaller; `ModelProfile.decode_rate`).
     - Times are rounded to whole milliseconds, the integration step of
       `SimulatedGpuSource`, so that its numerical integral of the load is exact too.
 
     Ids are "<model>-<n>", n counting from 0 in order of start.
     """
-    if gpu_count < 1 or concurrency < 1 or duration_s <= 0 or think_s < 0:
-        raise ValueError("need gpu_count >= 1, concurrency >= 1, duration_s > 0, think_s >= 0")
+    if gpu_count < 1 or concurrency < 1 or duration_s <= 0 or think_s < 0 or (
+            max_batch is not None and max_batch < 1):
+        raise ValueError("need gpu_count >= 1, concurrency >= 1, duration_s > 0, "
+                         "think_s >= 0, max_batch >= 1")
+    batch = concurrency if max_batch is None else min(concurrency, max_batch)
     if unknown := [name for name in models if name not in profiles]:
         raise ValueError(f"unknown model(s) {unknown} (known: {', '.join(profiles)})")
     rng = random.Random(seed)
@@ -395,32 +410,38 @@ def synthetic_trace(
 
     def phases(profile: ModelProfile, prompt: int, completion: int) -> tuple[float, float]:
         prefill = max(_ms(prompt / profile.prefill_tokens_per_s), 0.001)
-        return prefill, max(_ms(completion / profile.decode_rate(concurrency)), 0.001)
+        return prefill, max(_ms(completion / profile.decode_rate(batch)), 0.001)
 
     # Each client's next send time, in one heap, so that requests come out in time order.
     sends: list[tuple[float, int, int]] = []  # (time, client, gpu)
     for gpu in range(gpu_count):
         profile = profiles[models[gpu % len(models)]]
         mean_life = (prompt_median / profile.prefill_tokens_per_s
-                     + completion_median / profile.decode_rate(concurrency))
+                     + completion_median / profile.decode_rate(batch))
         for _ in range(concurrency):
             client = len(sends)
             heapq.heappush(sends, (_ms(start + rng.uniform(0, mean_life)), client, gpu))
 
     trace: list[TraceRequest] = []
     counters: dict[str, int] = {}
+    running: list[list[float]] = [[] for _ in range(gpu_count)]  # per board, ends (a heap)
     while sends and sends[0][0] < stop:
         sent, client, gpu = heapq.heappop(sends)
         name = models[gpu % len(models)]
         profile = profiles[name]
         prompt, completion = lengths()
         prefill, decode = phases(profile, prompt, completion)
-        first = _ms(sent + prefill)
+        slots = running[gpu]
+        while slots and slots[0] <= sent:
+            heapq.heappop(slots)
+        begin = sent if max_batch is None or len(slots) < max_batch else heapq.heappop(slots)
+        first = _ms(begin + prefill)
         end = _ms(first + decode)
+        heapq.heappush(slots, end)
         number = counters.get(name, 0)
         counters[name] = number + 1
-        trace.append(TraceRequest(f"{name}-{number}", name, gpu, sent, first, end,
-                                  prompt, completion))
+        trace.append(TraceRequest(f"{name}-{number}", name, gpu, begin, first, end,
+                                  prompt, completion, None if begin == sent else sent))
         heapq.heappush(sends, (_ms(end + rng.expovariate(1 / think_s) if think_s else end),
                                client, gpu))
     return trace

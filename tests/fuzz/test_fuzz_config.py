@@ -34,6 +34,7 @@ VALID_TABLES = {
     "proxy": {"name": "vllm", "listen": "127.0.0.1:8001", "upstream": "http://127.0.0.1:8000",
               "gpus": [0]},
     "scrape": {"kind": "vllm", "url": "http://127.0.0.1:8000/metrics", "gpus": "auto"},
+    "trace": {"service": "vllm-llama", "gpus": [0]},
 }
 
 # --- TOML values and their text ------------------------------------------------------------

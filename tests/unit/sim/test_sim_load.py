@@ -279,3 +279,19 @@ def test_tokens_policy_matches_the_truth_at_concurrency_one() -> None:
     assert errors[-1] < 0.25  # even the shortest request
     total = sum(attributed.values())
     assert total == pytest.approx(sum(load.truth_j(r.id) for r in trace), rel=0.05)
+
+
+def test_a_bounded_batch_queues_requests_first_come_first_served() -> None:
+    trace = synthetic_trace(2, concurrency=12, duration_s=30.0, start=1.0, seed=5, max_batch=4)
+    queued = [r for r in trace if r.arrival is not None]
+    assert queued and all(r.arrival < r.start for r in queued)
+    for gpu in (0, 1):
+        board = [r for r in trace if r.gpu == gpu]
+        # Never more than 4 running at once: at every start, count those still running.
+        for r in board:
+            assert sum(1 for o in board if o.start <= r.start < o.end) <= 4
+        # First come, first served: starts in the order of arrival.
+        by_arrival = sorted(board, key=lambda r: (r.arrived, r.id))
+        assert [r.start for r in by_arrival] == sorted(r.start for r in by_arrival)
+    unbounded = synthetic_trace(2, concurrency=12, duration_s=30.0, start=1.0, seed=5)
+    assert all(r.arrival is None for r in unbounded)
