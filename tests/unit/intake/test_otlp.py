@@ -24,7 +24,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 from otel_spans import NS, sglang_request, triton_request, vllm_span
 from scripted import Servers, free_port, wait_until
 
@@ -329,3 +334,65 @@ def test_triton_model_spans_weigh_by_time_from_their_compute_start(
     assert request.scheduled - request.start == pytest.approx(0.25, abs=1e-3)
     assert request.start == pytest.approx(arrival + 50e-6 - offset, abs=0.05)
     assert receiver.stats.spans["ignored", "composing_model"] == 1
+
+
+def test_the_same_load_through_the_proxy_and_by_its_spans_gives_the_same_records(
+        servers: Servers) -> None:
+    """One simulated vLLM server, its clients through the proxy into one engine, its spans
+    (the real SDK's OTLP/HTTP exporter) into the receiver of another, over the same
+    energy timeline: per request the same tokens, and nearly the same energy (the proxy
+    sees each request from a little earlier to a little later than the server). No queue
+    here: with one, the spans' energy would be the smaller by the queue's share."""
+    from agent.config import ProxyTable
+    from agent.intake.proxy import RUNNER_OPTIONS as PROXY_RUNNER_OPTIONS
+    from agent.intake.proxy import proxy_app
+    from agent.sim.upstream import fake_upstream_app
+
+    now = time.monotonic()
+    line = Timeline(max_points=2_000)
+    for i in range(1_100):
+        line.append(EnergyPoint(now - 10 + i, 100.0 * i))
+    proxied_engine, traced_engine = (AttributionEngine({0: line}, settle_s=0.0, max_age_s=1e6)
+                                     for _ in range(2))
+    receiver = TraceReceiver(traced_engine, [TraceSource("vllm-a", lambda: (0,))])
+    url = servers.serve(otlp_app(receiver, token=None, max_body_bytes=1 << 20),
+                        **RUNNER_OPTIONS)
+    # Batched, as vLLM exports (a simple processor would export on the server's event
+    # loop, which serves the receiver too).
+    provider = TracerProvider(resource=Resource.create({"service.name": "vllm-a"}))
+    provider.add_span_processor(BatchSpanProcessor(
+        OTLPSpanExporter(endpoint=f"{url}/v1/traces"), schedule_delay_millis=100))
+    upstream = servers.serve(fake_upstream_app(models={"llama": 100.0}, traces=provider))
+    proxy = servers.serve(proxy_app(ProxyTable(name="p", listen="127.0.0.1:0",
+                                               upstream=upstream, gpus=(0,)),
+                                    proxied_engine, lambda: (0,)), **PROXY_RUNNER_OPTIONS)
+    for words in (3, 30, 12):
+        prompt = " ".join(["joules"] * words)
+        status, _, _ = post_json(proxy, "/v1/completions",
+                                 {"model": "llama", "prompt": prompt, "max_tokens": 20})
+        assert status == 200
+        time.sleep(0.3)  # one at a time: each request has the GPU to itself
+    provider.shutdown()
+    wait_until(lambda: proxied_engine.totals().pending_requests == 3, "the proxy's records")
+    later = time.monotonic() + 2_000
+    proxied = sorted(proxied_engine.advance(later), key=lambda e: e.request.start)
+    traced = sorted(traced_engine.advance(later), key=lambda e: e.request.start)
+    assert len(proxied) == len(traced) == 3
+    for through, spanned in zip(proxied, traced, strict=True):
+        assert (through.request.prompt_tokens, through.request.completion_tokens) == (
+            spanned.request.prompt_tokens, spanned.request.completion_tokens)
+        # At a steady 100 W energy follows the window: the server's lies inside the
+        # proxy's, a few ms shorter at each end (the clocks' offset aside).
+        assert 0.85 * through.gpu_j <= spanned.gpu_j <= 1.01 * through.gpu_j
+
+
+def post_json(base: str, path: str, body: dict[str, Any]) -> tuple[int, Any, bytes]:
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("POST", path, body=json.dumps(body).encode(),
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
