@@ -232,7 +232,8 @@ class TraceTable:
 
     service: str = _key(REQUIRED, "the service.name of its spans' resource (OTEL_SERVICE_NAME); "
                         "requests' source is trace:SERVICE")
-    gpus: GpuSpec = _key(REQUIRED, "GPUs serving it: [0, 1] or UUIDs")
+    gpus: GpuSpec = _key(REQUIRED, 'GPUs serving it: [0, 1], UUIDs, or "auto" (those of the '
+                         "process its spans' resource names: vllm.process_id, process.pid)")
     model: str = _key("", "model name to record; by default the span's own, else the service")
 
 

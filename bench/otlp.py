@@ -46,7 +46,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.attribution import AttributionEngine
-from agent.intake.otlp import RUNNER_OPTIONS, TraceReceiver, TraceSource, otlp_app
+from agent.intake.otlp import RUNNER_OPTIONS, TraceReceiver, TraceSource, fixed, otlp_app
 from agent.intake.otlp.receiver import TRACES_PATH
 from agent.timeline import EnergyPoint, Timeline
 
@@ -160,7 +160,7 @@ async def run(batches: int, per_batch: int) -> dict[str, float]:
     now = time.monotonic()
     engine = AttributionEngine(_timelines(now - HISTORY_S + 5.0), settle_s=0.0,
                                max_age_s=1e6, max_pending=2_000_000)
-    receiver = TraceReceiver(engine, [TraceSource(s, (lambda g=g: (g,)))
+    receiver = TraceReceiver(engine, [TraceSource(s, fixed((g,)))
                                       for g, s in enumerate(SERVICES)])
     runner = web.AppRunner(otlp_app(receiver, token=None, max_body_bytes=64 << 20),
                            access_log=None, **RUNNER_OPTIONS)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import socket
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -22,7 +23,7 @@ from agent.intake.access import check_listen_access, load_token
 from agent.intake.discovery import GpuResolver, local_port
 from agent.intake.ingest import ingest_app
 from agent.intake.otlp import RUNNER_OPTIONS as OTLP_RUNNER_OPTIONS
-from agent.intake.otlp import TraceReceiver, TraceSource, otlp_app
+from agent.intake.otlp import ProcessGpus, TraceReceiver, TraceSource, fixed, otlp_app
 from agent.intake.otlp.grpc_service import start_grpc
 from agent.intake.proxy import PROXY_STATS, proxy_app
 from agent.intake.proxy import RUNNER_OPTIONS as PROXY_RUNNER_OPTIONS
@@ -129,9 +130,13 @@ def trace_receiver(node: Node) -> TraceReceiver | None:
     sources = []
     for table in config.trace:
         if table.gpus == "auto":
-            raise ValueError(f'[[trace]] {table.service!r}: gpus = "auto" is not supported for '
-                             "trace sources yet; list the GPU indices or UUIDs")
-        gpus = GpuResolver(table.gpus, node.sampler.gpus(), None).current
+            if any(gpu.simulated for gpu in node.sampler.gpus()):
+                raise ValueError(f'[[trace]] {table.service!r}: gpus = "auto" cannot be '
+                                 "resolved on simulated GPUs: give an explicit list")
+            gpus: Callable[[Mapping[str, Any]], tuple[int, ...]] = ProcessGpus(
+                node.sampler.gpus())
+        else:
+            gpus = fixed(GpuResolver(table.gpus, node.sampler.gpus(), None).current())
         sources.append(TraceSource(table.service, gpus, table.model))
     receiver = TraceReceiver(node.engine, sources)
     node.collector.add(OtlpMetrics(receiver.stats).families)

@@ -38,7 +38,7 @@ from agent.app.node import Node
 from agent.config import ProxyTable, load
 from agent.devices.host import EstimatedHostSource
 from agent.intake.otlp import RUNNER_OPTIONS as OTLP_RUNNER_OPTIONS
-from agent.intake.otlp import TraceReceiver, TraceSource, otlp_app
+from agent.intake.otlp import TraceReceiver, TraceSource, fixed, otlp_app
 from agent.intake.otlp.receiver import TRACES_PATH
 from agent.intake.proxy import RUNNER_OPTIONS as PROXY_RUNNER_OPTIONS
 from agent.intake.proxy import proxy_app
@@ -191,7 +191,7 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
     attribution = asyncio.create_task(attribute_periodically(node))
     runners = [await start_site(metrics_app, config.agent.listen, "metrics")]
     # vLLM's spans name no model: the trace source does, as a [[trace]] table would.
-    traced = TraceReceiver(node.engine, [TraceSource(f"gpu{TRACED}", _fixed((TRACED,)),
+    traced = TraceReceiver(node.engine, [TraceSource(f"gpu{TRACED}", fixed((TRACED,)),
                                                      served_model(TRACED))])
     receiver = await start_site(otlp_app(traced, token=None, max_body_bytes=1 << 24),
                                 "127.0.0.1:0", "OTLP receiver", **OTLP_RUNNER_OPTIONS)

@@ -59,6 +59,10 @@ class GpuResolutionError(ValueError):
     """The GPUs of a source with `gpus = "auto"` are not known (yet); the message says why."""
 
 
+class StillResolving(GpuResolutionError):
+    """The first discovery has not finished: ask again shortly."""
+
+
 @dataclass(frozen=True, slots=True)
 class Resolution:
     """One attempt at discovery: the GPUs found, or why none."""
@@ -116,11 +120,15 @@ class GpuResolver:
         *,
         wait_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        pid: int | None = None,
     ) -> None:
-        """Raises ValueError for a configuration that can never resolve: unknown GPU
-        indices or UUIDs (all named), or "auto" without a port or on simulated GPUs."""
+        """"auto" follows the process listening on `port`, or the process `pid` (a trace
+        source's, from its spans' resource). Raises ValueError for a configuration that
+        can never resolve: unknown GPU indices or UUIDs (all named), or "auto" without a
+        port or process, or on simulated GPUs."""
         self.spec = spec
         self.port = port
+        self.pid = pid
         self.refresh_s = refresh_s
         self.wait_s = wait_s
         self._gpus = list(gpus)
@@ -133,7 +141,7 @@ class GpuResolver:
         self._lock = threading.Lock()
         if spec != "auto":
             self._static = _static_indices(spec, self._gpus)
-        elif port is None:
+        elif port is None and pid is None:
             raise ValueError('gpus = "auto" needs the server\'s port (from its URL)')
         elif any(gpu.simulated for gpu in self._gpus):
             raise ValueError('gpus = "auto" cannot be resolved on simulated GPUs: NVML has no '
@@ -148,7 +156,7 @@ class GpuResolver:
             stale = self._last is None or self._clock() - self._last.at >= self.refresh_s
             if stale and (self._refreshing is None or not self._refreshing.is_alive()):
                 self._refreshing = threading.Thread(
-                    target=self._refresh, name=f"jouleprobe-gpus-{self.port}", daemon=True
+                    target=self._refresh, name=f"jouleprobe-gpus-{self._whose}", daemon=True
                 )
                 self._refreshing.start()
             thread = self._refreshing
@@ -157,8 +165,18 @@ class GpuResolver:
         good, last = self._good, self._last
         if good is not None:
             return good.gpus
-        reason = last.detail if last is not None else "still being resolved"
-        raise GpuResolutionError(f'gpus = "auto" (port {self.port}): {reason}')
+        if last is None:
+            raise StillResolving(f'gpus = "auto" ({self._whose}): still being resolved')
+        raise GpuResolutionError(f'gpus = "auto" ({self._whose}): {last.detail}')
+
+    @property
+    def resolving(self) -> bool:
+        """"auto" has not finished its first discovery yet."""
+        return self._static is None and self._last is None
+
+    @property
+    def _whose(self) -> str:
+        return f"port {self.port}" if self.pid is None else f"PID {self.pid}"
 
     def describe(self) -> str:
         """One line for `jouleprobe doctor`: the mapping, or plainly why there is none.
@@ -168,14 +186,20 @@ class GpuResolver:
             return f"GPUs [{named}] -> {', '.join(map(str, self._static))}"
         resolution = self.resolve()
         if resolution.ok:
-            return (f"auto (port {self.port}): GPU {', '.join(map(str, resolution.gpus))} "
+            return (f"auto ({self._whose}): GPU {', '.join(map(str, resolution.gpus))} "
                     f"({resolution.detail})")
-        return f"auto (port {self.port}): cannot resolve: {resolution.detail}"
+        return f"auto ({self._whose}): cannot resolve: {resolution.detail}"
 
     def resolve(self) -> Resolution:
         """One discovery attempt, now. Never raises for what it finds wrong."""
-        assert self.port is not None
-        gpus, detail = _discover(self.port, self._gpus, self._nvml_module)
+        if self.pid is not None:
+            listeners, why = ([self.pid], "") if psutil.pid_exists(self.pid) else (
+                [], f"no process {self.pid} on this host (or in this PID namespace: "
+                    f"{HOST_PID_HINT})")
+        else:
+            assert self.port is not None
+            listeners, why = _listening_pids(self.port)
+        gpus, detail = _discover(listeners, why, self._gpus, self._nvml_module)
         return Resolution(gpus, detail, self._clock())
 
     def _refresh(self) -> None:
@@ -206,9 +230,9 @@ def _static_indices(spec: Iterable[int | str], gpus: list[GpuInfo]) -> tuple[int
 
 
 def _discover(
-    port: int, gpus: list[GpuInfo], nvml_module: ModuleType | None
+    listeners: list[int], why: str, gpus: list[GpuInfo], nvml_module: ModuleType | None
 ) -> tuple[tuple[int, ...], str]:
-    listeners, why = _listening_pids(port)
+    """The GPUs of the processes `listeners` (and their trees); `why` none were found."""
     if not listeners:
         return (), why
     gpu_pids, why = _gpu_processes(gpus, nvml_module)

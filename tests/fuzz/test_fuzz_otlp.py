@@ -31,7 +31,7 @@ from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from scripted import Servers
 
 from agent.attribution import AttributionEngine
-from agent.intake.otlp import RUNNER_OPTIONS, TraceReceiver, TraceSource, otlp_app
+from agent.intake.otlp import RUNNER_OPTIONS, TraceReceiver, TraceSource, fixed, otlp_app
 from agent.intake.otlp.receiver import TRACES_PATH
 from agent.timeline import EnergyPoint, Timeline
 
@@ -56,7 +56,7 @@ def stack() -> Iterator[tuple[str, TraceReceiver, AttributionEngine, Tracebacks]
     for i in range(3_700):
         line.append(EnergyPoint(now - 100 + i, 100.0 * i))
     engine = AttributionEngine({0: line}, settle_s=0.0, max_age_s=1e7, max_pending=10**7)
-    receiver = TraceReceiver(engine, [TraceSource(SERVICE, lambda: (0,))])
+    receiver = TraceReceiver(engine, [TraceSource(SERVICE, fixed((0,)))])
     servers = Servers()
     errors = Tracebacks()
     for name in ("aiohttp.server", "aiohttp.web", "asyncio", "agent"):

@@ -4,10 +4,13 @@ receiver (docs/design.md §6). `spans` says which spans are requests and what th
 
 from agent.intake.otlp.receiver import (
     RUNNER_OPTIONS,
+    ProcessGpus,
     TraceReceiver,
     TraceSource,
     TraceStats,
+    fixed,
     otlp_app,
 )
 
-__all__ = ["RUNNER_OPTIONS", "TraceReceiver", "TraceSource", "TraceStats", "otlp_app"]
+__all__ = ["RUNNER_OPTIONS", "ProcessGpus", "TraceReceiver", "TraceSource", "TraceStats",
+           "fixed", "otlp_app"]

@@ -50,7 +50,7 @@ class _TraceService(TraceServiceServicer):
         if not room:
             stats.exports["grpc", "UNAVAILABLE"] += 1
             await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "attribution is at capacity (max_pending); retry")
+                                f"{self.receiver.retry_reason}; retry")
         stats.exports["grpc", "OK"] += 1
         response = ExportTraceServiceResponse()
         if rejected:

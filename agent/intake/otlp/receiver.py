@@ -30,8 +30,9 @@ import logging
 import math
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import ModuleType
 from typing import Any
 
 from aiohttp import web
@@ -44,7 +45,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from agent.attribution import AttributionEngine, CapacityExceeded
+from agent.devices.base import GpuInfo
 from agent.intake.access import refused
+from agent.intake.discovery import GpuResolver, StillResolving
 from agent.intake.encoding import DECODABLE, TooLarge, decoded
 from agent.intake.otlp.spans import (
     Ignored,
@@ -78,8 +81,10 @@ class TraceSource:
     """One `[[trace]]` table: the server whose resource has this `service.name`."""
 
     service: str
-    gpus: Callable[[], tuple[int, ...]]
-    """The GPUs serving it; raises ValueError while they are not known."""
+    gpus: Callable[[Mapping[str, Any]], tuple[int, ...]]
+    """The GPUs serving it, given its spans' resource attributes (`ProcessGpus` reads the
+    process there); raises ValueError while they are not known (`StillResolving`: ask
+    again shortly)."""
     model: str = ""
     """The model to record; by default the span's own, else the service name."""
 
@@ -87,6 +92,54 @@ class TraceSource:
     def name(self) -> str:
         """`Request.source` of its requests."""
         return f"trace:{self.service}"
+
+
+def fixed(gpus: tuple[int, ...]) -> Callable[[Mapping[str, Any]], tuple[int, ...]]:
+    """The GPUs of a trace source configured with a list: whatever its spans' resource."""
+    return lambda _resource: gpus
+
+
+PROCESS_ATTRIBUTES = ("vllm.process_id", "process.pid")
+"""Resource attributes that name the exporting process: vLLM's (a string), OpenTelemetry's
+semantic convention (an int)."""
+
+
+class ProcessGpus:
+    """`gpus = "auto"` for a trace source: the GPUs that NVML lists the process of the
+    spans' resource (or its descendants: vLLM's workers) on, through the discovery that
+    the proxy and the scrapers use (`GpuResolver`), one per process, refreshed in the
+    background so that the event loop never waits for NVML."""
+
+    MAX_PROCESSES = 256
+
+    def __init__(self, gpus: Sequence[GpuInfo], nvml_module: ModuleType | None = None) -> None:
+        self._gpus = list(gpus)
+        self._nvml_module = nvml_module
+        self._resolvers: OrderedDict[int, GpuResolver] = OrderedDict()
+
+    def __call__(self, resource: Mapping[str, Any]) -> tuple[int, ...]:
+        pid = _process(resource)
+        if pid is None:
+            raise ValueError("its resource names no process (vllm.process_id, process.pid) "
+                             'for gpus = "auto": give the GPUs in its [[trace]] table')
+        resolver = self._resolvers.get(pid)
+        if resolver is None:
+            resolver = GpuResolver("auto", self._gpus, None, self._nvml_module, wait_s=0.0,
+                                   pid=pid)
+            self._resolvers[pid] = resolver
+            if len(self._resolvers) > self.MAX_PROCESSES:
+                self._resolvers.popitem(last=False)
+        return resolver.current()
+
+
+def _process(resource: Mapping[str, Any]) -> int | None:
+    for key in PROCESS_ATTRIBUTES:
+        value = resource.get(key)
+        if type(value) is int and value > 0:
+            return value
+        if isinstance(value, str) and value.isascii() and value.isdigit() and value != "0":
+            return int(value)
+    return None
 
 
 @dataclass(slots=True)
@@ -117,6 +170,8 @@ class TraceReceiver:
         self.taken: OrderedDict[bytes, None] = OrderedDict()
         """The spans (trace and span id) taken lately: a batch sent again is recognised."""
         self.retry_after_s = max(1, math.ceil(engine.settle_s))
+        self.retry_reason = ""
+        """Why the latest export that could not be taken whole was refused."""
         self._warned = -math.inf
 
     def take(self, export: ExportTraceServiceRequest) -> tuple[bool, int, str]:
@@ -140,15 +195,16 @@ class TraceReceiver:
                 for span in scope_spans.spans:
                     self.phases.note(span, scope_spans.scope.name)
         for resource_spans in export.resource_spans:
-            resource = attributes(resource_spans.resource.attributes, _SERVICE)
+            resource = attributes(resource_spans.resource.attributes, _RESOURCE)
             service = resource.get("service.name")
             source = self.sources.get(service) if isinstance(service, str) else None
             for scope_spans in resource_spans.scope_spans:
                 scope = scope_spans.scope.name
                 for span in scope_spans.spans:
                     try:
-                        outcome = self._span(span, scope, source, service, now, offset)
-                    except CapacityExceeded:
+                        outcome = self._span(span, scope, source, resource, now, offset)
+                    except (CapacityExceeded, StillResolving) as exc:
+                        self.retry_reason = str(exc)
                         return False, sum(rejected.values()), _summary(rejected)
                     if isinstance(outcome, Rejected):
                         rejected[outcome.detail] += 1
@@ -157,26 +213,31 @@ class TraceReceiver:
                         self.stats.spans["ignored", outcome.reason] += 1
         return True, sum(rejected.values()), _summary(rejected)
 
-    def _span(self, span: Span, scope: str, source: TraceSource | None, service: object,
-              now: float, offset: float) -> Ignored | Rejected | None:
+    def _span(self, span: Span, scope: str, source: TraceSource | None,
+              resource: Mapping[str, Any], now: float, offset: float
+              ) -> Ignored | Rejected | None:
         """What became of `span`: None where its request was accepted."""
         traced = read_span(span, scope, self.phases)
         if not isinstance(traced, TracedRequest):
             return traced
         if source is None:
-            return Rejected("unknown_service",
-                            f"no [[trace]] table for service.name {service!r}")
-        return self._accept(traced, span.trace_id + span.span_id, source, now, offset)
+            return Rejected("unknown_service", "no [[trace]] table for service.name "
+                                               f"{resource.get('service.name')!r}")
+        return self._accept(traced, span.trace_id + span.span_id, source, resource, now,
+                            offset)
 
-    def _accept(self, traced: TracedRequest, span_id: bytes, source: TraceSource, now: float,
-                offset: float) -> Ignored | Rejected | None:
+    def _accept(self, traced: TracedRequest, span_id: bytes, source: TraceSource,
+                resource: Mapping[str, Any], now: float, offset: float
+                ) -> Ignored | Rejected | None:
         if span_id in self.taken:
             return Ignored("sent_again")
         if traced.end - offset > now + MAX_AHEAD_S:
             return Rejected("clock", f"ends {traced.end - offset - now:.0f} s ahead of this "
                                      "host's clock: the server's clock is wrong")
         try:
-            gpus = source.gpus()
+            gpus = source.gpus(resource)
+        except StillResolving:
+            raise
         except ValueError as exc:
             return Rejected("gpus_unknown", f"the GPUs of {source.service!r} are not known: {exc}")
 
@@ -203,7 +264,7 @@ class TraceReceiver:
 
 
 _IDS = ("traceId", "spanId", "parentSpanId")
-_SERVICE = frozenset(("service.name",))
+_RESOURCE = frozenset(("service.name", *PROCESS_ATTRIBUTES))
 
 
 def _from_json(body: bytes) -> ExportTraceServiceRequest:
@@ -285,7 +346,7 @@ def otlp_app(receiver: TraceReceiver, *, token: str | None, max_body_bytes: int,
                 return answer(400, binary, f"not an OTLP ExportTraceServiceRequest: {exc}")
             room, rejected, reason = receiver.take(export)
         if not room:
-            return answer(429, binary, "attribution is at capacity (max_pending); retry",
+            return answer(429, binary, f"{receiver.retry_reason}; retry",
                           headers={"Retry-After": str(receiver.retry_after_s)})
         return answer(200, binary, reason, rejected)
 

@@ -8,14 +8,15 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
 from fake_pynvml import FakeNvml
-from scripted import free_port
+from scripted import free_port, wait_until
 
 from agent.devices.base import GpuInfo
-from agent.intake.discovery import GpuResolutionError, GpuResolver, local_port
+from agent.intake.discovery import GpuResolutionError, GpuResolver, StillResolving, local_port
 
 UUIDS = ("GPU-5d1f0c3a-9b7e-4f6a-8c2d-1e3f5a7b9c0d", "GPU-a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d",
          "GPU-00000000-1111-4222-8333-444444444444")
@@ -152,3 +153,37 @@ def test_a_listener_without_gpus_is_followed_to_its_parents_tree(nvml: FakeNvml)
         finally:
             router.kill()
             shard.kill()
+
+
+def test_a_trace_sources_gpus_follow_the_process_of_its_spans(nvml: FakeNvml) -> None:
+    """`gpus = "auto"` for a trace source: vLLM's resource names its API server process
+    (`vllm.process_id`, a string); its GPU workers are that process's children."""
+    from agent.intake.otlp import ProcessGpus
+
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as worker:
+        try:
+            nvml.set_processes(2, [(worker.pid, 2**30)])
+            gpus = ProcessGpus(GPUS, nvml.module)
+            resource = {"service.name": "vllm-a", "vllm.process_id": str(os.getpid())}
+            wait_until(lambda: _resolved(gpus, resource), "the discovery")
+            assert gpus(resource) == (2,)
+            assert gpus({"process.pid": os.getpid()}) == (2,)  # the one discovery, shared
+            with pytest.raises(ValueError, match="names no process"):
+                gpus({"service.name": "vllm-a"})
+            lost = {"vllm.process_id": str(_missing_pid())}
+            wait_until(lambda: not isinstance(_error(gpus, lost), StillResolving), "the discovery")
+            assert "no process" in str(_error(gpus, lost))
+        finally:
+            worker.kill()
+
+
+def _error(gpus: Any, resource: dict[str, Any]) -> Exception | None:
+    try:
+        gpus(resource)
+    except ValueError as exc:
+        return exc
+    return None
+
+
+def _resolved(gpus: Any, resource: dict[str, Any]) -> bool:
+    return _error(gpus, resource) is None

@@ -34,7 +34,14 @@ from otel_spans import NS, sglang_request, triton_request, vllm_span
 from scripted import Servers, free_port, wait_until
 
 from agent.attribution import AttributionEngine
-from agent.intake.otlp import RUNNER_OPTIONS, TraceReceiver, TraceSource, TraceStats, otlp_app
+from agent.intake.otlp import (
+    RUNNER_OPTIONS,
+    TraceReceiver,
+    TraceSource,
+    TraceStats,
+    fixed,
+    otlp_app,
+)
 from agent.intake.otlp.grpc_service import start_grpc
 from agent.requests import RequestEnergy
 from agent.timeline import EnergyPoint, Timeline
@@ -49,7 +56,7 @@ def provider_for(url: str, service: str) -> TracerProvider:
 
 @pytest.fixture
 def receiver(servers: Servers, engine: AttributionEngine) -> Iterator[tuple[str, TraceStats]]:
-    receiver = TraceReceiver(engine, [TraceSource("vllm-a", lambda: (0,))])
+    receiver = TraceReceiver(engine, [TraceSource("vllm-a", fixed((0,)))])
     app = otlp_app(receiver, token=None, max_body_bytes=1 << 20)
     yield servers.serve(app, **RUNNER_OPTIONS), receiver.stats
 
@@ -198,7 +205,7 @@ def test_at_capacity_the_exporter_is_told_to_retry_and_nothing_is_lost(
     for i in range(1_100):
         line.append(EnergyPoint(now - 10 + i, 100.0 * i))
     engine = AttributionEngine({0: line}, settle_s=0.0, max_age_s=1e6, max_pending=1)
-    receiver = TraceReceiver(engine, [TraceSource("vllm-a", lambda: (0,))])
+    receiver = TraceReceiver(engine, [TraceSource("vllm-a", fixed((0,)))])
     url = servers.serve(otlp_app(receiver, token=None, max_body_bytes=1 << 20),
                         **RUNNER_OPTIONS)
     body = export_of(("vllm-a", "llm_request", REQUEST),
@@ -215,7 +222,7 @@ def test_at_capacity_the_exporter_is_told_to_retry_and_nothing_is_lost(
 
 def test_off_loopback_only_the_token_gets_in(servers: Servers,
                                               engine: AttributionEngine) -> None:
-    receiver = TraceReceiver(engine, [TraceSource("vllm-a", lambda: (0,))])
+    receiver = TraceReceiver(engine, [TraceSource("vllm-a", fixed((0,)))])
     url = servers.serve(otlp_app(receiver, token="s3cret", max_body_bytes=1 << 20),
                         **RUNNER_OPTIONS)
     body = export_of(("vllm-a", "llm_request", REQUEST)).SerializeToString()
@@ -230,8 +237,8 @@ def test_each_sequence_of_an_n_request_is_a_request_and_the_model_is_found(
         servers: Servers, engine: AttributionEngine) -> None:
     """vLLM gives each sequence of an n > 1 request its own span with the parent's id; V0
     names the model on the span (`gen_ai.response.model`), v1 does not."""
-    receiver = TraceReceiver(engine, [TraceSource("vllm-a", lambda: (0,)),
-                                      TraceSource("vllm-b", lambda: (0,), model="llama-70b")])
+    receiver = TraceReceiver(engine, [TraceSource("vllm-a", fixed((0,))),
+                                      TraceSource("vllm-b", fixed((0,)), model="llama-70b")])
     url = servers.serve(otlp_app(receiver, token=None, max_body_bytes=1 << 20),
                         **RUNNER_OPTIONS)
     v0 = {**REQUEST, "gen_ai.request.id": "v0", "gen_ai.response.model": "facebook/opt-125m"}
@@ -250,7 +257,7 @@ def test_over_grpc_as_vllm_exports_by_default(servers: Servers,
     """The real OTLP/gRPC exporter (vLLM's default protocol) into the same receiver: the
     request is taken, a span it cannot use comes back in partial_success, and without the
     token nothing gets in."""
-    receiver = TraceReceiver(engine, [TraceSource("vllm-a", lambda: (0,))])
+    receiver = TraceReceiver(engine, [TraceSource("vllm-a", fixed((0,)))])
     port = free_port()
     server = servers.call(start_grpc(receiver, f"127.0.0.1:{port}", token="s3cret",
                                      max_body_bytes=1 << 20))
@@ -286,7 +293,7 @@ class Collect(SpanExporter):
 
 def test_sglang_request_spans_with_the_queue_from_the_scheduler_process(
         servers: Servers, engine: AttributionEngine) -> None:
-    receiver = TraceReceiver(engine, [TraceSource("sglang", lambda: (0,))])
+    receiver = TraceReceiver(engine, [TraceSource("sglang", fixed((0,)))])
     url = servers.serve(otlp_app(receiver, token=None, max_body_bytes=1 << 20),
                         **RUNNER_OPTIONS)
     tokenizer, scheduler = (provider_for(f"{url}/v1/traces", "sglang") for _ in range(2))
@@ -315,7 +322,7 @@ def test_sglang_request_spans_with_the_queue_from_the_scheduler_process(
 
 def test_triton_model_spans_weigh_by_time_from_their_compute_start(
         servers: Servers, engine: AttributionEngine) -> None:
-    receiver = TraceReceiver(engine, [TraceSource("triton-inference-server", lambda: (0,))])
+    receiver = TraceReceiver(engine, [TraceSource("triton-inference-server", fixed((0,)))])
     url = servers.serve(otlp_app(receiver, token=None, max_body_bytes=1 << 20),
                         **RUNNER_OPTIONS)
     provider = provider_for(f"{url}/v1/traces", "triton-inference-server")
@@ -354,7 +361,7 @@ def test_the_same_load_through_the_proxy_and_by_its_spans_gives_the_same_records
         line.append(EnergyPoint(now - 10 + i, 100.0 * i))
     proxied_engine, traced_engine = (AttributionEngine({0: line}, settle_s=0.0, max_age_s=1e6)
                                      for _ in range(2))
-    receiver = TraceReceiver(traced_engine, [TraceSource("vllm-a", lambda: (0,))])
+    receiver = TraceReceiver(traced_engine, [TraceSource("vllm-a", fixed((0,)))])
     url = servers.serve(otlp_app(receiver, token=None, max_body_bytes=1 << 20),
                         **RUNNER_OPTIONS)
     # Batched, as vLLM exports (a simple processor would export on the server's event
@@ -396,3 +403,26 @@ def post_json(base: str, path: str, body: dict[str, Any]) -> tuple[int, Any, byt
         return response.status, response.headers, response.read()
     finally:
         connection.close()
+
+
+def test_while_a_sources_gpus_are_being_found_the_exporter_is_told_to_retry(
+        servers: Servers, engine: AttributionEngine) -> None:
+    from agent.intake.discovery import StillResolving
+
+    answers = iter([StillResolving('gpus = "auto" (PID 7): still being resolved'), (0,)])
+
+    def gpus(resource: Any) -> tuple[int, ...]:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    receiver = TraceReceiver(engine, [TraceSource("vllm-a", gpus)])
+    url = servers.serve(otlp_app(receiver, token=None, max_body_bytes=1 << 20),
+                        **RUNNER_OPTIONS)
+    body = export_of(("vllm-a", "llm_request", REQUEST)).SerializeToString()
+    status, headers, answer = post(url, body, {"Content-Type": "application/x-protobuf"})
+    assert (status, int(headers["Retry-After"]) >= 1) == (429, True)
+    assert b"still being resolved" in answer
+    assert post(url, body, {"Content-Type": "application/x-protobuf"})[0] == 200
+    assert [e.request.id for e in finals(engine).values()] == ["r"]
