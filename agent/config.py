@@ -224,6 +224,8 @@ class ScrapeTable:
     gpus: GpuSpec = _key(REQUIRED, 'GPUs serving it: [0, 1], UUIDs, or "auto"')
     interval: float = _key(15.0, "seconds between two scrapes (one attribution window)",
                            _positive)
+    trace: str = _key("", "the [[trace]] service of the same server: its windows then say "
+                      "what share of its requests and tokens arrived as spans")
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.intake.otlp import TraceStats
+from agent.intake.otlp.coverage import Coverage
 from agent.sampler import NodeSnapshot
 
 
 class OtlpMetrics:
-    """Renders the receiver's `TraceStats`; `families` is a `FamilyProducer`."""
+    """Renders the receiver's `TraceStats` and, where trace sources are also scraped, their
+    coverage; `families` is a `FamilyProducer`."""
 
-    def __init__(self, stats: TraceStats) -> None:
+    def __init__(self, stats: TraceStats, coverage: Coverage | None = None) -> None:
         self._stats = stats
+        self._coverage = coverage
 
     def families(self, _snapshot: NodeSnapshot) -> Iterator[Metric]:
         spans = CounterMetricFamily(
@@ -33,3 +36,17 @@ class OtlpMetrics:
         for (transport, code), count in sorted(self._stats.exports.items()):
             exports.add_metric([transport, code], count)
         yield from (spans, exports)
+        if self._coverage is None:
+            return
+        coverage = GaugeMetricFamily(
+            "jouleprobe_otlp_coverage_ratio",
+            "Of the requests (completion tokens) that a traced server's own counters say it "
+            "finished in its latest compared scrape window, the share whose spans arrived.",
+            labels=("source", "quantity"),
+        )
+        for source, figures in sorted(self._coverage.latest.items()):
+            for quantity in ("requests", "completion_tokens"):
+                ratio = getattr(figures, quantity)
+                if ratio is not None:
+                    coverage.add_metric([source, quantity], ratio)
+        yield coverage

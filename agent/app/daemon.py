@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import socket
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,10 +25,13 @@ from agent.intake.discovery import GpuResolver, local_port
 from agent.intake.ingest import ingest_app
 from agent.intake.otlp import RUNNER_OPTIONS as OTLP_RUNNER_OPTIONS
 from agent.intake.otlp import ProcessGpus, TraceReceiver, TraceSource, fixed, otlp_app
+from agent.intake.otlp.coverage import Coverage
 from agent.intake.otlp.grpc_service import start_grpc
 from agent.intake.proxy import PROXY_STATS, proxy_app
 from agent.intake.proxy import RUNNER_OPTIONS as PROXY_RUNNER_OPTIONS
 from agent.intake.scrapers import WindowScraper
+from agent.intake.scrapers.scraper import ErrorKind, ScrapeObserver
+from agent.intake.scrapers.window import WindowFigures
 from agent.report import RecordsApi
 from agent.sim.gpus import SimulatedGpuSource
 from exporters.http import metrics_app
@@ -85,16 +89,40 @@ def resolver(node: Node, spec: GpuSpec, url: str) -> GpuResolver:
     return GpuResolver(spec, node.sampler.gpus(), port, wait_s=0.0)
 
 
-def start_scrapers(node: Node) -> list[asyncio.Task[None]]:
+class CoverageObserver:
+    """The window metrics of a scraped server that is also a trace source, which also hands
+    its settled windows to the trace coverage (`agent.intake.otlp.coverage`)."""
+
+    def __init__(self, metrics: ScrapeObserver, coverage: Coverage, trace_source: str) -> None:
+        self._metrics = metrics
+        self._coverage = coverage
+        self._trace_source = trace_source
+
+    def scraped(self, source: str) -> None:
+        self._metrics.scraped(source)
+        self._coverage.settle(time.monotonic())
+
+    def scrape_failed(self, source: str, kind: ErrorKind) -> None:
+        self._metrics.scrape_failed(source, kind)
+
+    def observe(self, source: str, figures: WindowFigures) -> None:
+        self._metrics.observe(source, figures)
+        self._coverage.window(self._trace_source, figures)
+
+
+def start_scrapers(node: Node, coverage: Coverage | None) -> list[asyncio.Task[None]]:
     """One task per `[[scrape]]` table: window-level figures from the server's own metrics,
-    exported as metrics and kept in the record store for the report."""
+    exported as metrics and kept in the record store for the report; for a server that is
+    also a trace source (`trace`), compared with its spans too."""
     tasks = []
     for table in node.config.scrape:
         gpus = resolver(node, table.gpus, table.url).current
+        metrics: ScrapeObserver = node.window_metrics
+        if table.trace and coverage is not None:  # trace_receiver checked the name
+            metrics = CoverageObserver(metrics, coverage, f"trace:{table.trace}")
         scraper = WindowScraper(
             table.kind, table.url, gpus=gpus, timelines=node.sampler.timelines,
-            idle_power_w=node.engine.idle_power_w, metrics=node.window_metrics,
-            store=node.store,
+            idle_power_w=node.engine.idle_power_w, metrics=metrics, store=node.store,
         )
         tasks.append(asyncio.create_task(scraper.run(table.interval)))
     return tasks
@@ -125,6 +153,11 @@ def build_apps(node: Node, token: str | None) -> tuple[web.Application, web.Appl
 def trace_receiver(node: Node) -> TraceReceiver | None:
     """The OTLP receiver for the `[[trace]]` tables, if there are any."""
     config = node.config
+    traced = {table.service for table in config.trace}
+    for scrape in config.scrape:
+        if scrape.trace and scrape.trace not in traced:
+            raise ValueError(f"[[scrape]] {scrape.url}: trace = {scrape.trace!r} names no "
+                             "[[trace]] table")
     if not config.trace:
         return None
     sources = []
@@ -138,8 +171,9 @@ def trace_receiver(node: Node) -> TraceReceiver | None:
         else:
             gpus = fixed(GpuResolver(table.gpus, node.sampler.gpus(), None).current())
         sources.append(TraceSource(table.service, gpus, table.model))
-    receiver = TraceReceiver(node.engine, sources)
-    node.collector.add(OtlpMetrics(receiver.stats).families)
+    coverage = Coverage(node.engine.settle_s) if any(t.trace for t in config.scrape) else None
+    receiver = TraceReceiver(node.engine, sources, coverage=coverage)
+    node.collector.add(OtlpMetrics(receiver.stats, coverage).families)
     return receiver
 
 
@@ -184,7 +218,8 @@ async def serve(config: Config, gpu_source: GpuSource) -> None:
     runners: list[web.AppRunner] = []
     grpc_server: grpc.aio.Server | None = None
     node.start()
-    tasks = [asyncio.create_task(attribute_periodically(node)), *start_scrapers(node)]
+    tasks = [asyncio.create_task(attribute_periodically(node)),
+             *start_scrapers(node, None if receiver is None else receiver.coverage)]
     try:
         runners.append(await start_site(metrics, config.agent.listen, "/metrics and /api/v1"))
         runners.append(await start_site(ingest, config.ingest.listen, "the ingest API"))

@@ -112,11 +112,19 @@ def test_a_configured_scraper_exports_and_records_window_figures(
     assert row[:6] == ["scrape:vllm", MODEL, str(stored.windows), "20", "2000", "8000"]
 
 
-def test_auto_gpus_on_simulated_gpus_stop_the_agent_with_a_reason(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("table", "reason"), [
+    ('[[scrape]]\nkind = "vllm"\nurl = "http://127.0.0.1:9/metrics"\ngpus = "auto"\n',
+     "explicit list"),  # auto cannot be resolved on simulated GPUs
+    ('[[trace]]\nservice = "vllm-a"\ngpus = "auto"\n', "explicit list"),
+    ('[[scrape]]\nkind = "vllm"\nurl = "http://127.0.0.1:9/metrics"\ngpus = [0]\n'
+     'trace = "vllm-b"\n', "trace = 'vllm-b' names no [[trace]] table"),
+])
+def test_a_source_that_can_never_work_stops_the_agent_with_a_reason(
+        tmp_path: Path, table: str, reason: str) -> None:
     config = tmp_path / "jouleprobe.toml"
     config.write_text(
         f'[records]\npath = "{tmp_path / "records.db"}"\n[ingest]\nlisten = "127.0.0.1:0"\n'
-        '[[scrape]]\nkind = "vllm"\nurl = "http://127.0.0.1:9/metrics"\ngpus = "auto"\n'
+        + table
     )
     result = subprocess.run(
         [sys.executable, "-m", "agent", "run", "--config", str(config), "--simulate", "1xH100",
@@ -124,7 +132,7 @@ def test_auto_gpus_on_simulated_gpus_stop_the_agent_with_a_reason(tmp_path: Path
         cwd=ROOT, env=agent_env(), capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2
-    assert "auto" in result.stderr and "explicit list" in result.stderr
+    assert reason in result.stderr, result.stderr
 
 
 @pytest.fixture

@@ -49,6 +49,7 @@ from agent.devices.base import GpuInfo
 from agent.intake.access import refused
 from agent.intake.discovery import GpuResolver, StillResolving
 from agent.intake.encoding import DECODABLE, TooLarge, decoded
+from agent.intake.otlp.coverage import Coverage
 from agent.intake.otlp.spans import (
     Ignored,
     Phases,
@@ -160,12 +161,15 @@ class TraceReceiver:
 
     def __init__(self, engine: AttributionEngine, sources: Sequence[TraceSource], *,
                  clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 coverage: Coverage | None = None) -> None:
         self.engine = engine
         self.sources = {source.service: source for source in sources}
         self.clock = clock
         self.wall_clock = wall_clock
         self.stats = TraceStats()
+        self.coverage = coverage
+        """Where the accepted requests' ends are counted against scrapes of their server."""
         self.phases = Phases()
         self.taken: OrderedDict[bytes, None] = OrderedDict()
         """The spans (trace and span id) taken lately: a batch sent again is recognised."""
@@ -256,6 +260,8 @@ class TraceReceiver:
                 self.engine.add(replace(request, id=f"{traced.id}/{span_id.hex()}"))
         except ValueError as exc:  # an unknown GPU
             return Rejected("refused", str(exc))
+        if self.coverage is not None:
+            self.coverage.ended(source.name, traced.end - offset, traced.completion_tokens)
         self.taken[span_id] = None
         if len(self.taken) > REMEMBERED_SPANS:
             self.taken.popitem(last=False)

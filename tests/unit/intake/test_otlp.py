@@ -426,3 +426,34 @@ def test_while_a_sources_gpus_are_being_found_the_exporter_is_told_to_retry(
     assert b"still being resolved" in answer
     assert post(url, body, {"Content-Type": "application/x-protobuf"})[0] == 200
     assert [e.request.id for e in finals(engine).values()] == ["r"]
+
+
+def test_a_scraped_trace_source_says_what_share_of_its_work_came_as_spans(
+        servers: Servers, engine: AttributionEngine) -> None:
+    """vLLM sends no span for a request its client aborted: where its counters are scraped
+    too, each window compares them with the spans of the requests that ended in it, once
+    the spans have had time to come."""
+    from agent.intake.otlp.coverage import Coverage
+    from agent.intake.scrapers.window import ModelWindow, Usage, WindowFigures
+
+    coverage = Coverage(settle_s=5.0)
+    receiver = TraceReceiver(engine, [TraceSource("vllm-a", fixed((0,)))], coverage=coverage)
+    url = servers.serve(otlp_app(receiver, token=None, max_body_bytes=1 << 20),
+                        **RUNNER_OPTIONS)
+    provider = provider_for(f"{url}/v1/traces", "vllm-a")
+    arrival = time.time() - 20.0
+    offset = time.time() - time.monotonic()
+    for i in range(3):  # three requests ended in the window, 10 tokens each
+        vllm_span(provider, f"c-{i}", arrival + i, queue=0.0, ttft=0.1, e2e=1.0, prompt=5,
+                  completion=10)
+    provider.shutdown()
+    start, end = arrival - offset - 1.0, arrival - offset + 5.0
+    # The server's counters: 4 requests (one aborted by its client, 6 tokens) and 36 tokens.
+    usage = Usage(requests=4.0, prompt_tokens=20.0, completion_tokens=36.0)
+    figures = WindowFigures(start, end, (0,), "tokens",
+                            {"llama": ModelWindow("llama", usage, 1.0, 1.0)}, 0.0, 2.0)
+    coverage.window("trace:vllm-a", figures)
+    assert coverage.settle(end + 1.0) == []  # its spans may still be on their way
+    (compared,) = coverage.settle(end + 5.0)
+    assert (compared.requests, compared.completion_tokens) == (0.75, pytest.approx(30 / 36))
+    assert coverage.latest == {"trace:vllm-a": compared}
