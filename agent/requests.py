@@ -16,7 +16,7 @@ MAX_TOKENS = 2**53
 """Largest token count taken: beyond it a count no longer converts to a float exactly."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Request:
     """One inference request: when it ran, on which GPUs, and what it processed.
 

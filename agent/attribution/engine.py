@@ -185,7 +185,6 @@ class AttributionEngine:
                     f"{len(self._pending)} requests are pending attribution (max_pending); "
                     f"request {request.id!r} was not accepted"
                 )
-            request = replace(request)  # our own copy: the caller may reuse theirs
             lanes = self._lanes_of(request)
             pending = Pending(
                 request, late=any(lane.processed_overlap(request.start, request.end)

@@ -267,7 +267,7 @@ def test_records_that_could_never_be_stored_are_refused_at_submit(
     with pytest.raises(ValueError, match="non-finite"):
         store.submit([energy("a", host=math.nan)])
     bad = energy("b")
-    bad.request.status = "weird"  # type: ignore[assignment]
+    object.__setattr__(bad.request, "status", "weird")  # Request is frozen: force it
     with pytest.raises(ValueError, match="unknown status"):
         store.submit([bad])
     store.close()
