@@ -25,10 +25,10 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 # gpu_validate.py is run on a GPU node by hand (its --cpu mode is a test); generation_server.py
-# is the model server it uses.
+# is the model server it uses; common.py is what the benchmarks share.
 bench: $(STAMP)
 	@for b in bench/*.py; do \
-	  case $$b in */gpu_validate.py|*/generation_server.py) continue;; esac; \
+	  case $$b in */gpu_validate.py|*/generation_server.py|*/common.py) continue;; esac; \
 	  echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:

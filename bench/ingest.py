@@ -38,6 +38,8 @@ from typing import Any
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import steady_timelines
+
 from agent.attribution import AttributionEngine
 from agent.devices.base import GpuInfo
 from agent.intake.client import EVENTS_PATH
@@ -133,22 +135,10 @@ async def _run_load(port: int, mode: Mode) -> tuple[int, float]:
     return count, elapsed
 
 
-def _timelines(start: float, seconds: float) -> dict[int, Timeline]:
-    """Steady 300 W on every GPU at 10 Hz from `start`, so that requests join their lanes."""
-    points = round(seconds * HZ)
-    lines = {}
-    for gpu in range(GPUS):
-        line = Timeline(max_points=points + 1)
-        for i in range(points + 1):
-            line.append(EnergyPoint(start + i / HZ, 300.0 * i / HZ))
-        lines[gpu] = line
-    return lines
-
-
 async def ingest_throughput(modes: dict[str, Mode]) -> dict[str, tuple[int, float]]:
     """(events, seconds) of each mode, in turn, through one server and engine."""
     now = time.monotonic()
-    engine = AttributionEngine(_timelines(now - 1.0, 120.0), max_pending=1_000_000)
+    engine = AttributionEngine(steady_timelines(now - 1.0, 120.0, GPUS, HZ), max_pending=1_000_000)
     infos = [GpuInfo(i, f"GPU-{i:08x}-0000-0000-0000-000000000000", "bench", "counter",
                      "instant") for i in range(GPUS)]
     app = ingest_app(engine, infos, token=None, max_body_bytes=1 << 20)

@@ -45,10 +45,11 @@ from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import steady_timelines
+
 from agent.attribution import AttributionEngine
 from agent.intake.otlp import RUNNER_OPTIONS, TraceReceiver, TraceSource, fixed, otlp_app
-from agent.intake.otlp.receiver import TRACES_PATH
-from agent.timeline import EnergyPoint, Timeline
+from agent.intake.otlp.http_service import TRACES_PATH
 
 GPUS = 8
 HZ = 10
@@ -145,21 +146,10 @@ def _load(port: int, batches: int, per_batch: int, conn: Connection) -> None:
     conn.send((time.perf_counter() - started, sum(rejected)))
 
 
-def _timelines(start: float) -> dict[int, Timeline]:
-    points = round(HISTORY_S * HZ)
-    lines = {}
-    for gpu in range(GPUS):
-        line = Timeline(max_points=points + 1)
-        for i in range(points + 1):
-            line.append(EnergyPoint(start + i / HZ, 300.0 * i / HZ))
-        lines[gpu] = line
-    return lines
-
-
 async def run(batches: int, per_batch: int) -> dict[str, float]:
     now = time.monotonic()
-    engine = AttributionEngine(_timelines(now - HISTORY_S + 5.0), settle_s=0.0,
-                               max_age_s=1e6, max_pending=2_000_000)
+    engine = AttributionEngine(steady_timelines(now - HISTORY_S + 5.0, HISTORY_S, GPUS, HZ),
+                               settle_s=0.0, max_age_s=1e6, max_pending=2_000_000)
     receiver = TraceReceiver(engine, [TraceSource(s, fixed((g,)))
                                       for g, s in enumerate(SERVICES)])
     runner = web.AppRunner(otlp_app(receiver, token=None, max_body_bytes=64 << 20),

@@ -39,7 +39,7 @@ from agent.config import ProxyTable, load
 from agent.devices.host import EstimatedHostSource
 from agent.intake.otlp import RUNNER_OPTIONS as OTLP_RUNNER_OPTIONS
 from agent.intake.otlp import TraceReceiver, TraceSource, fixed, otlp_app
-from agent.intake.otlp.receiver import TRACES_PATH
+from agent.intake.otlp.http_service import TRACES_PATH
 from agent.intake.proxy import RUNNER_OPTIONS as PROXY_RUNNER_OPTIONS
 from agent.intake.proxy import proxy_app
 from agent.report import run_report

@@ -6,7 +6,7 @@ import yaml
 from scripted import ROOT
 
 from agent.config import OtlpSection
-from agent.intake.otlp.receiver import TRACES_PATH
+from agent.intake.otlp.http_service import TRACES_PATH
 
 
 def test_the_collector_sends_every_trace_to_the_agents_receiver_with_a_queue() -> None:

@@ -32,7 +32,7 @@ from scripted import Servers
 
 from agent.attribution import AttributionEngine
 from agent.intake.otlp import RUNNER_OPTIONS, TraceReceiver, TraceSource, fixed, otlp_app
-from agent.intake.otlp.receiver import TRACES_PATH
+from agent.intake.otlp.http_service import TRACES_PATH
 from agent.timeline import EnergyPoint, Timeline
 
 SERVICE = "vllm-a"

@@ -1,16 +1,12 @@
 """Per-request energy with nothing in the data path: the agent as an OpenTelemetry trace
 receiver (docs/design.md §6). `spans` says which spans are requests and what they say,
-`receiver` is the OTLP/HTTP endpoint that takes them into the attribution engine."""
+`sources` which server each comes from, `receiver` takes them into the attribution engine,
+over OTLP/HTTP (`http_service`) and OTLP/gRPC (`grpc_service`); `coverage` compares them
+with a scrape of the same server."""
 
-from agent.intake.otlp.receiver import (
-    RUNNER_OPTIONS,
-    ProcessGpus,
-    TraceReceiver,
-    TraceSource,
-    TraceStats,
-    fixed,
-    otlp_app,
-)
+from agent.intake.otlp.http_service import RUNNER_OPTIONS, otlp_app
+from agent.intake.otlp.receiver import TraceReceiver, TraceStats
+from agent.intake.otlp.sources import ProcessGpus, TraceSource, fixed
 
 __all__ = ["RUNNER_OPTIONS", "ProcessGpus", "TraceReceiver", "TraceSource", "TraceStats",
            "fixed", "otlp_app"]
