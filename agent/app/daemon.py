@@ -188,8 +188,7 @@ async def start_trace_receiver(receiver: TraceReceiver, config: Config, token: s
     if not otlp.grpc_listen:
         return http, None
     server = await start_grpc(receiver, otlp.grpc_listen, token=token,
-                              max_body_bytes=otlp.max_body_bytes,
-                              max_concurrent=otlp.max_concurrent)
+                              max_body_bytes=otlp.max_body_bytes)
     log.info("serving the OTLP/gRPC trace receiver on %s", otlp.grpc_listen)
     return http, server
 

@@ -58,15 +58,22 @@ def refused(request: web.Request, token: str | None, body: bytes, content_type: 
     """The 401 answer (with `body`) when `token` is set and the request lacks it; else None."""
     if token is None:
         return None
-    given = _bearer(request.headers.get("Authorization", ""))
-    # compare_digest takes the same time wherever the first difference lies.
-    if given is not None and hmac.compare_digest(given, token.encode()):
+    header = request.headers.get("Authorization", "")
+    if bearer_matches(header, token):
         return None
     challenge = 'Bearer realm="jouleprobe"'
-    if given is not None:
+    if _bearer(header) is not None:
         challenge += ', error="invalid_token"'
     return web.Response(body=body, status=401, content_type=content_type,
                         headers={"WWW-Authenticate": challenge})
+
+
+def bearer_matches(header: str, token: str) -> bool:
+    """Whether the Authorization `header` (HTTP's, or gRPC's `authorization` metadata)
+    carries `token` as a bearer token."""
+    given = _bearer(header)
+    # compare_digest takes the same time wherever the first difference lies.
+    return given is not None and hmac.compare_digest(given, token.encode())
 
 
 def _bearer(header: str) -> bytes | None:

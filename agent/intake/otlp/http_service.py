@@ -29,12 +29,14 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from agent.intake.access import refused
 from agent.intake.encoding import DECODABLE, TooLarge, decoded
-from agent.intake.otlp.receiver import DEFAULT_MAX_CONCURRENT, TraceReceiver
+from agent.intake.otlp.receiver import TraceReceiver
 from agent.intake.validate import BusyLimit
 
 TRACES_PATH = "/v1/traces"
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
+DEFAULT_MAX_CONCURRENT = 16
+"""Exports handled at once by default."""
 RUNNER_OPTIONS: dict[str, bool] = {"auto_decompress": False}
 """Keyword arguments for the `web.AppRunner` that serves `otlp_app`: the receiver decodes
 bodies itself, within `max_body_bytes` of output."""
@@ -70,15 +72,14 @@ def otlp_app(receiver: TraceReceiver, *, token: str | None, max_body_bytes: int,
     """OTLP/HTTP into `receiver`. Serve it with `web.AppRunner(app, **RUNNER_OPTIONS)`."""
     limit = BusyLimit(max_concurrent)
 
-    def answer(status: int, binary: bool, message: str = "", rejected: int = 0,
-               headers: dict[str, str] | None = None) -> web.Response:
+    def answer(status: int, message: str, headers: dict[str, str] | None = None
+               ) -> web.Response:
+        """A refusal; a google.rpc.Status would do, and the message in text says as much."""
         receiver.stats.exports["http", str(status)] += 1
-        if status != 200:  # a google.rpc.Status would do; the message in text says as much
-            return web.Response(status=status, text=message, headers=headers)
-        response = ExportTraceServiceResponse()
-        if rejected:
-            response.partial_success.rejected_spans = rejected
-            response.partial_success.error_message = message
+        return web.Response(status=status, text=message, headers=headers)
+
+    def accepted(response: ExportTraceServiceResponse, binary: bool) -> web.Response:
+        receiver.stats.exports["http", "200"] += 1
         if binary:
             return web.Response(body=response.SerializeToString(), content_type=PROTOBUF)
         return web.Response(text=json_format.MessageToJson(response, indent=None),
@@ -91,33 +92,33 @@ def otlp_app(receiver: TraceReceiver, *, token: str | None, max_body_bytes: int,
             receiver.stats.exports["http", "401"] += 1
             return refusal
         if request.content_type not in (PROTOBUF, JSON):
-            return answer(415, binary, f"content type {request.content_type!r}: "
+            return answer(415, f"content type {request.content_type!r}: "
                                        f"expected {PROTOBUF} or {JSON}")
         if limit.full:
-            return answer(503, binary, f"{max_concurrent} exports are being handled; retry",
+            return answer(503, f"{max_concurrent} exports are being handled; retry",
                           headers={"Retry-After": "1"})
         with limit.slot():
             encoding = request.headers.get("Content-Encoding", "")
             if encoding.strip().lower() not in DECODABLE:
-                return answer(415, binary, f"content coding {encoding!r}: expected gzip, "
+                return answer(415, f"content coding {encoding!r}: expected gzip, "
                                            "deflate or none")
             try:
                 body = decoded(await request.read(), encoding, max_body_bytes)
             except (web.HTTPRequestEntityTooLarge, TooLarge):
-                return answer(413, binary, f"larger than {max_body_bytes} bytes "
+                return answer(413, f"larger than {max_body_bytes} bytes "
                                            "(otlp.max_body_bytes): send smaller batches")
             except ValueError as exc:
-                return answer(400, binary, str(exc))
+                return answer(400, str(exc))
             try:
                 export = (ExportTraceServiceRequest.FromString(body) if binary
                           else _from_json(body))
             except (DecodeError, json_format.ParseError, ValueError, RecursionError) as exc:
-                return answer(400, binary, f"not an OTLP ExportTraceServiceRequest: {exc}")
-            room, rejected, reason = receiver.take(export)
-        if not room:
-            return answer(429, binary, f"{receiver.retry_reason}; retry",
+                return answer(400, f"not an OTLP ExportTraceServiceRequest: {exc}")
+            retry, response = receiver.take(export)
+        if retry is not None:
+            return answer(429, f"{retry}; retry",
                           headers={"Retry-After": str(receiver.retry_after_s)})
-        return answer(200, binary, reason, rejected)
+        return accepted(response, binary)
 
     app = web.Application(client_max_size=max_body_bytes)
     for path in (TRACES_PATH, "/"):

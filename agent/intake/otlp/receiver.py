@@ -24,7 +24,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from agent.attribution import AttributionEngine, CapacityExceeded
@@ -47,8 +50,6 @@ MAX_AHEAD_S = 60.0
 """A span that ends further ahead of this host's clock is refused: its clock is wrong."""
 REMEMBERED_SPANS = 100_000
 """Spans remembered as taken, so that a batch sent again is not counted twice."""
-DEFAULT_MAX_CONCURRENT = 16
-"""Exports handled at once by default, per transport."""
 WARNING_INTERVAL_S = 60.0
 _RESOURCE = frozenset(("service.name", *PROCESS_ATTRIBUTES))
 
@@ -84,23 +85,29 @@ class TraceReceiver:
         self.taken: OrderedDict[bytes, None] = OrderedDict()
         """The spans (trace and span id) taken lately: a batch sent again is recognised."""
         self.retry_after_s = max(1, math.ceil(engine.settle_s))
-        self.retry_reason = ""
-        """Why the latest export that could not be taken whole was refused."""
         self._warned = -math.inf
 
-    def take(self, export: ExportTraceServiceRequest) -> tuple[bool, int, str]:
-        """Applies the request spans of `export`; returns whether the engine had room for
-        them all, how many spans were rejected, and why (also logged, once a minute at
-        most: every export of a misconfigured server would say the same)."""
-        room, rejected, reason = self._take(export)
-        now = self.clock()
-        if rejected and now >= self._warned + WARNING_INTERVAL_S:
-            self._warned = now
-            log.warning("OTLP: %d span(s) of requests rejected (jouleprobe_otlp_spans_total "
-                        "counts them all): %s", rejected, reason)
-        return room, rejected, reason
+    def take(self, export: ExportTraceServiceRequest
+             ) -> tuple[str | None, ExportTraceServiceResponse]:
+        """Applies the request spans of `export`. Returns why it must be sent again (the
+        engine at capacity, a source's GPUs still being found), None where it was taken
+        whole; and the answer, whose `partial_success` counts the rejected spans and says
+        why (also logged, once a minute at most: every export of a misconfigured server
+        would say the same)."""
+        retry, rejected = self._take(export)
+        response = ExportTraceServiceResponse()
+        if rejected:
+            response.partial_success.rejected_spans = sum(rejected.values())
+            response.partial_success.error_message = _summary(rejected)
+            now = self.clock()
+            if now >= self._warned + WARNING_INTERVAL_S:
+                self._warned = now
+                log.warning("OTLP: %d span(s) of requests rejected (jouleprobe_otlp_spans_total"
+                            " counts them all): %s", response.partial_success.rejected_spans,
+                            response.partial_success.error_message)
+        return retry, response
 
-    def _take(self, export: ExportTraceServiceRequest) -> tuple[bool, int, str]:
+    def _take(self, export: ExportTraceServiceRequest) -> tuple[str | None, Counter[str]]:
         now = self.clock()
         offset = self.wall_clock() - now
         rejected: Counter[str] = Counter()
@@ -118,14 +125,13 @@ class TraceReceiver:
                     try:
                         outcome = self._span(span, scope, source, resource, now, offset)
                     except (CapacityExceeded, StillResolving) as exc:
-                        self.retry_reason = str(exc)
-                        return False, sum(rejected.values()), _summary(rejected)
+                        return str(exc), rejected
                     if isinstance(outcome, Rejected):
                         rejected[outcome.detail] += 1
                         self.stats.spans["rejected", outcome.reason] += 1
                     elif isinstance(outcome, Ignored):
                         self.stats.spans["ignored", outcome.reason] += 1
-        return True, sum(rejected.values()), _summary(rejected)
+        return None, rejected
 
     def _span(self, span: Span, scope: str, source: TraceSource | None,
               resource: Mapping[str, Any], now: float, offset: float

@@ -94,14 +94,13 @@ class Rejected(NamedTuple):
 _SCALARS = frozenset(("string_value", "bool_value", "int_value", "double_value"))
 
 
-def attributes(pairs: Iterable[KeyValue], wanted: frozenset[str] | None = None
-               ) -> dict[str, Any]:
-    """The scalar attributes (string, bool, int, double) by key, of the `wanted` keys only
-    if given (a span carries many that are not read); others are left out."""
+def attributes(pairs: Iterable[KeyValue], wanted: frozenset[str]) -> dict[str, Any]:
+    """The scalar attributes (string, bool, int, double) of the `wanted` keys, by key (a
+    span carries many that are not read); others are left out."""
     found: dict[str, Any] = {}
     for pair in pairs:
         key = pair.key
-        if wanted is not None and key not in wanted:
+        if key not in wanted:
             continue
         value = pair.value
         kind = value.WhichOneof("value")
