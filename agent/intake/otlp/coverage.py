@@ -14,6 +14,8 @@ end), so that a span still in an exporter's batch does not count as missed.
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -44,14 +46,18 @@ class Coverage:
 
     def __init__(self, settle_s: float) -> None:
         self.settle_s = settle_s
-        self._ends: dict[str, deque[tuple[float, int]]] = {}
+        self._ends: dict[str, list[tuple[float, int]]] = {}
+        """Per source, (end, completion tokens) in order of end: spans come out of order
+        (a batch late), and a window's are then found by bisection, not by a scan."""
         self._windows: deque[tuple[str, WindowFigures]] = deque(maxlen=10_000)
         self.latest: dict[str, CoverageFigures] = {}
 
     def ended(self, source: str, end: float, completion_tokens: int | None) -> None:
         """A request of `source` (`trace:SERVICE`) ended at `end`, as its span says."""
-        ends = self._ends.setdefault(source, deque(maxlen=MAX_ENDS))
-        ends.append((end, completion_tokens or 0))
+        ends = self._ends.setdefault(source, [])
+        bisect.insort(ends, (end, completion_tokens or 0))  # near the end: spans are late
+        if len(ends) > MAX_ENDS:                             # by seconds, not by hours
+            del ends[:len(ends) - MAX_ENDS]
 
     def window(self, source: str, figures: WindowFigures) -> None:
         """A settled scrape window of the server of trace source `source`."""
@@ -65,13 +71,14 @@ class Coverage:
             done.append(self._compare(source, figures))
             self.latest[source] = done[-1]
         for ends in self._ends.values():
-            while ends and ends[0][0] < now - KEEP_S:
-                ends.popleft()
+            del ends[:bisect.bisect_left(ends, (now - KEEP_S, -1))]
         return done
 
     def _compare(self, source: str, figures: WindowFigures) -> CoverageFigures:
-        spans = [tokens for end, tokens in self._ends.get(source, ())
-                 if figures.start < end <= figures.end]
+        ends = self._ends.get(source, [])
+        spans = [tokens for _, tokens in ends[
+            bisect.bisect_right(ends, (figures.start, math.inf)):
+            bisect.bisect_right(ends, (figures.end, math.inf))]]
         usages = [window.usage for window in figures.models.values()]
         scraped_requests = _sum([u.requests for u in usages])
         scraped_tokens = _sum([u.completion_tokens for u in usages])

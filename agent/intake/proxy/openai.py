@@ -244,9 +244,10 @@ def _chunk(data: bytes) -> tuple[dict[str, Any], str] | None:
 
 
 def _is_error_event(event: bytes) -> bool:
-    """An SSE event whose `event` field is `error` (as some servers name failures)."""
-    return any(line.startswith(b"event:") and line[6:].strip() == b"error"
-               for line in _LINE_END.split(event))
+    """An SSE event whose `event` field is `error` (as some servers name failures). Most
+    events have no `event` field: they are not split into lines at all."""
+    return b"event:" in event and any(line.startswith(b"event:") and line[6:].strip() == b"error"
+                                      for line in _LINE_END.split(event))
 
 
 def _edited(event: bytes, text: str | None,
