@@ -186,11 +186,8 @@ class OtlpSection:
     token_file: str = _key("", "file holding the bearer token that exporters must send")
     max_body_bytes: int = _key(16777216, "largest export accepted, once decompressed",
                                _positive)
-    max_concurrent: int = _key(16, "exports handled at once; more get 503 with Retry-After",
-                               _positive)
-    settle: float = _key(60.0, "seconds attribution waits for spans when a [[trace]] table "
-                         "exists: a span comes after its request's end (and the SDK's 5 s "
-                         "batch), so this bounds the traced requests' length", _non_negative)
+    max_concurrent: int = _key(16, "exports handled at once; more get 503 with Retry-After "
+                               "(over gRPC, RESOURCE_EXHAUSTED)", _positive)
 
 
 @dataclass(frozen=True)
@@ -237,6 +234,10 @@ class TraceTable:
     gpus: GpuSpec = _key(REQUIRED, 'GPUs serving it: [0, 1], UUIDs, or "auto" (those of the '
                          "process its spans' resource names: vllm.process_id, process.pid)")
     model: str = _key("", "model name to record; by default the span's own, else the service")
+    settle: float = _key(60.0, "seconds its GPUs' intervals wait for its spans (every GPU's, "
+                         'with gpus = "auto"): a span comes after its request ends and the '
+                         "exporter's batch delay (5 s), so this bounds its requests' length",
+                         _non_negative)
 
 
 @dataclass(frozen=True)

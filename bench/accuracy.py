@@ -83,7 +83,7 @@ MAX_BATCH = 16
 EXPORT_DELAY_S = 5.0
 """A span is exported up to this long after its request ended (the SDK's batch delay)."""
 TRACE_SETTLE_S = 60.0
-"""What the engine fed by spans waits for them (the agent's otlp.settle, for this delay)."""
+"""What the engine fed by spans waits for them (a [[trace]] table's settle, for this delay)."""
 
 
 class SimClock:

@@ -171,7 +171,8 @@ def trace_receiver(node: Node) -> TraceReceiver | None:
         else:
             gpus = fixed(GpuResolver(table.gpus, node.sampler.gpus(), None).current())
         sources.append(TraceSource(table.service, gpus, table.model))
-    coverage = Coverage(node.engine.settle_s) if any(t.trace for t in config.scrape) else None
+    coverage = (Coverage({f"trace:{table.service}": table.settle for table in config.trace})
+                if any(scrape.trace for scrape in config.scrape) else None)
     receiver = TraceReceiver(node.engine, sources, coverage=coverage)
     node.collector.add(OtlpMetrics(receiver.stats, coverage).families)
     return receiver
@@ -188,7 +189,8 @@ async def start_trace_receiver(receiver: TraceReceiver, config: Config, token: s
     if not otlp.grpc_listen:
         return http, None
     server = await start_grpc(receiver, otlp.grpc_listen, token=token,
-                              max_body_bytes=otlp.max_body_bytes)
+                              max_body_bytes=otlp.max_body_bytes,
+                              max_concurrent=otlp.max_concurrent)
     log.info("serving the OTLP/gRPC trace receiver on %s", otlp.grpc_listen)
     return http, server
 

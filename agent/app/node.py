@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry
 from agent import __version__
 from agent.attribution import AttributionEngine
 from agent.config import Config
-from agent.devices.base import GpuSource, HostSource
+from agent.devices.base import GpuInfo, GpuSource, HostSource
+from agent.intake.discovery import GpuResolver
 from agent.requests import RequestEnergy
 from agent.sampler import Sampler
 from agent.store import RecordStore
@@ -25,6 +26,20 @@ from exporters.prometheus import NodeCollector, build_registry
 from exporters.request_metrics import RequestMetrics
 from exporters.store_metrics import StoreMetrics
 from exporters.window_metrics import WindowMetrics
+
+
+def trace_settle(config: Config, gpus: list[GpuInfo]) -> dict[int, float]:
+    """How long each GPU fed by a trace source waits for its spans, which arrive only after
+    their request ended and an exporter's batch delay (a request longer than that is
+    attributed late: what was not yet shared). Which GPUs a `gpus = "auto"` source feeds is
+    known only from its spans, so then every GPU waits."""
+    settle: dict[int, float] = {}
+    for table in config.trace:
+        fed = ([gpu.index for gpu in gpus] if table.gpus == "auto"
+               else GpuResolver(table.gpus, gpus, None).current())
+        for index in fed:
+            settle[index] = max(settle.get(index, 0.0), table.settle)
+    return settle
 
 
 class Node:
@@ -48,11 +63,8 @@ class Node:
             prefill_weight=attribution.prefill_weight,
             pue=config.site.pue,
             idle_power_w={gpu.index: idle for gpu in self.sampler.gpus()} if idle else None,
-            # A span arrives after its request ended (and a batch delay): with trace
-            # sources, intervals wait for the requests that ran in them (one longer than
-            # that is attributed late: what was not yet shared).
-            settle_s=max(attribution.settle, config.otlp.settle) if config.trace
-            else attribution.settle,
+            settle_s=attribution.settle,
+            gpu_settle_s=trace_settle(config, self.sampler.gpus()),
             max_age_s=attribution.max_age,
             max_pending=attribution.max_pending,
             power_limit_w=self.sampler.power_limit_w,

@@ -38,12 +38,14 @@ The rules (docs/design.md §5, which says why) are these:
   `idle_power_w()` returns None until then, so exporters can show that it is not known.
 
 When intervals are processed: an interval is processed once it has settled (its end is at
-least `settle_s` old, so that batched start events have arrived) and every request that
-overlaps it has ended; a request still open after `max_age_s` is closed at
-`start + max_age_s` and marked expired. A request is final once every timeline it uses
-has been processed past its end; a timeline with no point for `max_age_s` is considered
-stalled and its waiting requests are finalised with what was measured. A request reported
-after intervals it overlapped were processed gets only the unprocessed part (`late`).
+least `settle_s` old, so that batched start events have arrived; longer on a GPU fed by a
+trace source, whose spans come only after their requests end, and on the host, which every
+request shares, as long as the longest) and every request that overlaps it has ended; a
+request still open after `max_age_s` is closed at `start + max_age_s` and marked expired.
+A request is final once every timeline it uses has been processed past its end; a timeline
+with no point for `max_age_s` is considered stalled and its waiting requests are finalised
+with what was measured. A request reported after intervals it overlapped were processed
+gets only the unprocessed part (`late`).
 
 `learners` holds what is learned per GPU (idle power, prefill weight), `lane` the sweep of
 one timeline (the interval arithmetic, and `static_share`, the static/dynamic rule that

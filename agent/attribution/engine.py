@@ -87,6 +87,7 @@ class AttributionEngine:
         pue: float = 1.0,
         idle_power_w: Mapping[int, float] | None = None,
         settle_s: float = 2.0,
+        gpu_settle_s: Mapping[int, float] | None = None,
         max_age_s: float = 300.0,
         max_pending: int = 10_000,
         idle_sample_s: float = 1.0,
@@ -101,7 +102,9 @@ class AttributionEngine:
         sample, the time constant of its exponential forgetting (samples), and the samples
         needed before it is trusted (`PrefillWeightLearner`). `power_limit_w`: a GPU's
         power limit now (`Sampler.power_limit_w`), None where unknown; the learner leaves
-        out samples taken at the limit."""
+        out samples taken at the limit. `gpu_settle_s`: GPUs whose intervals wait longer
+        than `settle_s` (those fed by a trace source wait for its spans); the host, which
+        every request shares, waits as long as the longest."""
         if policy not in ("equal", "tokens"):
             raise ValueError(f"unknown attribution policy {policy!r} (equal or tokens)")
         if prefill_weight != "auto" and not (
@@ -115,6 +118,11 @@ class AttributionEngine:
         check_pue(pue, "pue")
         if settle_s < 0 or max_age_s <= 0 or max_pending < 1:
             raise ValueError("settle_s >= 0, max_age_s > 0 and max_pending >= 1 are required")
+        longer = dict(gpu_settle_s or {})
+        if unknown := sorted(set(longer) - set(timelines)):
+            raise ValueError(f"settle configured for GPU(s) {unknown} with no timeline")
+        if any(not seconds >= 0 for seconds in longer.values()):
+            raise ValueError("a GPU's settle must be >= 0 seconds")
         if idle_sample_s <= 0 or idle_window < 1 or not 0 < idle_percentile <= 100:
             raise ValueError("idle_sample_s > 0, idle_window >= 1, 0 < idle_percentile <= 100")
         configured = dict(idle_power_w or {})
@@ -127,6 +135,10 @@ class AttributionEngine:
         self.prefill_weight = prefill_weight
         self.pue = pue
         self.settle_s = settle_s
+        """What an interval waits for late request reports, on a GPU with no longer wait."""
+        self.gpu_settle_s = {gpu: max(settle_s, longer.get(gpu, 0.0)) for gpu in timelines}
+        self.longest_settle_s = max([settle_s, *self.gpu_settle_s.values()])
+        """What the host's intervals wait, and so the longest any request waits to be final."""
         self.max_age_s = max_age_s
         self.max_pending = max_pending
         def prefill(host: bool) -> float | PrefillWeightLearner | None:
@@ -243,14 +255,13 @@ class AttributionEngine:
         with self._lock:
             self._expire(now)
             finished, self._ready = self._ready, []
-            settled = now - self.settle_s
             stalled = now - self.max_age_s
-            lanes = list(self._gpus.values())
+            lanes = [(lane, self.gpu_settle_s[gpu]) for gpu, lane in self._gpus.items()]
             if self._host is not None:
-                lanes.append(self._host)
-            for lane in lanes:
-                lane.advance(min(settled, min(lane.open_starts.values(), default=math.inf)),
-                             finished)
+                lanes.append((self._host, self.longest_settle_s))
+            for lane, settle_s in lanes:
+                lane.advance(min(now - settle_s,
+                                 min(lane.open_starts.values(), default=math.inf)), finished)
                 latest = lane.timeline.latest()
                 if latest is None or latest.time < stalled:
                     lane.drop(finished)

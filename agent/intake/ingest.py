@@ -148,8 +148,9 @@ class _Intake:
         self._uuids = {_uuid_key(info.uuid): info.index for info in gpus}
         self._listing = ", ".join(str(info.index) for info in gpus)
         self._uuid_listing = ", ".join(f"{info.index} = {info.uuid}" for info in gpus)
-        self.retry_after_s = max(1, math.ceil(engine.settle_s))
-        """Pending requests become final only after `settle_s`: sooner, a retry fails too."""
+        self.retry_after_s = max(1, math.ceil(engine.longest_settle_s))
+        """Pending requests become final only after the engine's settle: sooner, a retry fails
+        too."""
 
     def take(self, body: bytes) -> tuple[int, dict[str, Any]]:
         """The HTTP status and JSON answer for one POST body."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 from scripted import ROOT
 
-from agent.config import OtlpSection
+from agent.config import OtlpSection, TraceTable
 from agent.intake.otlp.http_service import TRACES_PATH
 
 
@@ -21,6 +21,6 @@ def test_the_collector_sends_every_trace_to_the_agents_receiver_with_a_queue() -
     # Spans wait for the server's own batch (the SDK's 5 s) and the collector's: less, in
     # all, than the agent waits for them.
     timeout_s = float(collector["processors"]["batch"]["timeout"].removesuffix("s"))
-    assert 5.0 + timeout_s < OtlpSection().settle
+    assert 5.0 + timeout_s < TraceTable(service="vllm", gpus=(0,)).settle
     # The collector's own OTLP/HTTP port is not the agent's.
     assert collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"] != OtlpSection().listen

@@ -191,8 +191,8 @@ def test_a_configured_trace_source_records_the_spans_of_the_real_exporter(
     config.write_text(
         f'[records]\npath = "{tmp_path / "records.db"}"\n[ingest]\nlisten = "127.0.0.1:0"\n'
         f'[attribution]\nsettle = 0.2\n[otlp]\nlisten = "{otlp}"\n'
-        f'grpc_listen = "{otlp_grpc}"\nsettle = 1.0\n'
-        '[[trace]]\nservice = "vllm-llama"\ngpus = [0]\nmodel = "llama-8b"\n'
+        f'grpc_listen = "{otlp_grpc}"\n'
+        '[[trace]]\nservice = "vllm-llama"\ngpus = [0]\nmodel = "llama-8b"\nsettle = 1.0\n'
     )
     address = f"127.0.0.1:{free_port()}"
     log = tmp_path / "agent.log"

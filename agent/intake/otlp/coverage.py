@@ -8,8 +8,8 @@ in that window say how many of those the receiver saw. Their ratio, per window, 
 coverage. It is reported beside the spans' figures, never added to them: the window's
 own energy split stays in the window metrics, apart, as for any scraped server.
 
-A window is compared only once its spans have had time to come (`settle_s` after its
-end), so that a span still in an exporter's batch does not count as missed.
+A window is compared only once its spans have had time to come (its source's settle after
+its end), so that a span still in an exporter's batch does not count as missed.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agent.intake.scrapers.window import WindowFigures
@@ -44,8 +45,9 @@ class Coverage:
     """Counts the accepted spans' requests into the windows of the scrapes of their
     server. Called on the event loop."""
 
-    def __init__(self, settle_s: float) -> None:
-        self.settle_s = settle_s
+    def __init__(self, settle_s: Mapping[str, float]) -> None:
+        """`settle_s`: per trace source (`trace:SERVICE`), how long its spans may take."""
+        self.settle_s = dict(settle_s)
         self._ends: dict[str, list[tuple[float, int]]] = {}
         """Per source, (end, completion tokens) in order of end: spans come out of order
         (a batch late), and a window's are then found by bisection, not by a scan."""
@@ -66,10 +68,14 @@ class Coverage:
     def settle(self, now: float) -> list[CoverageFigures]:
         """The windows whose spans have had time to come, compared; `latest` updated."""
         done = []
-        while self._windows and self._windows[0][1].end + self.settle_s <= now:
-            source, figures = self._windows.popleft()
-            done.append(self._compare(source, figures))
-            self.latest[source] = done[-1]
+        waiting: deque[tuple[str, WindowFigures]] = deque()
+        for source, figures in self._windows:
+            if figures.end + self.settle_s[source] <= now:
+                done.append(self._compare(source, figures))
+                self.latest[source] = done[-1]
+            else:
+                waiting.append((source, figures))
+        self._windows = deque(waiting, maxlen=self._windows.maxlen)
         for ends in self._ends.values():
             del ends[:bisect.bisect_left(ends, (now - KEEP_S, -1))]
         return done

@@ -3,10 +3,15 @@ vLLM's and SGLang's exporters use by default (port 4317).
 
 The same `TraceReceiver` as OTLP/HTTP takes the exports. Answers, as the specification
 has exporters read them: OK with `partial_success`; UNAUTHENTICATED without the token
-where one is set; RESOURCE_EXHAUSTED for a message past `max_body_bytes` (gRPC's own
-check, never retried); UNAVAILABLE, which exporters retry with backoff, while the
-receiver cannot take an export whole (attribution at capacity, a source's GPUs still being
-found). Each export is handled whole on the event loop, once gRPC has received it.
+where one is set; RESOURCE_EXHAUSTED, gRPC's own answer, for a message past
+`max_body_bytes` and beyond `max_concurrent` exports at once (so that what gRPC buffers
+stays bounded: at most that many messages of that size); UNAVAILABLE, which exporters
+retry with backoff, while the receiver cannot take an export whole (attribution at
+capacity, a source's GPUs still being found). OpenTelemetry's Python exporter (vLLM's,
+SGLang's) retries RESOURCE_EXHAUSTED too, until its timeout; the specification has other
+exporters retry it only with RetryInfo, which gRPC's own answer lacks: the collector's
+sending queue keeps such an export. Each export is handled whole on the event loop, once
+gRPC has received it.
 """
 
 from __future__ import annotations
@@ -50,9 +55,10 @@ class _TraceService(TraceServiceServicer):
 
 
 async def start_grpc(receiver: TraceReceiver, listen: str, *, token: str | None,
-                     max_body_bytes: int) -> grpc.aio.Server:
+                     max_body_bytes: int, max_concurrent: int) -> grpc.aio.Server:
     """A started gRPC server on `listen` (HOST:PORT) into `receiver`; `stop()` it."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_body_bytes)])
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_body_bytes)],
+                             maximum_concurrent_rpcs=max_concurrent)
     add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]  # generated code
         _TraceService(receiver, token), server)
     if server.add_insecure_port(listen) == 0:

@@ -84,7 +84,7 @@ class TraceReceiver:
         self.phases = Phases()
         self.taken: OrderedDict[bytes, None] = OrderedDict()
         """The spans (trace and span id) taken lately: a batch sent again is recognised."""
-        self.retry_after_s = max(1, math.ceil(engine.settle_s))
+        self.retry_after_s = max(1, math.ceil(engine.longest_settle_s))
         self._warned = -math.inf
 
     def take(self, export: ExportTraceServiceRequest

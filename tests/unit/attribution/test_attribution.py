@@ -212,6 +212,25 @@ def test_settling_waits_for_batched_reports() -> None:
     assert not out["reported_late_but_in_time"].late
 
 
+def test_a_gpu_fed_by_spans_waits_longer_and_the_others_do_not() -> None:
+    """GPU 1 waits 5 s (a trace source's settle), GPU 0 the default 1 s; the host, which
+    both GPUs' requests share, waits as long as the longest."""
+    eng = engine({0: steady(100.0, 20.0), 1: steady(100.0, 20.0)},
+                 host_timeline=steady(10.0, 20.0), settle_s=1.0, gpu_settle_s={1: 5.0})
+    assert (eng.gpu_settle_s, eng.longest_settle_s) == ({0: 1.0, 1: 5.0}, 5.0)
+    eng.advance(10.0)
+    totals = eng.totals()
+    assert totals.gpus[0].measured_j == pytest.approx(900.0)  # [0, 9)
+    assert totals.gpus[1].measured_j == pytest.approx(500.0)  # [0, 5)
+    assert totals.host is not None and totals.host.measured_j == pytest.approx(50.0)
+    # A span 4 s after its request on GPU 1 is in time; a report as late on GPU 0 is not.
+    out = run(eng, req("span", 5.0, 6.0, gpus=(1,)), req("report", 5.0, 6.0))
+    assert not out["span"].late and out["span"].gpu_j == pytest.approx(100.0)
+    assert out["report"].late and out["report"].gpu_j == 0.0
+    with pytest.raises(ValueError, match=r"GPU\(s\) \[2\]"):
+        engine({0: steady(100.0, 1.0)}, gpu_settle_s={2: 5.0})
+
+
 def test_an_open_request_holds_back_the_intervals_it_overlaps() -> None:
     eng = engine({0: steady(100.0, 10.0)}, settle_s=0.0)
     eng.add(req("short", 0.0, 2.0))

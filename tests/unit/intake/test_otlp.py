@@ -260,7 +260,7 @@ def test_over_grpc_as_vllm_exports_by_default(servers: Servers,
     receiver = TraceReceiver(engine, [TraceSource("vllm-a", fixed((0,)))])
     port = free_port()
     server = servers.call(start_grpc(receiver, f"127.0.0.1:{port}", token="s3cret",
-                                     max_body_bytes=1 << 20))
+                                     max_body_bytes=1 << 20, max_concurrent=4))
     try:
         spans: list[Any] = []
         provider = TracerProvider(resource=Resource.create({"service.name": "vllm-a"}))
@@ -436,7 +436,7 @@ def test_a_scraped_trace_source_says_what_share_of_its_work_came_as_spans(
     from agent.intake.otlp.coverage import Coverage
     from agent.intake.scrapers.window import ModelWindow, Usage, WindowFigures
 
-    coverage = Coverage(settle_s=5.0)
+    coverage = Coverage({"trace:vllm-a": 5.0})
     receiver = TraceReceiver(engine, [TraceSource("vllm-a", fixed((0,)))], coverage=coverage)
     url = servers.serve(otlp_app(receiver, token=None, max_body_bytes=1 << 20),
                         **RUNNER_OPTIONS)
@@ -457,3 +457,25 @@ def test_a_scraped_trace_source_says_what_share_of_its_work_came_as_spans(
     (compared,) = coverage.settle(end + 5.0)
     assert (compared.requests, compared.completion_tokens) == (0.75, pytest.approx(30 / 36))
     assert coverage.latest == {"trace:vllm-a": compared}
+
+
+def test_the_gpus_of_a_trace_source_wait_its_settle_and_auto_makes_every_gpu_wait(
+        tmp_path) -> None:
+    """`[[trace]].settle` per source: a listed source's GPUs wait it (by UUID too), the
+    longest where two feed one GPU; an "auto" source's GPUs are known only from its spans,
+    so every GPU waits; a GPU no source feeds keeps attribution.settle (not listed)."""
+    from agent.app.node import trace_settle
+    from agent.config import load
+    from agent.devices.base import GpuInfo
+
+    gpus = [GpuInfo(i, f"GPU-{i}", "H100", "counter", "instant") for i in range(4)]
+    path = tmp_path / "jouleprobe.toml"
+    path.write_text('[[trace]]\nservice = "a"\ngpus = [0]\nsettle = 30.0\n'
+                    '[[trace]]\nservice = "b"\ngpus = ["GPU-0", 1]\n')
+    assert trace_settle(load(path, environ={}), gpus) == {0: 60.0, 1: 60.0}
+    path.write_text('[[trace]]\nservice = "a"\ngpus = [2]\nsettle = 10.0\n'
+                    '[[trace]]\nservice = "b"\ngpus = "auto"\nsettle = 5.0\n')
+    assert trace_settle(load(path, environ={}), gpus) == {0: 5.0, 1: 5.0, 2: 10.0, 3: 5.0}
+    path.write_text('[[proxy]]\nname = "p"\nlisten = "127.0.0.1:1"\n'
+                    'upstream = "http://127.0.0.1:2"\ngpus = [0]\n')
+    assert trace_settle(load(path, environ={}), gpus) == {}
