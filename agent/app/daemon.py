@@ -118,11 +118,13 @@ def start_scrapers(node: Node, coverage: Coverage | None) -> list[asyncio.Task[N
     for table in node.config.scrape:
         gpus = resolver(node, table.gpus, table.url).current
         metrics: ScrapeObserver = node.window_metrics
-        if table.trace and coverage is not None:  # trace_receiver checked the name
-            metrics = CoverageObserver(metrics, coverage, f"trace:{table.trace}")
+        trace_source = f"trace:{table.trace}" if table.trace else None
+        if trace_source and coverage is not None:  # trace_receiver checked the name
+            metrics = CoverageObserver(metrics, coverage, trace_source)
         scraper = WindowScraper(
             table.kind, table.url, gpus=gpus, timelines=node.sampler.timelines,
             idle_power_w=node.engine.idle_power_w, metrics=metrics, store=node.store,
+            trace_source=trace_source,
         )
         tasks.append(asyncio.create_task(scraper.run(table.interval)))
     return tasks

@@ -38,6 +38,14 @@ endpoint):
   source, the unattributed share is the part of its windows' GPU energy that no model
   received (windows in which its server did nothing). Windows are selected by their end,
   as requests are; `--model` selects theirs too.
+- **Trace coverage**: for a scraped server that also exports its request spans (its
+  `[[scrape]]` table names the trace source), over its windows: the records of its spans
+  whose request ended in one of them, as a share of the requests and completion tokens its
+  own counters say it finished there (ratio of sums). vLLM traces no request its client
+  aborted, and a full exporter queue drops spans: the share says how much of the server's
+  work the per-request records cover. It is never added to either figure. It is per
+  server, whatever `--model` (a server's spans may name the model otherwise than its
+  metrics).
 - **Unattributed share** (only when the caller supplies node totals, e.g. from the
   `jouleprobe_gpu_energy_joules_total` and `jouleprobe_gpu_unattributed_energy_joules_total`
   counters over the same period): unattributed GPU energy ÷ GPU energy. It is a node figure,
@@ -85,6 +93,12 @@ WINDOW_DEFINITION = (
     "shared among its models by tokens (by requests where the server counts no tokens): "
     "no percentiles (a window has no per-request values), GPU boundary only (the host "
     "serves every server of the node, and a window has no per-request timing to share it by)"
+)
+
+COVERAGE_DEFINITION = (
+    "per scraped server that also exports its request spans: the records of its spans whose "
+    "request ended in its windows ÷ the requests (completion tokens) its own counters say it "
+    "finished in them; never added to either figure"
 )
 
 
@@ -324,6 +338,23 @@ def _windows_json(windows: WindowTotals) -> list[dict[str, Any]]:
     ]
 
 
+def _coverage_json(windows: WindowTotals) -> list[dict[str, Any]]:
+    return [
+        {
+            "source": coverage.source,
+            "trace_source": coverage.trace_source,
+            "windows": coverage.windows,
+            "span_requests": coverage.span_requests,
+            "requests": coverage.requests,
+            "requests_share": coverage.requests_share,
+            "span_completion_tokens": coverage.span_completion_tokens,
+            "completion_tokens": coverage.completion_tokens,
+            "completion_tokens_share": coverage.completion_tokens_share,
+        }
+        for coverage in windows.coverage
+    ]
+
+
 def _definitions() -> dict[str, Any]:
     return {
         "boundaries": dict(BOUNDARY_DEFINITIONS),
@@ -331,6 +362,7 @@ def _definitions() -> dict[str, Any]:
         "tokens": dict(TOKEN_DEFINITIONS),
         "statuses_included": list(STATUSES),
         "windows": WINDOW_DEFINITION,
+        "trace_coverage": COVERAGE_DEFINITION,
     }
 
 
@@ -348,6 +380,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "node_gpu_j": totals.gpu_j if totals else None,
         "models": [_model_json(model) for model in report.models],
         "windows": _windows_json(report.windows),
+        "trace_coverage": _coverage_json(report.windows),
     }
 
 
@@ -378,5 +411,6 @@ def summary(report: Report, window_s: float) -> dict[str, Any]:
             }
             for source, models in report.windows.by_source()
         },
+        "trace_coverage": _coverage_json(report.windows),
     }
 

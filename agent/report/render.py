@@ -6,7 +6,8 @@ column that does not apply to a level is empty. Window rows fill `source`, `wind
 `requests`, the token counts, `gpu_wh_mean` (their Wh per query: a mean of per-request
 values is also GPU energy ÷ requests), the two `gpu_j_per_…` ratios, `unattributed_share`
 (their source's) and `simulated`; request rows fill all but `source` and `windows`. The
-GPU-boundary columns are thus comparable across levels.
+GPU-boundary columns are thus comparable across levels. The trace coverage is in the
+table and JSON only: its figures are neither a model's nor a window's.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from agent.report.model import (
     BOUNDARIES,
     BOUNDARY_DEFINITIONS,
+    COVERAGE_DEFINITION,
     PERCENTILE_METHOD,
     TOKEN_DEFINITIONS,
     WINDOW_DEFINITION,
@@ -130,6 +132,8 @@ def _render_table(report: Report) -> str:
         lines.append("no requests in the record store for this period")
     if report.windows.models:
         lines += ["", *_window_section(report.windows)]
+    if report.windows.coverage:
+        lines += ["", *_coverage_section(report.windows)]
     return "\n".join(lines) + "\n"
 
 
@@ -221,6 +225,28 @@ def _window_section(windows: WindowTotals) -> list[str]:
         "dynamic and static Wh: the windows' GPU energy; \"-\": the server does not count it.",
     ]
     return lines
+
+
+def _coverage_section(windows: WindowTotals) -> list[str]:
+    lines = ["Trace coverage (the spans' share of what the server's counters finished)"]
+    lines += _table(
+        ["source", "spans of", "windows", "requests", "of", "share", "completion tokens",
+         "of", "share"],
+        [
+            [c.source, c.trace_source, str(c.windows), str(c.span_requests),
+             _count(c.requests), _share(c.requests_share), _count(c.span_completion_tokens),
+             _count(c.completion_tokens), _share(c.completion_tokens_share)]
+            for c in windows.coverage
+        ],
+        left=2,
+    )
+    lines += textwrap.wrap(f"Coverage: {COVERAGE_DEFINITION}; \"-\": the server counts "
+                           "none.", width=90)
+    return lines
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def _count(value: float | None) -> str:

@@ -28,6 +28,7 @@ from agent.store.reader import (
     RecordReader,
     SourceWindows,
     StoredRequest,
+    TraceCoverage,
     WindowTotals,
 )
 from agent.store.schema import RecordStoreError
@@ -35,5 +36,6 @@ from agent.store.writer import RecordStore, StoredWindow, StoreStats, wall_clock
 
 __all__ = [
     "ModelWindows", "RecordReader", "RecordStore", "RecordStoreError", "SourceWindows",
-    "StoreStats", "StoredRequest", "StoredWindow", "WindowTotals", "wall_clock_offset",
+    "StoreStats", "StoredRequest", "StoredWindow", "TraceCoverage", "WindowTotals",
+    "wall_clock_offset",
 ]

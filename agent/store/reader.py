@@ -18,6 +18,7 @@ from agent.requests import BoundaryEnergy, RequestStatus
 from agent.store.schema import (
     ADDED_COLUMNS,
     COLUMNS,
+    TRACE_SOURCE_VERSION,
     WINDOWS_VERSION,
     RecordStoreError,
     Row,
@@ -56,6 +57,25 @@ _SELECT_WINDOW_SOURCES = f"""
         WHERE {_WINDOWS_SINCE} AND m.model = ?2))
     GROUP BY w.source ORDER BY w.source"""
 """Per source, over all its windows: with a model, the sources that served that model."""
+_SELECT_TRACE_COVERAGE = f"""
+    WITH traced AS (
+        SELECT w.id, w.source, w.trace_source, w.start_time, w.end_time FROM windows AS w
+        WHERE {_WINDOWS_SINCE} AND w.trace_source IS NOT NULL),
+    spans AS (
+        SELECT t.id, count(r.id) AS requests, total(r.completion_tokens) AS completion_tokens
+        FROM traced AS t LEFT JOIN requests AS r ON r.source = t.trace_source
+            AND r.end_time > t.start_time AND r.end_time <= t.end_time
+        GROUP BY t.id),
+    counted AS (
+        SELECT t.id, sum(m.requests) AS requests, sum(m.completion_tokens) AS completion_tokens
+        FROM traced AS t LEFT JOIN window_models AS m ON m.window_id = t.id GROUP BY t.id)
+    SELECT t.source, t.trace_source, count(*), sum(s.requests), sum(s.completion_tokens),
+           sum(c.requests), sum(c.completion_tokens)
+    FROM traced AS t JOIN spans AS s USING (id) JOIN counted AS c USING (id)
+    GROUP BY t.source, t.trace_source ORDER BY t.source, t.trace_source"""
+"""Per scraped server that is also a trace source, over its windows: the records of its
+spans whose request ended in one of them (in (start, end], as the live coverage counts),
+and what its counters say it finished in them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,11 +207,43 @@ class SourceWindows:
 
 
 @dataclass(frozen=True, slots=True)
+class TraceCoverage:
+    """A scraped server that also exports its request spans, over the period's windows:
+    the spans' share of the requests and completion tokens its own counters say it
+    finished. Spans miss what vLLM does not trace (a request its client aborted) and what
+    a full exporter queue dropped; the share says how much of the server's work the
+    per-request records cover. Never added to either figure."""
+
+    source: str
+    """The scrape source (`scrape:vllm`)."""
+    trace_source: str
+    """Its spans' source (`trace:SERVICE`)."""
+    windows: int
+    span_requests: int
+    """Records of its spans whose request ended in one of the windows."""
+    span_completion_tokens: float
+    requests: float | None
+    """What its counters say it finished in the windows; None where it counts none."""
+    completion_tokens: float | None
+
+    @property
+    def requests_share(self) -> float | None:
+        return self.span_requests / self.requests if self.requests else None
+
+    @property
+    def completion_tokens_share(self) -> float | None:
+        return (self.span_completion_tokens / self.completion_tokens
+                if self.completion_tokens else None)
+
+
+@dataclass(frozen=True, slots=True)
 class WindowTotals:
-    """The scrape windows of a report's period: per (source, model), and per source."""
+    """The scrape windows of a report's period: per (source, model), per source, and the
+    trace coverage of the scraped servers that also export spans."""
 
     models: tuple[ModelWindows, ...] = ()
     sources: tuple[SourceWindows, ...] = ()
+    coverage: tuple[TraceCoverage, ...] = ()
 
     def by_source(self) -> Iterator[tuple[SourceWindows, list[ModelWindows]]]:
         for source in self.sources:
@@ -253,18 +305,24 @@ class RecordReader:
                       ) -> WindowTotals:
         """Sums over the scrape windows that ended at or after `since` (UTC epoch seconds):
         per (source, model), of `model` if given; and per source, over all its windows
-        (with `model`, only the sources that served it). Summed in SQL, from one snapshot
-        of the file, so that the two agree; none from a version-1 file."""
+        (with `model`, only the sources that served it); and the trace coverage per
+        scraped server that also exports spans, whatever `model` (its spans may name the
+        model otherwise than its metrics). Summed in SQL, from one snapshot of the file, so
+        that all agree; none from a version-1 file, no coverage from one older than 4."""
         with self._reading() as connection:
-            connection.execute("BEGIN")  # one read transaction: one snapshot for both
-            if version(connection) < WINDOWS_VERSION:
+            connection.execute("BEGIN")  # one read transaction: one snapshot for all
+            found = version(connection)
+            if found < WINDOWS_VERSION:
                 return WindowTotals()
             params = (since, model)
             models = connection.execute(_SELECT_WINDOW_MODELS, params).fetchall()
             sources = connection.execute(_SELECT_WINDOW_SOURCES, params).fetchall()
+            coverage = (connection.execute(_SELECT_TRACE_COVERAGE, (since,)).fetchall()
+                        if found >= TRACE_SOURCE_VERSION else [])
         return WindowTotals(
             models=tuple(ModelWindows(*_simulated_flag(row)) for row in models),
             sources=tuple(SourceWindows(*_simulated_flag(row)) for row in sources),
+            coverage=tuple(TraceCoverage(*row) for row in coverage),
         )
 
 

@@ -1,7 +1,8 @@
 """The store file's tables, their migrations, and how connections to it are opened.
 
 Schema versions (`PRAGMA user_version`): 1 has the requests; 2 adds the windows; 3 adds
-when the server began each request and whether its token counts are estimates. The agent
+when the server began each request and whether its token counts are estimates; 4 adds the
+trace source of a scraped server that also exports its request spans. The agent
 (the writer) migrates an older file in place when it opens it; a reader never writes, so a
 reader of a version-1 file simply finds no windows, and of an older one the defaults of
 the columns added since (`ADDED_COLUMNS`).
@@ -76,6 +77,11 @@ _SCHEMA_STEPS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE requests ADD COLUMN tokens_estimated INTEGER NOT NULL DEFAULT 0 "
         "CHECK (tokens_estimated IN (0, 1))",
     ),
+    (  # version 4: the trace coverage of a scraped server (agent.report.coverage)
+        # trace:SERVICE, whose requests' records the window's counts are compared with;
+        # NULL: the server exports no spans
+        "ALTER TABLE windows ADD COLUMN trace_source TEXT",
+    ),
 )
 """What each schema version adds: step n brings a file from version n to n + 1."""
 SCHEMA_VERSION = len(_SCHEMA_STEPS)
@@ -83,6 +89,8 @@ SCHEMA_VERSION = len(_SCHEMA_STEPS)
 migrates older files in place when the agent opens them."""
 WINDOWS_VERSION = 2
 """The schema version that added the windows."""
+TRACE_SOURCE_VERSION = 4
+"""The schema version that added the windows' trace source."""
 ADDED_COLUMNS = {"scheduled_time": (3, "NULL"), "tokens_estimated": (3, "0")}
 """Columns of `requests` added after version 1: the version that added each, and the value
 a file of an older version stands for."""

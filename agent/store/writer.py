@@ -40,7 +40,7 @@ thread to let the GIL go, so a batch of many rows would crawl while the agent is
 Many rows per statement keep the hand-overs few."""
 _INSERT_WINDOW = (
     "INSERT INTO windows (source, start_time, end_time, gpus, weighting, measured_j, "
-    "unattributed_j, simulated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "unattributed_j, simulated, trace_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_WINDOW_MODEL = (
     "INSERT INTO window_models (window_id, model, requests, prompt_tokens, completion_tokens, "
@@ -215,12 +215,15 @@ class RecordStore(RecordReader):
         stored (unknown status, non-finite energy), RuntimeError once closed."""
         self._enqueue(self._pending, [self._row(energy) for energy in energies])
 
-    def submit_windows(self, source: str, figures: Sequence[StoredWindow]) -> None:
+    def submit_windows(self, source: str, figures: Sequence[StoredWindow],
+                       trace_source: str | None = None) -> None:
         """Queue settled scrape windows of `source` (`scrape:vllm`, ...); returns at once.
-        Raises ValueError for a window that could never be stored (a non-finite figure),
-        RuntimeError once closed."""
+        `trace_source`: where the same server's request spans go (`trace:SERVICE`), whose
+        records the report compares with the windows' counts. Raises ValueError for a
+        window that could never be stored (a non-finite figure), RuntimeError once
+        closed."""
         self._enqueue(self._pending_windows,
-                      [self._window_rows(source, window) for window in figures])
+                      [self._window_rows(source, window, trace_source) for window in figures])
 
     def _enqueue(self, queue: list[_Queued], items: list[_Queued]) -> None:
         """Append what fits under `max_pending` to `queue`; refuse and count the rest."""
@@ -258,7 +261,8 @@ class RecordStore(RecordReader):
             _optional(self._wall, request.scheduled), int(request.tokens_estimated),
         )
 
-    def _window_rows(self, source: str, window: StoredWindow) -> _WindowRows:
+    def _window_rows(self, source: str, window: StoredWindow, trace_source: str | None
+                     ) -> _WindowRows:
         """Converts now, like `_row`; a quantity the server does not count stays None,
         apart from a counted 0."""
         shares = [
@@ -275,7 +279,7 @@ class RecordStore(RecordReader):
         if not all(math.isfinite(value) for value in numbers):
             raise ValueError(f"window of {source} ending {window.end}: non-finite figure")
         row = (str(source), start, end, _gpu_list(window.gpus), window.weighting, measured,
-               unattributed, int(self.simulated))
+               unattributed, int(self.simulated), _optional(str, trace_source))
         return row, shares
 
     def _wall(self, monotonic: float) -> float:

@@ -74,7 +74,8 @@ class WindowSink(Protocol):
     """Where settled windows are kept (`agent.store.RecordStore` is one). Called on the
     event loop, so it must not wait on the disk."""
 
-    def submit_windows(self, source: str, figures: Sequence[WindowFigures]) -> None: ...
+    def submit_windows(self, source: str, figures: Sequence[WindowFigures],
+                       trace_source: str | None = None) -> None: ...
 
 
 class ScrapeError(Exception):
@@ -100,6 +101,7 @@ class WindowScraper:
         store: WindowSink | None = None,
         model: str | None = None,
         source: str | None = None,
+        trace_source: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_settle_s: float = 60.0,
         prefill_weight: float = 1.0,
@@ -111,13 +113,15 @@ class WindowScraper:
         `model`: the model name of a server whose metrics carry none (TGI, llama.cpp);
         by default the `model` of the URL's query (llama.cpp's router mode serves the
         metrics of one of its models per `?model=ID`), else the first id of its OpenAI
-        /v1/models. `clock` stamps window bounds and must be the sampler's
-        (time.monotonic)."""
+        /v1/models. `trace_source`: where the same server exports its request spans
+        (`trace:SERVICE`), kept with its windows for the report's coverage. `clock` stamps
+        window bounds and must be the sampler's (time.monotonic)."""
         if kind not in KINDS:
             raise ValueError(f"unknown scrape kind {kind!r} (known: {', '.join(KINDS)})")
         self.kind = KINDS[kind]
         self.url = url
         self.source = source or f"scrape:{kind}"
+        self.trace_source = trace_source
         self._gpus = gpus
         self._timelines = timelines
         self._idle_power_w = idle_power_w
@@ -230,7 +234,7 @@ class WindowScraper:
             self._metrics.observe(self.source, figures)
             settled.append(figures)
         if settled and self._store is not None:
-            self._store.submit_windows(self.source, settled)
+            self._store.submit_windows(self.source, settled, self.trace_source)
         return settled
 
     def _ready(self, window: _Window, now: float) -> bool:

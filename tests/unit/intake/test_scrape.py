@@ -384,7 +384,8 @@ class Sink:
     def __init__(self) -> None:
         self.submitted: list[tuple[str, list[WindowFigures]]] = []
 
-    def submit_windows(self, source: str, figures: Sequence[WindowFigures]) -> None:
+    def submit_windows(self, source: str, figures: Sequence[WindowFigures],
+                       trace_source: str | None = None) -> None:
         self.submitted.append((source, list(figures)))
 
 

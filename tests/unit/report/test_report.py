@@ -382,6 +382,38 @@ def test_windows_in_the_table_with_what_they_are_not() -> None:
     assert "no requests" in no_requests and "scrape:vllm" in no_requests
 
 
+def test_trace_coverage_in_the_table_json_and_summary() -> None:
+    """A scraped vLLM whose spans arrived for 9 of its 10 requests and 180 of its 200
+    tokens; a Triton that counts no tokens."""
+    from dataclasses import replace
+
+    from agent.store import TraceCoverage
+
+    covered = replace(WINDOWS, coverage=(
+        TraceCoverage("scrape:triton", "trace:triton", 2, 3, 0.0, 4.0, None),
+        TraceCoverage("scrape:vllm", "trace:vllm-a", 3, 9, 180.0, 10.0, 200.0)))
+    text = render(build_report(RECORDS, generated=NOW, windows=covered), "table")
+    section = text[text.index("Trace coverage"):].splitlines()
+    assert section[2].split() == ["scrape:triton", "trace:triton", "2", "3", "4", "75.0%",
+                                  "0", "-", "-"]
+    assert section[3].split() == ["scrape:vllm", "trace:vllm-a", "3", "9", "10", "90.0%",
+                                  "180", "200", "90.0%"]
+    assert "never added to either figure" in text[text.index("Trace coverage"):]
+    assert "Trace coverage" not in render(windowed(), "table")
+    data = json.loads(render(build_report(RECORDS, generated=NOW, windows=covered), "json"))
+    assert data["trace_coverage"][1] == {
+        "source": "scrape:vllm", "trace_source": "trace:vllm-a", "windows": 3,
+        "span_requests": 9, "requests": 10.0, "requests_share": 0.9,
+        "span_completion_tokens": 180.0, "completion_tokens": 200.0,
+        "completion_tokens_share": 0.9,
+    }
+    assert data["trace_coverage"][0]["completion_tokens_share"] is None
+    assert "never added" in data["definitions"]["trace_coverage"]
+    compact = summary(build_report(RECORDS, generated=NOW, windows=covered), 3600.0)
+    assert compact["trace_coverage"] == data["trace_coverage"]
+    assert json.loads(render(windowed(), "json"))["trace_coverage"] == []
+
+
 def test_simulated_windows_are_labelled_in_every_format() -> None:
     simulated = WindowTotals(
         models=(ModelWindows("scrape:vllm", "llama", 1, 1.0, 1.0, 1.0, 1.0, 1.0,

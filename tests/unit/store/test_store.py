@@ -470,10 +470,46 @@ def test_a_version_1_file_is_read_without_windows_and_migrated_by_the_writer(
     store.submit_windows("scrape:vllm", [window(100.0, models={"a": Usage(1, 1, 1)})])
     store.close()
     with closing(sqlite3.connect(path)) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 4
     assert [(r.id, r.scheduled, r.tokens_estimated) for r in reader.query()] == [
         ("v1-request", None, False)]
     assert [m.model for m in reader.window_totals().models] == ["a"]
+
+
+def test_the_trace_coverage_of_a_scraped_server_counts_its_spans_in_its_windows(
+    path: Path, open_store: Callable[..., RecordStore]
+) -> None:
+    """Windows [100, 110] and [110, 120] of a server that also exports spans: its counters
+    say 5 requests and 50 tokens; records of its spans ended at 105, 110 (the first window:
+    ends in (start, end]) and 115; one ended after the windows, one of another source in
+    them; a window of another server carries no trace source."""
+    from dataclasses import replace
+
+    from agent.store import TraceCoverage
+
+    def span(request_id: str, end: float, completion: int | None,
+             source: str = "trace:vllm-a") -> RequestEnergy:
+        record = energy(request_id, start=end - 1.0, end=end, completion=completion)
+        return replace(record, request=replace(record.request, source=source))
+
+    store = open_store()
+    store.submit_windows("scrape:vllm", [
+        window(100.0, models={"a": Usage(3, 30, 30)}),
+        window(110.0, models={"a": Usage(1, 10, 10), "b": Usage(1, 10, 10)})],
+        trace_source="trace:vllm-a")
+    store.submit_windows("scrape:tgi", [window(100.0, models={"c": Usage(9, 9, 9)})])
+    store.submit([span("s1", 105.0, 10), span("s2", 110.0, 12), span("s3", 115.0, None),
+                  span("late", 121.0, 10), span("other", 105.0, 10, source="proxy:vllm")])
+    store.close()
+
+    reader = RecordReader(path)
+    (coverage,) = reader.window_totals().coverage
+    assert coverage == TraceCoverage("scrape:vllm", "trace:vllm-a", 2, 3, 22.0, 5.0, 50.0)
+    assert (coverage.requests_share, coverage.completion_tokens_share) == (0.6, 0.44)
+    (later,) = reader.window_totals(since=OFFSET + 115.0).coverage
+    assert (later.windows, later.span_requests, later.requests) == (1, 1, 2.0)
+    assert reader.window_totals(model="c").coverage == (coverage,)  # whatever the model
+    assert TraceCoverage("s", "t", 1, 0, 0.0, None, 0.0).requests_share is None
 
 
 def test_retention_removes_old_windows_with_their_models(
