@@ -1,11 +1,11 @@
 """A small OpenAI-compatible server standing in for vLLM: for the proxy's tests, `jouleprobe
 demo` and bench/proxy.py.
 
-Routes: `GET /v1/models`, `GET /health`, `POST /v1/chat/completions`, `/v1/completions` and
-`/v1/embeddings`, streaming (SSE) and not. Everything it answers is a function of the request
-alone: the text, the token counts, the response id (derived from the model and prompt) and
-`created` (fixed), so the same request gives the same bytes, whether sent directly or
-through the proxy.
+Routes: `GET /v1/models`, `GET /health`, `GET /metrics`, `POST /v1/chat/completions`,
+`/v1/completions` and `/v1/embeddings`, streaming (SSE) and not. Everything it answers
+(but /metrics) is a function of the request alone: the text, the token counts, the
+response id (derived from the model and prompt) and `created` (fixed), so the same
+request gives the same bytes, whether sent directly or through the proxy.
 
 Streams have OpenAI's chunk format in vLLM's flavour: a first chunk with the assistant role
 and empty content, one chunk per token, a last chunk with an empty delta and the finish
@@ -26,6 +26,13 @@ The hooks let a simulation follow the load: `on_start(key, model)` once a reques
 accepted, `on_first_token(key)` when its first token is produced, `on_end(key)` when it is
 over (answered, failed or abandoned by its client). `key` is a number unique within the app;
 the response id is not, since identical requests get identical ids.
+
+`GET /metrics` is this SIMULATED server's imitation of vLLM's Prometheus exposition, written
+here after vLLM's sources, not a capture of a real server: the families and labels that the
+agent's `vllm` scraper reads, with the names, help texts, labels and counting of vLLM's V1
+engine as of vLLM 0.10 to 0.13 (vllm/v1/metrics/loggers.py, `PrometheusStatLogger`, and
+vllm/v1/metrics/stats.py). `_VllmMetrics` says what is counted and when. Like vLLM's, it
+needs no API key.
 """
 
 from __future__ import annotations
@@ -40,12 +47,19 @@ import re
 import struct
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
 
 from agent.sim.traces import vllm_span
 
@@ -187,6 +201,128 @@ def _embedding(text: str) -> list[float]:
     return list(struct.unpack(f"<{EMBEDDING_DIMENSIONS}f", packed))
 
 
+ENGINE = "0"
+"""The `engine` label of every series: vLLM's index of its engine core, "0" with one."""
+FINISHED_REASONS = ("stop", "length", "abort")
+"""vLLM's `FinishReason` values, each a `finished_reason` series from the start."""
+
+
+class _VllmMetrics:
+    """The SIMULATED server's imitation of vLLM's /metrics (not a capture of a real one):
+    vLLM V1's names, help texts and labels (`model_name`, `engine`), one series per model
+    of the app, each listed (at 0) from the start, as vLLM lists its own at startup.
+
+    When each is counted, as vLLM's engine counts (vllm/v1/metrics/stats.py):
+    - `vllm:prompt_tokens_total`: a request's prompt tokens once its prefill is done, when
+      its first token is produced, even if its client leaves afterwards; a request cut off
+      before then counts none.
+    - `vllm:generation_tokens_total`: tokens as they are produced, the first with the end
+      of the prefill. A streamed token counts when it is produced, before it is written; a
+      non-streamed answer's tokens count by the clock of its generation (one at the first
+      token, then one every `1 / speed` seconds), brought up to date at each scrape and at
+      the request's end, so a scrape mid-request sees the tokens produced so far and a
+      request cut off counts those produced before the cut.
+    - `vllm:request_success_total{finished_reason}`: once, when the request's last token is
+      produced (vLLM's engine finishes a request with its last token): "length" where the
+      answer was cut by max_tokens, else "stop". A request that fails or whose client
+      leaves before its end is not counted: vLLM lists a `finished_reason="abort"` series
+      but, up to 0.13 at least, never increments it (its abort path bypasses the stats,
+      vllm-project/vllm#31503), so here it stays 0 too.
+    - Embeddings are counted as vLLM's pooling requests: prompt tokens and a "stop" success
+      when their prefill is done (a pooling request finishes with its prefill), no
+      generation tokens.
+    - `vllm:num_requests_running` / `vllm:num_requests_waiting` (gauges): completions that
+      hold a slot of the batch (`max_batch`) / wait in the queue for one; embeddings, which
+      the batch does not limit, count as running while they are computed.
+    """
+
+    def __init__(self, models: Mapping[str, float]) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("model_name", "engine")
+        self.running = Gauge("vllm:num_requests_running",
+                             "Number of requests in model execution batches.", labels,
+                             registry=self.registry)
+        self.waiting = Gauge("vllm:num_requests_waiting",
+                             "Number of requests waiting to be processed.", labels,
+                             registry=self.registry)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
+                                     labels, registry=self.registry)
+        self.generation_tokens = Counter("vllm:generation_tokens",
+                                         "Number of generation tokens processed.", labels,
+                                         registry=self.registry)
+        self.success = Counter("vllm:request_success",
+                               "Count of successfully processed requests.",
+                               (*labels, "finished_reason"), registry=self.registry)
+        for model in models:
+            for family in (self.running, self.waiting, self.prompt_tokens,
+                           self.generation_tokens):
+                family.labels(model, ENGINE)
+            for reason in FINISHED_REASONS:
+                self.success.labels(model, ENGINE, reason)
+        self.live: set[_Tally] = set()
+        """Requests whose generation tokens count by the clock, to bring up to date."""
+
+    def render(self) -> bytes:
+        for tally in list(self.live):
+            tally.catch_up()
+        return generate_latest(self.registry)
+
+
+class _Tally:
+    """What one request has added to the counters so far (`_VllmMetrics`)."""
+
+    def __init__(self, metrics: _VllmMetrics, model: str, speed: float) -> None:
+        self._metrics = metrics
+        self._model = model
+        self._speed = speed
+        self._produced = 0
+        self._clock: tuple[float, int] | None = None
+        """(when its first token came, its tokens) for tokens counted by the clock."""
+        self._finished = False
+
+    def prefilled(self, prompt_tokens: int, *, first_token: bool = True) -> None:
+        """The prefill is done: its prompt tokens count, and its first token (if any)."""
+        self._metrics.prompt_tokens.labels(self._model, ENGINE).inc(prompt_tokens)
+        if first_token:
+            self.produced(1)
+
+    def clocked(self, tokens: int) -> None:
+        """From now on its `tokens` count by the clock, the first of them now."""
+        self._clock = (time.monotonic(), tokens)
+        self._metrics.live.add(self)
+        self.catch_up()
+
+    def produced(self, tokens: int) -> None:
+        """It has produced `tokens` tokens in all."""
+        if tokens > self._produced:
+            self._metrics.generation_tokens.labels(self._model, ENGINE).inc(
+                tokens - self._produced)
+            self._produced = tokens
+
+    def catch_up(self) -> None:
+        if self._clock is None:
+            return
+        start, tokens = self._clock
+        if math.isfinite(self._speed):
+            tokens = min(tokens, 1 + math.floor((time.monotonic() - start) * self._speed))
+        self.produced(tokens)
+
+    def finished(self, tokens: int, reason: str) -> None:
+        """Its last token is produced: it has `tokens` tokens, and finished for `reason`."""
+        self._clock = None
+        self._metrics.live.discard(self)
+        self.produced(tokens)
+        if not self._finished:
+            self._finished = True
+            self._metrics.success.labels(self._model, ENGINE, reason).inc()
+
+    def close(self) -> None:
+        """The request is over, finished or not: tokens by the clock count up to now."""
+        self.catch_up()
+        self._clock = None
+        self._metrics.live.discard(self)
+
+
 class _FakeUpstream:
     def __init__(
         self,
@@ -214,6 +350,7 @@ class _FakeUpstream:
             raise ValueError("max_batch must be >= 1")
         self._batch = None if max_batch is None else asyncio.Semaphore(max_batch)
         self._traces = traces
+        self._metrics = _VllmMetrics(self.models)
 
     # --- routes ------------------------------------------------------------------------
 
@@ -227,6 +364,11 @@ class _FakeUpstream:
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """vLLM's exposition, imitated (`_VllmMetrics`); no API key, as with vLLM."""
+        return web.Response(body=self._metrics.render(),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "chat")
@@ -248,8 +390,13 @@ class _FakeUpstream:
             return _error(exc.status, exc.message, exc.param, exc.code)
         prompt_tokens = sum(tokens for _, tokens in inputs)
         key = self._start(model)
+        running = self._metrics.running.labels(model, ENGINE)
+        running.inc()
         try:
             await self._sleep(prompt_tokens / (speed * self.prefill_speedup))
+            tally = _Tally(self._metrics, model, speed)  # a pooling request: done with its
+            tally.prefilled(prompt_tokens, first_token=False)  # prefill, nothing generated
+            tally.finished(0, "stop")
             self._first_token(key)
             data = []
             for index, (text, _) in enumerate(inputs):
@@ -261,6 +408,7 @@ class _FakeUpstream:
             document = {"object": "list", "data": data, "model": model, "usage": usage}
             return web.Response(body=_dumps(document), content_type="application/json")
         finally:
+            running.dec()
             self._end(key)
 
     # --- generation ----------------------------------------------------------------------
@@ -274,26 +422,50 @@ class _FakeUpstream:
         except _BadRequest as exc:
             return _error(exc.status, exc.message, exc.param, exc.code)
         arrival = time.time()
-        async with self._batch or contextlib.nullcontext():
+        async with self._scheduled(job.model):
             scheduled = time.time()
             key = self._start(job.model)
             first_token: list[float] = []
             finished = False
+            tally = _Tally(self._metrics, job.model, job.speed)
             try:
                 if job.stream:
-                    response, finished = await self._stream(request, job, key, first_token)
+                    response, finished = await self._stream(request, job, key, first_token,
+                                                            tally)
                     return response
-                await self._produce(job, key, first_token)
+                await self._produce(job, key, first_token, tally)
                 finished = True
                 return web.Response(body=_dumps(self._whole(job)),
                                     content_type="application/json")
             finally:
+                tally.close()
                 self._end(key)
                 if self._traces is not None and finished:
                     vllm_span(self._traces, f"{job.id}-{key}", arrival,
                               queue=scheduled - arrival, ttft=first_token[0] - arrival,
                               e2e=time.time() - arrival, prompt=job.prompt_tokens,
                               completion=len(job.tokens))
+
+    @contextlib.asynccontextmanager
+    async def _scheduled(self, model: str) -> AsyncIterator[None]:
+        """Holds a slot of the batch (with `max_batch`), counted as waiting until it has
+        one, then as running."""
+        waiting = self._metrics.waiting.labels(model, ENGINE)
+        running = self._metrics.running.labels(model, ENGINE)
+        waiting.inc()
+        admitted = False
+        try:
+            async with self._batch or contextlib.nullcontext():
+                admitted = True
+                waiting.dec()
+                running.inc()
+                try:
+                    yield
+                finally:
+                    running.dec()
+        finally:
+            if not admitted:
+                waiting.dec()
 
     def _job(self, raw: bytes, kind: str) -> _Job:
         body, model, speed = self._parse(raw)
@@ -330,26 +502,35 @@ class _FakeUpstream:
                               "model_not_found")
         return body, model, self.models[model]
 
-    async def _produce(self, job: _Job, key: int, first_token: list[float]) -> None:
+    async def _produce(self, job: _Job, key: int, first_token: list[float],
+                       tally: _Tally) -> None:
         """Waits as long as the whole generation takes (non-streaming answers)."""
         await self._sleep(self._prefill_s(job))
+        tally.prefilled(job.prompt_tokens)
+        tally.clocked(len(job.tokens))
         self._first_token(key, first_token)
         await self._sleep((len(job.tokens) - 1) / job.speed)
+        tally.finished(len(job.tokens), job.finish_reason)
 
     async def _stream(self, request: web.Request, job: _Job, key: int,
-                      first_token: list[float]) -> tuple[web.StreamResponse, bool]:
+                      first_token: list[float], tally: _Tally,
+                      ) -> tuple[web.StreamResponse, bool]:
         """The streamed answer, and whether it was sent whole."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
         try:
             await self._sleep(self._prefill_s(job))
+            tally.prefilled(job.prompt_tokens)  # the first token, produced with the prefill
             await response.write(self._event(job, self._choice(job, role=True)))
             for i, token in enumerate(job.tokens):
                 if i:
                     await self._sleep(1 / job.speed)
+                    tally.produced(i + 1)
                 else:
                     self._first_token(key, first_token)
+                if i == len(job.tokens) - 1:
+                    tally.finished(len(job.tokens), job.finish_reason)
                 await response.write(self._event(job, self._choice(job, text=token)))
             await response.write(self._event(job, self._choice(job, finish=True)))
             if job.include_usage:
@@ -451,13 +632,15 @@ def fake_upstream_app(
     `/v1/...` request must carry `Authorization: Bearer <api_key>` (else 401). With
     `max_batch`, at most that many completions run at once and the others wait in a queue,
     as in a server's batch. With `traces`, each finished completion is exported as vLLM's
-    `llm_request` span (`agent.sim.traces`). See the module docstring for the answers, the
+    `llm_request` span (`agent.sim.traces`). `GET /metrics` imitates vLLM's Prometheus
+    exposition, per app (`_VllmMetrics`). See the module docstring for the answers, the
     timing and the hooks.
     """
     fake = _FakeUpstream(models, prefill_speedup, api_key, on_start, on_first_token, on_end,
                          max_batch, traces)
     app = web.Application()
     app.router.add_get("/health", fake.health)
+    app.router.add_get("/metrics", fake.metrics)
     app.router.add_get("/v1/models", fake.list_models)
     app.router.add_post("/v1/chat/completions", fake.chat)
     app.router.add_post("/v1/completions", fake.completions)

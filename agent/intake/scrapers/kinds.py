@@ -25,8 +25,10 @@ Per kind: requests; prompt tokens; completion tokens; the model label.
   `llamacpp:tokens_predicted_total`; no model label; six significant digits.
 
 Per server and version (read in their sources):
-- vLLM counts a request in `request_success` whatever its finished_reason (stop, length,
-  abort): a cancelled request spent energy too. Series of every `engine` are summed.
+- vLLM's `request_success` has a series per finished_reason (stop, length, abort), all
+  summed here: a cancelled request spent energy too. Up to 0.13 at least the abort series
+  stays 0 (an aborted request bypasses the stats, vllm-project/vllm#31503), so aborted
+  requests go uncounted while their tokens count. Series of every `engine` are summed.
 - SGLang exports these only when started with `--enable-metrics`. Every release with
   metrics (0.3.5.post1 on) labels them `model_name`; `name` was the label only while the
   metrics were a pull request (sgl-project/sglang#1853), and is the function name on
