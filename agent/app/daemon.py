@@ -60,11 +60,13 @@ def bind(listen: str) -> socket.socket:
 
 
 async def start_site(
-    app: web.Application, listen: str, what: str, **runner_options: Any
+    app: web.Application, listen: str | socket.socket, what: str, **runner_options: Any
 ) -> web.AppRunner:
+    """`app` served on `listen`: HOST:PORT, or a socket already bound (whose port is
+    known before the app is built)."""
     runner = web.AppRunner(app, access_log=None, **runner_options)
     await runner.setup()
-    sock = bind(listen)
+    sock = listen if isinstance(listen, socket.socket) else bind(listen)
     await web.SockSite(runner, sock).start()
     log.info("serving %s on http://%s:%d", what, *sock.getsockname()[:2])
     return runner
@@ -136,6 +138,23 @@ async def cancel(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def start_proxies(node: Node, runners: list[web.AppRunner]) -> None:
+    """One reverse proxy per `[[proxy]]` table, counted in the metrics, each appended to
+    `runners` (in the tables' order) as soon as it serves, to be cleaned up whatever
+    happens to the next."""
+    tables = node.config.proxy
+    proxies = {table.name: proxy_app(table, node.engine,
+                                     resolver(node, table.gpus, table.upstream).current,
+                                     max_concurrent=table.max_concurrent)
+               for table in tables}
+    node.collector.add(ProxyMetrics({n: app[PROXY_STATS] for n, app in proxies.items()})
+                       .families)
+    for table in tables:
+        runners.append(await start_site(proxies[table.name], table.listen,
+                                        f"proxy {table.name} -> {table.upstream}",
+                                        **PROXY_RUNNER_OPTIONS))
 
 
 def build_apps(node: Node, token: str | None) -> tuple[web.Application, web.Application]:
@@ -229,17 +248,7 @@ async def serve(config: Config, gpu_source: GpuSource) -> None:
         if receiver is not None:
             http, grpc_server = await start_trace_receiver(receiver, config, otlp_token)
             runners.append(http)
-        proxies = {table.name: proxy_app(table, node.engine,
-                                         resolver(node, table.gpus, table.upstream).current,
-                                         max_concurrent=table.max_concurrent)
-                   for table in config.proxy}
-        node.collector.add(ProxyMetrics({n: app[PROXY_STATS] for n, app in proxies.items()})
-                           .families)
-        for table in config.proxy:
-            runners.append(await start_site(
-                proxies[table.name], table.listen, f"proxy {table.name} -> {table.upstream}",
-                **PROXY_RUNNER_OPTIONS,
-            ))
+        await start_proxies(node, runners)
         log.info("sampling %d GPU(s) every %.3g s; records in %s",
                  len(node.sampler.gpus()), config.agent.sample_interval, config.records.path)
         await stop.wait()

@@ -1,28 +1,32 @@
 """`jouleprobe demo`: the whole pipeline on simulated GPUs under a synthetic inference load.
 
-Nothing here is a shortcut around the agent. Each simulated board serves one model through a
-small OpenAI-compatible server (`fake_upstream`) that runs `MAX_BATCH` requests at once and
-queues the others. One board's server exports each finished request as vLLM's OTLP span,
-through the real OpenTelemetry SDK and exporter, to the agent's real OTLP receiver, with
-nothing in the data path; the load of the others goes through the agent's real reverse
-proxy in front of them, as operators deploy it in front of vLLM: the proxy times each
-request, reads its token usage (streaming and not) and reports it to the real attribution
-engine; the simulated boards are read by the real sampler at 10 Hz; the records go to a real
-SQLite file; and the closing check reads the agent's own `/metrics` over HTTP. Only the GPUs
-and the served models are simulated: the boards' power follows the requests that run on them
-(`RequestLoad`, driven by the fake server's hooks), and every output says SIMULATED.
+Nothing here is a shortcut around the agent: the node is configured as `jouleprobe run`
+would be (`demo_config`) and wired by the same functions (`agent.app.daemon`). Each
+simulated board serves one model through a small OpenAI-compatible server (`fake_upstream`)
+that runs `MAX_BATCH` requests at once and queues the others. One board's server exports
+each finished request as vLLM's OTLP span, through the real OpenTelemetry SDK and exporter,
+to the agent's real OTLP receiver, with nothing in the data path, and is scraped for its
+(imitated) vLLM metrics too, so that its window figures and the spans' coverage of its
+requests stand beside its per-request records; the load of the others goes through the
+agent's real reverse proxy in front of them, as operators deploy it in front of vLLM: the
+proxy times each request, reads its token usage (streaming and not) and reports it to the
+real attribution engine; the simulated boards are read by the real sampler at 10 Hz; the
+records go to a real SQLite file; and the closing check reads the agent's own `/metrics`
+over HTTP. Only the GPUs and the served models are simulated: the boards' power follows the
+requests that run on them (`RequestLoad`, driven by the fake server's hooks), and every
+output says SIMULATED.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
+import socket
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -33,15 +37,21 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.app.daemon import attribute_periodically, build_apps, start_site
+from agent.app.daemon import (
+    attribute_periodically,
+    bind,
+    build_apps,
+    cancel,
+    start_proxies,
+    start_scrapers,
+    start_site,
+    start_trace_receiver,
+    trace_receiver,
+)
 from agent.app.node import Node
-from agent.config import ProxyTable, load
+from agent.config import Config, ProxyTable, ScrapeTable, TraceTable, load
 from agent.devices.host import EstimatedHostSource
-from agent.intake.otlp import RUNNER_OPTIONS as OTLP_RUNNER_OPTIONS
-from agent.intake.otlp import TraceReceiver, TraceSource, fixed, otlp_app
 from agent.intake.otlp.http_service import TRACES_PATH
-from agent.intake.proxy import RUNNER_OPTIONS as PROXY_RUNNER_OPTIONS
-from agent.intake.proxy import proxy_app
 from agent.report import run_report
 from agent.sim.gpus import SimulatedGpuSource, parse_spec
 from agent.sim.load import PROFILES, RequestLoad
@@ -145,11 +155,6 @@ async def run_load(entries: list[str], seconds: float) -> int:
     return len(done)
 
 
-def _fixed(gpus: tuple[int, ...]) -> Callable[[], tuple[int, ...]]:
-    """A proxy's GPU set that never changes: each simulated server runs on one GPU."""
-    return lambda: gpus
-
-
 def conservation(metrics_text: str) -> dict[str, tuple[float, float]]:
     """Per GPU: (attributed + unattributed, energy measured) from a scrape of /metrics."""
     attributed: dict[str, float] = defaultdict(float)
@@ -165,72 +170,94 @@ def conservation(metrics_text: str) -> dict[str, tuple[float, float]]:
     return {gpu: (attributed[gpu], measured[gpu]) for gpu in measured}
 
 
-async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -> int:
+SCRAPE_INTERVAL_S = 2.0
+"""Seconds between two scrapes of the traced server's /metrics (one window)."""
+TRACE_SETTLE_S = 4.0
+"""What the traced board's intervals wait for its spans: the exporter's batch delay (0.5 s
+here, 5 s by default) and the longest request."""
+
+
+def demo_config(spec: str, store: Path, upstreams: list[str]) -> Config:
+    """The configuration `jouleprobe run` would be given for this node: a proxy in front of
+    every board's server but the traced one, whose spans come to the OTLP receiver and
+    whose /metrics are scraped too (windows, and the spans' coverage of them)."""
     config = load(environ={}, overrides={
         "agent.simulate": spec, "agent.listen": "127.0.0.1:0",
         "ingest.listen": "127.0.0.1:0", "records.path": str(store),
-        "attribution.settle": 4.0,  # the traced board's spans come after their requests
+        "otlp.listen": "127.0.0.1:0", "otlp.grpc_listen": "",
     })
+    service = f"gpu{TRACED}"
+    return replace(
+        config,
+        proxy=tuple(ProxyTable(name=f"gpu{gpu}", listen="127.0.0.1:0", upstream=url,
+                               gpus=(gpu,))
+                    for gpu, url in enumerate(upstreams) if gpu != TRACED),
+        # vLLM's spans name no model: the trace source does.
+        trace=(TraceTable(service=service, gpus=(TRACED,), model=served_model(TRACED),
+                          settle=TRACE_SETTLE_S),),
+        scrape=(ScrapeTable(kind="vllm", url=f"{upstreams[TRACED]}/metrics", gpus=(TRACED,),
+                            interval=SCRAPE_INTERVAL_S, trace=service),),
+    )
+
+
+async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -> int:
     models = parse_spec(spec)
+    if len(models) <= TRACED:
+        raise ValueError(f"--simulate: the demo needs {TRACED + 1} GPUs at least (one behind "
+                         f"the proxy, one traced), got {spec!r}")
+    sockets = [bind("127.0.0.1:0") for _ in models]  # the servers' ports, known up front
+    config = demo_config(spec, store, [_address(sock) for sock in sockets])
     request_load = RequestLoad(models)
     source = SimulatedGpuSource(models, load=request_load)
     host = EstimatedHostSource(config.host.idle_watts, config.host.max_watts)
     node = Node(config, source, host)
     metrics_app, _ = build_apps(node, token=None)
+    receiver = trace_receiver(node)
+    assert receiver is not None  # the config has a [[trace]] table
     logging.getLogger("agent").setLevel(logging.WARNING)  # the demo prints its own story
 
     print(f"jouleprobe demo: SIMULATED node {spec} ({', '.join(m.nvml_name for m in models)});")
     print(f"  each GPU serves one model ({', '.join(served_model(i) for i in range(len(models)))}),"
           f" {MAX_BATCH} requests at a time, the rest queued; GPU {TRACED} exports vLLM's")
-    print("  request spans to the agent's OTLP receiver (nothing in the data path), the others"
-          " are")
-    print(f"  behind the jouleprobe proxy; {seconds:.0f} s of chat requests, streamed and not,")
-    print(f"  {' -> '.join(map(str, CONCURRENCY_PHASES))} clients per GPU; host energy ESTIMATED"
-          " from CPU use")
+    print("  request spans to the agent's OTLP receiver (nothing in the data path) and is")
+    print("  scraped for its vLLM metrics too; the others are behind the jouleprobe proxy;")
+    print(f"  {seconds:.0f} s of chat requests, streamed and not, "
+          f"{' -> '.join(map(str, CONCURRENCY_PHASES))} clients per GPU; host energy "
+          "ESTIMATED from CPU use")
     node.start()
-    attribution = asyncio.create_task(attribute_periodically(node))
+    tasks = [asyncio.create_task(attribute_periodically(node))]
     runners = [await start_site(metrics_app, config.agent.listen, "metrics")]
-    # vLLM's spans name no model: the trace source does, as a [[trace]] table would.
-    traced = TraceReceiver(node.engine, [TraceSource(f"gpu{TRACED}", fixed((TRACED,)),
-                                                     served_model(TRACED))])
-    receiver = await start_site(otlp_app(traced, token=None, max_body_bytes=1 << 24),
-                                "127.0.0.1:0", "OTLP receiver", **OTLP_RUNNER_OPTIONS)
-    runners.append(receiver)
-    traces = TracerProvider(resource=Resource.create({"service.name": f"gpu{TRACED}"}))
-    traces.add_span_processor(BatchSpanProcessor(  # vLLM's exporter, sooner than its 5 s
-        OTLPSpanExporter(endpoint=f"{_url(receiver)}{TRACES_PATH}"), schedule_delay_millis=500))
     try:
-        entries = []
-        for gpu in range(len(models)):
-            upstream = await start_site(
-                upstream_for(gpu, request_load, traces if gpu == TRACED else None),
-                "127.0.0.1:0", f"simulated server of GPU {gpu}")
-            runners.append(upstream)
-            if gpu == TRACED:
-                entries.append(_url(upstream))
-                continue
-            table = ProxyTable(name=f"gpu{gpu}", listen="127.0.0.1:0",
-                               upstream=_url(upstream), gpus=(gpu,))
-            proxy = await start_site(proxy_app(table, node.engine, _fixed((gpu,)),
-                                               max_concurrent=table.max_concurrent),
-                                     table.listen, f"proxy {table.name}", **PROXY_RUNNER_OPTIONS)
-            runners.append(proxy)
-            entries.append(_url(proxy))
+        otlp, _ = await start_trace_receiver(receiver, config, token=None)
+        runners.append(otlp)
+        traces = TracerProvider(resource=Resource.create({"service.name": f"gpu{TRACED}"}))
+        traces.add_span_processor(BatchSpanProcessor(  # vLLM's exporter, sooner than its 5 s
+            OTLPSpanExporter(endpoint=f"{_url(otlp)}{TRACES_PATH}"),
+            schedule_delay_millis=500))
+        for gpu, sock in enumerate(sockets):
+            runners.append(await start_site(
+                upstream_for(gpu, request_load, traces if gpu == TRACED else None), sock,
+                f"simulated server of GPU {gpu}"))
+        proxies: list[web.AppRunner] = []
+        await start_proxies(node, proxies)
+        runners += proxies
+        tasks += start_scrapers(node, receiver.coverage)
+        entries = iter(_url(proxy) for proxy in proxies)
+        urls = [_address(sock) if gpu == TRACED else next(entries)
+                for gpu, sock in enumerate(sockets)]
         print(f"  idle for {IDLE_LEAD_S:.0f} s so the agent learns each GPU's idle power ...")
         await asyncio.sleep(IDLE_LEAD_S)
-        await run_load(entries, seconds)
+        await run_load(urls, seconds)
         await asyncio.to_thread(traces.shutdown)  # the last spans, exported
-        await asyncio.sleep(config.attribution.settle + 2 * config.agent.sample_interval)
-        attribution.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await attribution
+        await asyncio.sleep(max(node.engine.longest_settle_s, SCRAPE_INTERVAL_S)
+                            + 2 * config.agent.sample_interval)
+        await cancel(tasks)
         await asyncio.to_thread(node.drain)
         async with aiohttp.ClientSession() as session, \
                 session.get(f"{_url(runners[0])}/metrics") as response:
             scraped = await response.text()
     finally:
-        if not attribution.done():
-            attribution.cancel()
+        await cancel(tasks)
         for runner in reversed(runners):
             await runner.cleanup()
 
@@ -243,6 +270,9 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
         worst = max(worst, error)
         print(f"  GPU {name}: attributed + unattributed = {accounted:,.1f} J, "
               f"measured {measured:,.1f} J (relative difference {error:.1e}, from /metrics)")
+    for name, ratio in coverage(scraped).items():
+        print(f"  {name}: {ratio:.1%} of its requests in its latest compared scrape window "
+              "arrived as spans (jouleprobe_otlp_coverage_ratio, from /metrics)")
     fleet = _fleet_line(store, queries_per_day, config.site.pue)
     if fleet:
         print(fleet)
@@ -251,8 +281,22 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
     return 0 if worst <= 1e-9 and fleet else 1
 
 
+def coverage(metrics_text: str) -> dict[str, float]:
+    """Per trace source: the share of its server's requests that arrived as spans, in the
+    latest scrape window compared, from a scrape of /metrics."""
+    return {sample.labels["source"]: sample.value
+            for family in text_string_to_metric_families(metrics_text)
+            for sample in family.samples
+            if sample.name == "jouleprobe_otlp_coverage_ratio"
+            and sample.labels["quantity"] == "requests"}
+
+
 def _url(runner: web.AppRunner) -> str:
     return "http://{}:{}".format(*runner.addresses[0][:2])
+
+
+def _address(sock: socket.socket) -> str:
+    return "http://{}:{}".format(*sock.getsockname()[:2])
 
 
 def _fleet_line(store: Path, queries_per_day: float, pue: float) -> str | None:

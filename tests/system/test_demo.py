@@ -33,6 +33,16 @@ def test_demo_runs_the_whole_pipeline_and_conserves_energy(tmp_path: Path) -> No
     models = {model["model"]: model for model in report["models"]}
     assert set(models) == {"small-8b", "large-70b"}
     assert all(model["requests"] > 0 for model in models.values())
+    # GPU 1's server is scraped too: its windows beside its spans' records, and the share
+    # of its requests that arrived as spans (all of them: the simulated server aborts none;
+    # a request whose span ends just past a scrape is counted in the next window).
+    (window,) = [s for s in report["windows"] if s["source"] == "scrape:vllm"]
+    assert [m["model"] for m in window["models"]] == ["large-70b"]
+    (coverage,) = report["trace_coverage"]
+    assert (coverage["source"], coverage["trace_source"]) == ("scrape:vllm", "trace:gpu1")
+    assert coverage["requests"] > 0
+    assert abs(coverage["span_requests"] - coverage["requests"]) <= 2
+    assert "Trace coverage" in out
     records = list(RecordReader(store).query())
     assert {r.source for r in records} == {"proxy:gpu0", "trace:gpu1"}, (
         "GPU 0's load goes through the proxy, GPU 1's server exports its spans")
