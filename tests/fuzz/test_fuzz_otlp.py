@@ -159,17 +159,21 @@ def usable(span: dict[str, Any]) -> bool:
         if value is not None and not (type(value) in (int, float) and math.isfinite(value)
                                       and 0 <= value < 1e7):
             return False
+    # Ordered as times (seconds since the epoch), as the server's clock gives them: a
+    # latency finer than their resolution (5e-324 s) orders nothing.
     queue, ttft, e2e = latencies
-    end = e2e if e2e is not None else (span["end"] - span["start"]) / 1e9
-    if ttft is not None and ttft > end:
+    start = span["start"] / 1e9
+    end = start + e2e if e2e is not None else span["end"] / 1e9
+    first = None if ttft is None else start + ttft
+    if first is not None and first > end:
         return False
-    if queue is not None and queue > (end if ttft is None else ttft):
+    if queue is not None and start + queue > (end if first is None else first):
         return False
     for name in ("gen_ai.usage.prompt_tokens", "gen_ai.usage.completion_tokens"):
         value = a.get(name)
         if value is not None and not (type(value) is int and 0 <= value <= 2**53):
             return False
-    ahead = span["start"] / 1e9 + end - time.time()
+    ahead = end - time.time()
     return ahead <= 59.0  # the receiver refuses a span that ends > 60 s ahead of its clock
 
 

@@ -113,8 +113,9 @@ class TraceReceiver:
         rejected: Counter[str] = Counter()
         for resource_spans in export.resource_spans:
             for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    self.phases.note(span, scope_spans.scope.name)
+                if (scope := scope_spans.scope.name) in Phases.SCOPES:
+                    for span in scope_spans.spans:
+                        self.phases.note(span, scope)
         for resource_spans in export.resource_spans:
             resource = attributes(resource_spans.resource.attributes, _RESOURCE)
             service = resource.get("service.name")

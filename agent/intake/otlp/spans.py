@@ -48,10 +48,12 @@ _SGLANG_ROOT = re.compile(r"(?:prefill|decode)? Req ")
 """SGLang's request span: `" Req <rid[:8]>"` (unified), `"prefill Req …"`, `"decode Req …"`."""
 _COUNTS = ("gen_ai.usage.prompt_tokens", "gen_ai.usage.completion_tokens",
            "gen_ai.response.model")
-_VLLM_KEYS = frozenset((*_COUNTS, "gen_ai.request.id", "gen_ai.latency.time_in_queue",
-                        "gen_ai.latency.time_to_first_token", "gen_ai.latency.e2e"))
+_VLLM_LATENCIES = ("gen_ai.latency.time_in_queue", "gen_ai.latency.time_to_first_token",
+                   "gen_ai.latency.e2e")
+_SGLANG_LATENCIES = ("gen_ai.latency.time_to_first_token",)
+_VLLM_KEYS = frozenset((*_COUNTS, "gen_ai.request.id", *_VLLM_LATENCIES))
 _SGLANG_KEYS = frozenset((*_COUNTS, "gen_ai.request.id", "rid", "module",
-                          "gen_ai.latency.time_to_first_token"))
+                          *_SGLANG_LATENCIES))
 _TRITON_KEYS = frozenset(("triton.model_name", "triton.trace_parent_id", "triton.request_id"))
 MAX_ID_LENGTH = 128
 
@@ -91,21 +93,23 @@ class Rejected(NamedTuple):
     """What is wrong, for the exporter's and the operator's eyes."""
 
 
-_SCALARS = frozenset(("string_value", "bool_value", "int_value", "double_value"))
-
-
 def attributes(pairs: Iterable[KeyValue], wanted: frozenset[str]) -> dict[str, Any]:
     """The scalar attributes (string, bool, int, double) of the `wanted` keys, by key (a
     span carries many that are not read); others are left out."""
     found: dict[str, Any] = {}
     for pair in pairs:
         key = pair.key
-        if key not in wanted:
-            continue
-        value = pair.value
-        kind = value.WhichOneof("value")
-        if kind in _SCALARS:
-            found[key] = getattr(value, kind)
+        if key in wanted:
+            value = pair.value
+            kind = value.WhichOneof("value")
+            if kind == "int_value":  # the commonest first: this runs for every attribute
+                found[key] = value.int_value
+            elif kind == "double_value":
+                found[key] = value.double_value
+            elif kind == "string_value":
+                found[key] = value.string_value
+            elif kind == "bool_value":
+                found[key] = value.bool_value
     return found
 
 
@@ -120,6 +124,9 @@ class Phases:
 
     def __init__(self) -> None:
         self._exits: OrderedDict[bytes, int] = OrderedDict()
+
+    SCOPES = frozenset((SGLANG_SCOPE, TRITON_SCOPE))
+    """The instrumentation scopes whose spans may be such phases."""
 
     def note(self, span: Span, scope: str) -> None:
         """Remembers `span` if it is such a phase."""
@@ -152,7 +159,7 @@ def read_span(span: Span, scope: str, phases: Phases) -> TracedRequest | Ignored
 
 
 def _vllm(span: Span, attrs: Mapping[str, Any]) -> TracedRequest | Rejected:
-    latencies = _latencies(attrs, ("time_in_queue", "time_to_first_token", "e2e"))
+    latencies = _latencies(attrs, _VLLM_LATENCIES)
     if isinstance(latencies, Rejected):
         return latencies
     start = span.start_time_unix_nano / 1e9
@@ -168,7 +175,7 @@ def _sglang(span: Span, attrs: Mapping[str, Any], phases: Phases
             ) -> TracedRequest | Ignored | Rejected:
     if attrs.get("module") != "sglang::request":
         return Ignored("not_a_request")  # a KV-transfer context's root span, say
-    latencies = _latencies(attrs, ("time_to_first_token",))
+    latencies = _latencies(attrs, _SGLANG_LATENCIES)
     if isinstance(latencies, Rejected):
         return latencies
     (ttft,) = latencies
@@ -196,15 +203,15 @@ def _triton(span: Span, attrs: Mapping[str, Any], phases: Phases
                    scheduled=None if left_queue is None else left_queue / 1e9)
 
 
-def _latencies(attrs: Mapping[str, Any], names: tuple[str, ...]
+def _latencies(attrs: Mapping[str, Any], keys: tuple[str, ...]
                ) -> tuple[float | None, ...] | Rejected:
-    """The `gen_ai.latency.*` seconds `names`, each None where absent."""
+    """The seconds of the `gen_ai.latency.*` attributes `keys`, each None where absent."""
     found = []
-    for name in names:
-        value = attrs.get(f"gen_ai.latency.{name}")
+    for key in keys:
+        value = attrs.get(key)
         if value is not None and not (type(value) in (int, float) and math.isfinite(value)
                                       and 0 <= value < 1e7):
-            return Rejected("bad_times", f"gen_ai.latency.{name} = {value!r}")
+            return Rejected("bad_times", f"{key} = {value!r}")
         found.append(value)
     return tuple(found)
 
