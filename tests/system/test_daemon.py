@@ -39,13 +39,19 @@ from agent.report import SIMULATED_LINE
 from agent.sim.upstream import fake_upstream_app
 from agent.store import RecordReader
 
-MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+MODEL = "tiny"
+"""The model of the llama.cpp captures; the scrape URL's `?model=` names it (router mode)."""
+
+LLAMA_PAGES = [FIXTURES / "metrics" / f"llamacpp_b11434_{when}.txt" for when in ("idle", "busy")]
+"""Two scrapes of one real llama-server (each file says how it was captured): idle, then after
+three chat completions. No vLLM /metrics pair of one server was found to capture from."""
 
 
 @pytest.fixture
-def vllm_metrics() -> Iterator[str]:
-    """A stand-in vLLM /metrics: the first scrape sees vllm_1.txt, every later one vllm_2.txt."""
-    pages = [(FIXTURES / name).read_bytes() for name in ("vllm_1.txt", "vllm_2.txt")]
+def llama_metrics() -> Iterator[str]:
+    """A stand-in llama-server /metrics: the first scrape sees the idle capture, every later
+    one the busy capture, byte for byte."""
+    pages = [path.read_bytes() for path in LLAMA_PAGES]
     served = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -62,39 +68,51 @@ def vllm_metrics() -> Iterator[str]:
             pass
 
     with serve_http(Handler) as url:
-        yield f"{url}/metrics"
+        yield f"{url}/metrics?model={MODEL}"
+
+
+def counter_increase(name: str) -> float:
+    """How much counter `name` rose from the idle capture to the busy one."""
+    idle, busy = (exposed_samples(path.read_text()) for path in LLAMA_PAGES)
+    return busy[(name, frozenset())] - idle[(name, frozenset())]
 
 
 def test_a_configured_scraper_exports_and_records_window_figures(
-    tmp_path: Path, vllm_metrics: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, llama_metrics: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    prompt = counter_increase("llamacpp:prompt_tokens_total")
+    completion = counter_increase("llamacpp:tokens_predicted_total")
+    assert (prompt, completion) == (171, 28)  # read in the captures: 0 idle, 171 and 28 busy
     store = tmp_path / "records.db"
     config = tmp_path / "jouleprobe.toml"
     config.write_text(
         f'[records]\npath = "{store}"\n'
         '[ingest]\nlisten = "127.0.0.1:0"\n'
-        f'[[scrape]]\nkind = "vllm"\nurl = "{vllm_metrics}"\ngpus = [0]\ninterval = 0.5\n'
+        f'[[scrape]]\nkind = "llamacpp"\nurl = "{llama_metrics}"\ngpus = [0]\ninterval = 0.5\n'
     )
     address = f"127.0.0.1:{free_port()}"
     log = tmp_path / "agent.log"
     proc = start_agent(["--config", str(config), "--simulate", "1xH100", "--listen", address],
                        log)
     try:
-        def exported(name: str) -> dict[str, float]:
-            """The model's samples of `name`, by component (or "" without one)."""
+        def exported(name: str, label: str = "component") -> dict[str, float]:
+            """The model's samples of `name`, by `label` (or "" without one)."""
             text = http_get(f"http://{address}/metrics")[1].decode()
             return {
-                dict(labels).get("component", ""): value
+                dict(labels).get(label, ""): value
                 for (sample, labels), value in exposed_samples(text).items()
                 if sample == name and ("model", MODEL) in labels
             }
 
-        def window_requests() -> float:
-            return sum(exported("jouleprobe_window_requests_total").values())
+        def window_tokens() -> dict[str, float]:
+            return exported("jouleprobe_window_tokens_total", "kind")
 
-        wait_for("window figures", lambda: window_requests() > 0, proc, log, timeout_s=30)
-        assert window_requests() == 20.0  # 120 - 100 requests between the two fixtures
-        # Only the first window saw requests: every later one gives the model 0 J, so
+        wait_for("window figures", lambda: window_tokens().get("completion", 0) > 0, proc, log,
+                 timeout_s=30)
+        assert window_tokens() == {"prompt": prompt, "completion": completion}
+        # llama.cpp counts no requests: no series for them, rather than a zero.
+        assert exported("jouleprobe_window_requests_total") == {}
+        # Only the first window saw tokens: every later one gives the model 0 J, so
         # these totals are final although the agent goes on scraping until it stops.
         energy = exported("jouleprobe_window_energy_joules_total")
     finally:
@@ -102,14 +120,15 @@ def test_a_configured_scraper_exports_and_records_window_figures(
     assert proc.returncode == 0, log.read_text()[-4000:]
 
     (stored,) = RecordReader(store).window_totals(model=MODEL).models
-    assert stored.requests == 20.0 and stored.gpu_j > 0
+    assert stored.requests is None and stored.gpu_j > 0
+    assert (stored.prompt_tokens, stored.completion_tokens) == (prompt, completion)
     assert stored.gpu_dynamic_j == pytest.approx(energy["gpu_dynamic"], rel=1e-9)
     assert stored.gpu_static_j == pytest.approx(energy["gpu_static"], rel=1e-9)
     assert main(["report", "--store", str(store)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0] == SIMULATED_LINE
-    row = next(line.split() for line in table if line.startswith("scrape:vllm"))
-    assert row[:6] == ["scrape:vllm", MODEL, str(stored.windows), "20", "2000", "8000"]
+    row = next(line.split() for line in table if line.startswith("scrape:llamacpp"))
+    assert row[:6] == ["scrape:llamacpp", MODEL, str(stored.windows), "-", "171", "28"]
 
 
 @pytest.mark.parametrize(("table", "reason"), [
