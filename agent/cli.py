@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--since", metavar="WHEN", help="30m, 6h, 2d or an ISO time (default all)")
     report.add_argument("--model", help="only this model")
     report.add_argument("--format", default="table", choices=("table", "json", "csv"))
+    report.add_argument("--explain", action="store_true",
+                        help="what drives each model's energy: a fit of J on prompt and "
+                             "completion tokens, and Wh/query by length, status, concurrency")
+    report.add_argument("--predict", metavar="prompt=N,completion=N[,concurrency=N]",
+                        help="the expected energy of such a request, per model")
 
     from agent.fleet.command import add_arguments
 
@@ -113,8 +118,8 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
 def _report(args: argparse.Namespace, config: Config) -> int:
     from agent.report import run_report
 
-    print(run_report(args.store or config.records.path, args.since, args.format, args.model),
-          end="")
+    print(run_report(args.store or config.records.path, args.since, args.format, args.model,
+                     explain=args.explain, predict=args.predict), end="")
     return 0
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
+from agent.report.drivers import ModelDrivers, parse_predict
+from agent.report.drivers import explain as explain_records
+from agent.report.drivers import predict as predict_energy
 from agent.report.model import NodeTotals, build_report
 from agent.report.render import FORMATS, render
-from agent.store import RecordReader, RecordStoreError
+from agent.store import RecordReader, RecordStoreError, StoredRequest
 from agent.units import duration_seconds
 
 
@@ -46,21 +50,32 @@ def run_report(
     model: str | None,
     *,
     node_totals: NodeTotals | None = None,
+    explain: bool = False,
+    predict: str | None = None,
 ) -> str:
-    """`jouleprobe report`: the rendered report of the store at `store_path`.
+    """`jouleprobe report`: the rendered report of the store at `store_path`; with
+    `explain`, what drives each model's energy; with `predict` ("prompt=500,completion=300"),
+    the expected energy of such a request (`agent.report.drivers`).
 
-    Raises ValueError naming the bad argument (--store, --since, --format).
+    Raises ValueError naming the bad argument (--store, --since, --format, --predict).
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     now = datetime.now(UTC).timestamp()
     since_s = parse_since(since, now) if since is not None else None
+    asked = parse_predict(predict) if predict is not None else None
     try:
         reader = RecordReader(store_path)
+        records: Iterable[StoredRequest] = reader.query(since=since_s, model=model)
+        drivers: tuple[ModelDrivers, ...] = ()
+        if explain or asked is not None:
+            kept = list(records)  # read twice: for the fits and for the report
+            drivers, records = explain_records(kept), kept
         report = build_report(
-            reader.query(since=since_s, model=model),
-            generated=now, since=since_s, model=model, node_totals=node_totals,
+            records, generated=now, since=since_s, model=model, node_totals=node_totals,
             windows=reader.window_totals(since=since_s, model=model),
+            drivers=drivers if explain else (),
+            predictions=predict_energy(drivers, *asked) if asked is not None else (),
         )
     except RecordStoreError as exc:
         raise ValueError(f"--store: {exc}") from None

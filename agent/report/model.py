@@ -68,6 +68,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from agent.report.drivers import ModelDrivers, Prediction
+from agent.report.fit import EnergyFit, Interval, Refused
 from agent.requests import STATUSES
 from agent.store import ModelWindows, StoredRequest, WindowTotals
 from agent.units import JOULES_PER_WH
@@ -95,6 +97,14 @@ WINDOW_DEFINITION = (
     "serves every server of the node, and a window has no per-request timing to share it by)"
 )
 
+DRIVERS_DEFINITION = (
+    "E ≈ e0 + e_p × prompt tokens + e_c × completion tokens, by least squares over the "
+    "model's requests with the server's own counts, per boundary, overall and per band of "
+    "the request's concurrency (the time-weighted mean of requests running on its GPUs, "
+    "itself included); 95 % confidence intervals from heteroscedasticity-robust (HC1) "
+    "standard errors and Student's t; a prediction's interval is that of the mean of such "
+    "requests, one request scattering around it by about the residual standard deviation"
+)
 COVERAGE_DEFINITION = (
     "per scraped server that also exports its request spans: the records of its spans whose "
     "request ended in its windows ÷ the requests (completion tokens) its own counters say it "
@@ -188,6 +198,10 @@ class Report:
     models: tuple[ModelReport, ...]
     node_totals: NodeTotals | None = None
     windows: WindowTotals = field(default_factory=WindowTotals)
+    drivers: tuple[ModelDrivers, ...] = ()
+    """What drives each model's energy (`--explain`); empty unless asked for."""
+    predictions: tuple[Prediction, ...] = ()
+    """The expected energy of a request of given lengths (`--predict`)."""
 
     @property
     def simulated(self) -> bool:
@@ -262,6 +276,8 @@ def build_report(
     model: str | None = None,
     node_totals: NodeTotals | None = None,
     windows: WindowTotals | None = None,
+    drivers: tuple[ModelDrivers, ...] = (),
+    predictions: tuple[Prediction, ...] = (),
 ) -> Report:
     """The report over `records` and `windows` (both already selected by `since` and
     `model`), models by name.
@@ -272,7 +288,8 @@ def build_report(
     for record in records:
         accumulators.setdefault(record.model, _ModelAccumulator()).add(record)
     models = tuple(accumulators[name].finish(name) for name in sorted(accumulators))
-    return Report(generated, since, model, models, node_totals, windows or WindowTotals())
+    return Report(generated, since, model, models, node_totals, windows or WindowTotals(),
+                  drivers, predictions)
 
 
 def iso_utc(epoch: float) -> str:
@@ -355,6 +372,53 @@ def _coverage_json(windows: WindowTotals) -> list[dict[str, Any]]:
     ]
 
 
+def _interval_json(interval: Interval | None) -> dict[str, float] | None:
+    if interval is None:
+        return None
+    return {"value": interval.value, "low": interval.low, "high": interval.high}
+
+
+def _fit_json(fit: EnergyFit | Refused) -> dict[str, Any]:
+    common = {"boundary": fit.boundary, "concurrency_band": fit.band,
+              "requests": fit.requests}
+    if isinstance(fit, Refused):
+        return {**common, "refused": fit.reason}
+    return {
+        **common,
+        "per_request_j": _interval_json(fit.per_request_j),
+        "per_prompt_token_j": _interval_json(fit.per_prompt_token_j),
+        "per_completion_token_j": _interval_json(fit.per_completion_token_j),
+        "r_squared": fit.r_squared,
+        "residual_sd_j": fit.residual_sd_j,
+    }
+
+
+def _drivers_json(drivers: tuple[ModelDrivers, ...]) -> list[dict[str, Any]]:
+    return [
+        {
+            "model": model.model,
+            "fits": [_fit_json(fit) for fit in model.fits],
+            "bands": [
+                {"dimension": b.dimension, "band": b.band, "requests": b.requests,
+                 "it_wh_mean": b.it_wh_mean, "it_wh_median": b.it_wh_median,
+                 "gpu_wh_mean": b.gpu_wh_mean}
+                for b in model.bands
+            ],
+        }
+        for model in drivers
+    ]
+
+
+def _prediction_json(prediction: Prediction) -> dict[str, Any]:
+    return {
+        "model": prediction.model, "boundary": prediction.boundary,
+        "concurrency_band": prediction.band, "prompt_tokens": prediction.prompt_tokens,
+        "completion_tokens": prediction.completion_tokens,
+        "energy_j": _interval_json(prediction.energy_j),
+        "residual_sd_j": prediction.residual_sd_j, "refused": prediction.reason,
+    }
+
+
 def _definitions() -> dict[str, Any]:
     return {
         "boundaries": dict(BOUNDARY_DEFINITIONS),
@@ -363,6 +427,7 @@ def _definitions() -> dict[str, Any]:
         "statuses_included": list(STATUSES),
         "windows": WINDOW_DEFINITION,
         "trace_coverage": COVERAGE_DEFINITION,
+        "drivers": DRIVERS_DEFINITION,
     }
 
 
@@ -381,6 +446,9 @@ def to_json(report: Report) -> dict[str, Any]:
         "models": [_model_json(model) for model in report.models],
         "windows": _windows_json(report.windows),
         "trace_coverage": _coverage_json(report.windows),
+        **({"drivers": _drivers_json(report.drivers)} if report.drivers else {}),
+        **({"predictions": [_prediction_json(p) for p in report.predictions]}
+           if report.predictions else {}),
     }
 
 

@@ -6,8 +6,10 @@ column that does not apply to a level is empty. Window rows fill `source`, `wind
 `requests`, the token counts, `gpu_wh_mean` (their Wh per query: a mean of per-request
 values is also GPU energy ÷ requests), the two `gpu_j_per_…` ratios, `unattributed_share`
 (their source's) and `simulated`; request rows fill all but `source` and `windows`. The
-GPU-boundary columns are thus comparable across levels. The trace coverage is in the
-table and JSON only: its figures are neither a model's nor a window's.
+GPU-boundary columns are thus comparable across levels. With `--explain`, `fit` rows (per
+model, boundary and concurrency band: the coefficients with their interval, R², or why the
+fit was refused) and `band` rows (per model, dimension and band: requests and Wh per query)
+follow. The trace coverage and predictions are in the table and JSON only.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import math
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
 
+from agent.report.fit import EnergyFit, Interval, Refused
 from agent.report.model import (
     BOUNDARIES,
     BOUNDARY_DEFINITIONS,
     COVERAGE_DEFINITION,
+    DRIVERS_DEFINITION,
     PERCENTILE_METHOD,
     TOKEN_DEFINITIONS,
     WINDOW_DEFINITION,
@@ -46,6 +50,11 @@ _CSV_HEADER = [
     "requests_with_tokens", "prompt_tokens", "completion_tokens",
     "it_j_per_completion_token", "it_j_per_token_all",
     "gpu_j_per_completion_token", "gpu_j_per_token_all", "unattributed_share", "simulated",
+    "dimension", "band", "boundary", "concurrency_band",
+    *(f"{name}_{part}" for name in ("per_request_j", "per_prompt_token_j",
+                                    "per_completion_token_j") for part in ("value", "low",
+                                                                           "high")),
+    "r_squared", "refused",
 ]
 
 
@@ -87,6 +96,26 @@ def _render_csv(report: Report) -> str:
                 "unattributed_share": _csv_number(source.unattributed_share),
                 "simulated": flag_text(window.simulated),
             })
+    for drivers in report.drivers:
+        for fit in drivers.fits:
+            row = {"level": "fit", "model": drivers.model, "boundary": fit.boundary,
+                   "concurrency_band": fit.band, "requests": fit.requests}
+            if isinstance(fit, Refused):
+                row["refused"] = fit.reason
+            else:
+                for name in ("per_request_j", "per_prompt_token_j", "per_completion_token_j"):
+                    interval: Interval = getattr(fit, name)
+                    row.update({f"{name}_value": repr(interval.value),
+                                f"{name}_low": repr(interval.low),
+                                f"{name}_high": repr(interval.high)})
+                row["r_squared"] = repr(fit.r_squared)
+            writer.writerow(row)
+        for band in drivers.bands:
+            writer.writerow({"level": "band", "model": drivers.model,
+                             "dimension": band.dimension, "band": band.band,
+                             "requests": band.requests, "it_wh_mean": repr(band.it_wh_mean),
+                             "it_wh_median": repr(band.it_wh_median),
+                             "gpu_wh_mean": repr(band.gpu_wh_mean)})
     return out.getvalue()
 
 
@@ -134,6 +163,10 @@ def _render_table(report: Report) -> str:
         lines += ["", *_window_section(report.windows)]
     if report.windows.coverage:
         lines += ["", *_coverage_section(report.windows)]
+    if report.drivers:
+        lines += ["", *_drivers_section(report)]
+    if report.predictions:
+        lines += ["", *_predictions_section(report)]
     return "\n".join(lines) + "\n"
 
 
@@ -242,6 +275,65 @@ def _coverage_section(windows: WindowTotals) -> list[str]:
     )
     lines += textwrap.wrap(f"Coverage: {COVERAGE_DEFINITION}; \"-\": the server counts "
                            "none.", width=90)
+    return lines
+
+
+def _interval(interval: Interval, digits: int = 3) -> str:
+    return (f"{interval.value:.{digits}g} ({interval.low:.{digits}g} … "
+            f"{interval.high:.{digits}g})")
+
+
+def _drivers_section(report: Report) -> list[str]:
+    lines = ["What drives the energy of a query (E ≈ e0 + e_p × prompt + e_c × completion)"]
+    for model in report.drivers:
+        overall = next((f for f in model.fits if f.boundary == "it" and f.band == "all"),
+                       None)
+        if isinstance(overall, EnergyFit):
+            lines.append(
+                f"On {model.model} here, each completion token costs "
+                f"{overall.per_completion_token_j.value:.3g} J, each prompt token "
+                f"{overall.per_prompt_token_j.value:.3g} J, a request "
+                f"{overall.per_request_j.value:.3g} J on its own (IT boundary, "
+                f"R² {overall.r_squared:.2f}, {overall.requests} requests).")
+        fitted = [fit for fit in model.fits if isinstance(fit, EnergyFit)]
+        if fitted:
+            lines += _table(
+                ["model", "boundary", "concurrency", "requests", "e0 J (95% CI)",
+                 "e_p J/prompt token", "e_c J/completion token", "R²"],
+                [[model.model, fit.boundary, fit.band, str(fit.requests),
+                  _interval(fit.per_request_j), _interval(fit.per_prompt_token_j),
+                  _interval(fit.per_completion_token_j), f"{fit.r_squared:.3f}"]
+                 for fit in fitted], left=3)
+        lines += [f"{model.model}, {fit.boundary}, concurrency {fit.band}: no fit, "
+                  f"{fit.reason}." for fit in model.fits if isinstance(fit, Refused)]
+        per_query = _formatter(value for b in model.bands
+                               for value in (b.it_wh_mean, b.it_wh_median, b.gpu_wh_mean))
+        lines += ["", f"{model.model}: Wh per query by band"]
+        lines += _table(
+            ["by", "band", "requests", "it mean Wh", "it median Wh", "gpu mean Wh"],
+            [[b.dimension, b.band, str(b.requests), per_query(b.it_wh_mean),
+              per_query(b.it_wh_median), per_query(b.gpu_wh_mean)] for b in model.bands],
+            left=2)
+        lines.append("")
+    lines += textwrap.wrap(f"Fits: {DRIVERS_DEFINITION}.", width=90)
+    return lines
+
+
+def _predictions_section(report: Report) -> list[str]:
+    first = report.predictions[0]
+    lines = [f"Expected energy of a request of {first.prompt_tokens} prompt and "
+             f"{first.completion_tokens} completion tokens (concurrency band {first.band})"]
+    rows = []
+    for p in report.predictions:
+        if p.energy_j is None:
+            rows.append([p.model, p.boundary, f"refused: {p.reason}", "", ""])
+        else:
+            wh = Interval(p.energy_j.value / JOULES_PER_WH, p.energy_j.low / JOULES_PER_WH,
+                          p.energy_j.high / JOULES_PER_WH)
+            rows.append([p.model, p.boundary, _interval(p.energy_j, 4), _interval(wh, 4),
+                         f"{p.residual_sd_j:.3g}"])
+    lines += _table(["model", "boundary", "mean J (95% CI)", "mean Wh (95% CI)",
+                     "one request ± J (sd)"], rows, left=3)
     return lines
 
 
