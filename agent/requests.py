@@ -7,13 +7,57 @@ that a request's lifetime and the energy timeline can be compared directly.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 RequestStatus = Literal["ok", "cancelled", "failed"]
 STATUSES: tuple[RequestStatus, ...] = get_args(RequestStatus)
 MAX_TOKENS = 2**53
 """Largest token count taken: beyond it a count no longer converts to a float exactly."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """The generation parameters a request asked for, where its intake saw them (the
+    proxy in the request body, a span's attributes, an ingest event): what the report
+    breaks energy down by. Never the request's text."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+
+
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "n")
+MAX_TEMPERATURE = 100.0
+"""Largest temperature taken (servers accept up to 2, some more; none sensibly 100)."""
+
+
+def sampling_problem(name: str, value: Any) -> str | None:
+    """What is wrong with `value` for the `Sampling` field `name`; None where it is fine."""
+    if name in ("max_tokens", "n"):
+        least = 0 if name == "max_tokens" else 1
+        if type(value) is not int or not least <= value <= MAX_TOKENS:
+            return f"expected a whole number in {least}..{MAX_TOKENS}, got {value!r}"
+        return None
+    highest = 1.0 if name == "top_p" else MAX_TEMPERATURE
+    if type(value) not in (int, float) or not 0 <= value <= highest:
+        return f"expected a number in [0, {highest:g}], got {value!r}"
+    return None
+
+
+def sampling_of(values: Mapping[str, Any]) -> Sampling | None:
+    """The `Sampling` of the fields of `values` that are fine (others are left out: a
+    request body is the server's to judge); None where none is."""
+    found = {name: values[name] for name in SAMPLING_FIELDS
+             if values.get(name) is not None and sampling_problem(name, values[name]) is None}
+    if not found:
+        return None
+    for name in ("temperature", "top_p"):
+        if name in found:
+            found[name] = float(found[name])
+    return Sampling(**found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +88,8 @@ class Request:
     tokens_estimated: bool = False
     """The token counts are the intake's estimate (content chunks counted), not the
     server's own figures."""
+    sampling: Sampling | None = None
+    """The generation parameters it asked for, where the intake saw them."""
 
     def __post_init__(self) -> None:
         if not self.gpus:

@@ -13,6 +13,9 @@
 
 `scheduled_time`, where a server knows it, is when it took the request from its queue:
 the time before it gets none of the request's energy (it goes to what the GPU did then).
+A start or request event may also say the generation parameters the request asked for
+(`max_tokens`, `temperature`, `top_p`, `n`, each optional), which the report breaks
+energy down by.
 
 Times are `time.monotonic()` seconds of this host: CLOCK_MONOTONIC is shared by every
 process of one Linux host, so a server on the node sends its own monotonic times and no
@@ -51,7 +54,14 @@ from agent.intake.validate import (
     show,
     token_count_problem,
 )
-from agent.requests import STATUSES, Request
+from agent.requests import (
+    SAMPLING_FIELDS,
+    STATUSES,
+    Request,
+    Sampling,
+    sampling_of,
+    sampling_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +88,9 @@ _REQUIRED = {
 _OPTIONAL_END = ("first_token_time", "scheduled_time", "prompt_tokens", "completion_tokens",
                  "status")
 _FIELDS = {
-    "start": frozenset(("type", *_REQUIRED["start"])),
+    "start": frozenset(("type", *_REQUIRED["start"], *SAMPLING_FIELDS)),
     "end": frozenset(("type", *_REQUIRED["end"], *_OPTIONAL_END)),
-    "request": frozenset(("type", *_REQUIRED["request"], *_OPTIONAL_END)),
+    "request": frozenset(("type", *_REQUIRED["request"], *_OPTIONAL_END, *SAMPLING_FIELDS)),
 }
 _NUMBER = (int, float)
 
@@ -211,8 +221,10 @@ class _Intake:
             return
         model = _string(event, "model", MAX_MODEL_LENGTH)
         gpus = self._gpus(event["gpus"])
+        sampling = _sampling(event)
         if kind == "start":
-            request = Request(request_id, model, SOURCE, gpus, window.time(event, "time"))
+            request = Request(request_id, model, SOURCE, gpus, window.time(event, "time"),
+                              sampling=sampling)
         else:
             start = window.time(event, "start")
             end = window.time(event, "end")
@@ -224,7 +236,7 @@ class _Intake:
             request = Request(
                 request_id, model, SOURCE, gpus, start, end, first_token,
                 _tokens(event, "prompt_tokens"), _tokens(event, "completion_tokens"),
-                _status(event), scheduled,
+                _status(event), scheduled, sampling=sampling,
             )
         try:
             self._engine.add(request)
@@ -309,6 +321,16 @@ def _tokens(event: dict[str, Any], name: str) -> int | None:
     if problem is not None:
         raise _Invalid(name, problem)
     return cast(int, value)
+
+
+def _sampling(event: dict[str, Any]) -> Sampling | None:
+    """The event's generation parameters, each checked (a bad one is the client's error,
+    named); None where it gives none."""
+    for name in SAMPLING_FIELDS:
+        value = event.get(name)
+        if value is not None and (problem := sampling_problem(name, value)) is not None:
+            raise _Invalid(name, problem)
+    return sampling_of(event)
 
 
 def _status(event: dict[str, Any]) -> Any:

@@ -1,7 +1,9 @@
 """What makes one query cost more than another (`jouleprobe report --explain`): per model,
 the energy model fitted over its records (`agent.report.fit`), overall and per band of
-concurrency, and Wh per query broken down by completion length, prompt length, status and
-concurrency; and the expected energy of a request of given lengths (`--predict`).
+concurrency, and Wh per query broken down by completion length, prompt length, status,
+concurrency and the generation parameters the request asked for (max_tokens, temperature,
+n: where the intake saw them, else "unknown"); and the expected energy of a request of
+given lengths (`--predict`).
 
 Bands of token counts take the server's own counts only (an estimate, from counted chunks,
 would put a request in the wrong band); a request without them is in band "unknown".
@@ -27,7 +29,12 @@ COMPLETION_BANDS: tuple[tuple[str, float], ...] = (
     ("1-63", 64), ("64-255", 256), ("256-1023", 1024), ("1024+", math.inf))
 PROMPT_BANDS: tuple[tuple[str, float], ...] = (
     ("0-255", 256), ("256-1023", 1024), ("1024-4095", 4096), ("4096+", math.inf))
-DIMENSIONS = ("completion_tokens", "prompt_tokens", "status", "concurrency")
+MAX_TOKENS_BANDS: tuple[tuple[str, float], ...] = (
+    ("0-63", 64), ("64-255", 256), ("256-1023", 1024), ("1024+", math.inf))
+TEMPERATURE_BANDS = ("0", "(0, 1]", "> 1")
+"""Greedy, the usual sampling range, hotter."""
+DIMENSIONS = ("completion_tokens", "prompt_tokens", "status", "concurrency", "max_tokens",
+              "temperature", "n")
 UNKNOWN = "unknown"
 
 
@@ -110,18 +117,26 @@ def _model_drivers(model: str, rows: list[tuple[StoredRequest, float | None]]
             r.prompt_tokens if _counted(r) else None, PROMPT_BANDS),
         "status": lambda r, _: r.status,
         "concurrency": lambda _, c: UNKNOWN if c is None else concurrency_band(c),
+        "max_tokens": lambda r, _: _by_bounds(r.max_tokens, MAX_TOKENS_BANDS),
+        "temperature": lambda r, _: _temperature_band(r.temperature),
+        "n": lambda r, _: UNKNOWN if r.n is None else "1" if r.n == 1 else "2+",
     }
     orders = {
         "completion_tokens": [name for name, _ in COMPLETION_BANDS],
         "prompt_tokens": [name for name, _ in PROMPT_BANDS],
         "status": ["ok", "cancelled", "failed"],
         "concurrency": [name for name, _ in CONCURRENCY_BANDS],
+        "max_tokens": [name for name, _ in MAX_TOKENS_BANDS],
+        "temperature": list(TEMPERATURE_BANDS),
+        "n": ["1", "2+"],
     }
     bands: list[BandFigures] = []
     for dimension in DIMENSIONS:
         groups: dict[str, list[StoredRequest]] = defaultdict(list)
         for record, mean in rows:
             groups[keys[dimension](record, mean)].append(record)
+        if set(groups) == {UNKNOWN}:
+            continue  # no intake of this model sees it: no breakdown to give
         for name in [*orders[dimension], UNKNOWN]:
             if grouped := groups.get(name):
                 it = [r.it_j / JOULES_PER_WH for r in grouped]
@@ -130,6 +145,12 @@ def _model_drivers(model: str, rows: list[tuple[StoredRequest, float | None]]
                     statistics.median(it),
                     math.fsum(r.gpu_j for r in grouped) / len(grouped) / JOULES_PER_WH))
     return ModelDrivers(model, tuple(fits), tuple(bands))
+
+
+def _temperature_band(temperature: float | None) -> str:
+    if temperature is None:
+        return UNKNOWN
+    return "0" if temperature == 0 else "(0, 1]" if temperature <= 1 else "> 1"
 
 
 def _energy(boundary: str) -> Callable[[StoredRequest], float]:

@@ -109,12 +109,17 @@ class StoredRequest(BoundaryEnergy):
     """When the server began on it, where the server said; None: unknown."""
     tokens_estimated: bool = False
     """The token counts are the intake's estimate, not the server's figures."""
+    max_tokens: int | None = None
+    """The generation parameters it asked for, where the intake saw them; None: not."""
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> StoredRequest:
         gpus = tuple(int(index) for index in row[3].split(",")) if row[3] else ()
         values: Row = (*row[:3], gpus, *row[4:15], bool(row[15]), bool(row[16]), row[17],
-                       bool(row[18]))
+                       bool(row[18]), *row[19:23])
         return cls(*values)
 
     @property
@@ -145,6 +150,8 @@ class StoredRequest(BoundaryEnergy):
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "tokens_estimated": self.tokens_estimated,
+            "sampling": {"max_tokens": self.max_tokens, "temperature": self.temperature,
+                         "top_p": self.top_p, "n": self.n},
             "pue": self.pue,
             "late": self.late,
             "expired": self.expired,

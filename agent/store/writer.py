@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from agent.requests import STATUSES, RequestEnergy
+from agent.requests import STATUSES, RequestEnergy, Sampling
 from agent.store.reader import RecordReader
 from agent.store.schema import COLUMNS, RecordStoreError, Row, open_writer, transaction
 from agent.units import check_pue
@@ -259,6 +259,7 @@ class RecordStore(RecordReader):
             _optional(int, request.prompt_tokens), _optional(int, request.completion_tokens),
             *joules, self.pue, int(energy.late), int(self.simulated),
             _optional(self._wall, request.scheduled), int(request.tokens_estimated),
+            *_sampling(request.sampling),
         )
 
     def _window_rows(self, source: str, window: StoredWindow, trace_source: str | None
@@ -364,6 +365,13 @@ class RecordStore(RecordReader):
 
 def _optional(convert: Callable[[Any], Any], value: Any) -> Any:
     return None if value is None else convert(value)
+
+
+def _sampling(sampling: Sampling | None) -> tuple[Any, ...]:
+    if sampling is None:
+        return (None, None, None, None)
+    return (_optional(int, sampling.max_tokens), _optional(float, sampling.temperature),
+            _optional(float, sampling.top_p), _optional(int, sampling.n))
 
 
 def _gpu_list(gpus: Iterable[int]) -> str:

@@ -168,7 +168,7 @@ class TraceReceiver:
             traced.start - offset, traced.end - offset,
             None if first is None else first - offset, traced.prompt_tokens,
             traced.completion_tokens, traced.status,
-            None if scheduled is None else scheduled - offset)
+            None if scheduled is None else scheduled - offset, sampling=traced.sampling)
         try:
             try:
                 self.engine.add(request)

@@ -39,15 +39,19 @@ from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from agent.intake.validate import MAX_MODEL_LENGTH, label_text_problem, token_count_problem
-from agent.requests import RequestStatus
+from agent.requests import SAMPLING_FIELDS, RequestStatus, Sampling, sampling_of
 
 VLLM_SPAN = "llm_request"
 SGLANG_SCOPE = "sglang server"
 TRITON_SCOPE = "triton-server"
 _SGLANG_ROOT = re.compile(r"(?:prefill|decode)? Req ")
 """SGLang's request span: `" Req <rid[:8]>"` (unified), `"prefill Req …"`, `"decode Req …"`."""
+_SAMPLING = {f"gen_ai.request.{name}": name for name in SAMPLING_FIELDS}
+"""The OpenTelemetry GenAI attributes of a request's generation parameters, which vLLM and
+SGLang set (vLLM only where they are not 0: a span without a temperature does not say
+that it was greedy, so none is read)."""
 _COUNTS = ("gen_ai.usage.prompt_tokens", "gen_ai.usage.completion_tokens",
-           "gen_ai.response.model")
+           "gen_ai.response.model", *_SAMPLING)
 _VLLM_LATENCIES = ("gen_ai.latency.time_in_queue", "gen_ai.latency.time_to_first_token",
                    "gen_ai.latency.e2e")
 _SGLANG_LATENCIES = ("gen_ai.latency.time_to_first_token",)
@@ -75,6 +79,7 @@ class TracedRequest:
     completion_tokens: int | None
     status: RequestStatus = "ok"
     """"cancelled" for a request its server says it aborted."""
+    sampling: Sampling | None = None
 
 
 class Ignored(NamedTuple):
@@ -241,5 +246,6 @@ def _traced(span: Span, request_id: Any, attrs: Mapping[str, Any], *,
     model = attrs.get("gen_ai.response.model")
     if not isinstance(model, str) or label_text_problem(model, MAX_MODEL_LENGTH) is not None:
         model = None
+    sampling = sampling_of({name: attrs.get(key) for key, name in _SAMPLING.items()})
     return TracedRequest(request_id, model, start, scheduled, first_token, end, prompt,
-                         completion, "cancelled" if cancelled else "ok")
+                         completion, "cancelled" if cancelled else "ok", sampling)

@@ -42,6 +42,7 @@ from agent.intake.proxy.openai import (
     decodable,
     read_request,
     request_model,
+    request_sampling,
     wants_no_usage,
     with_usage,
 )
@@ -57,7 +58,7 @@ from agent.intake.proxy.relay import (
     relayed,
 )
 from agent.intake.validate import BusyLimit
-from agent.requests import Request, RequestStatus
+from agent.requests import Request, RequestStatus, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class _Proxy:
         prefix, whole, document = await read_request(
             request.content, request.headers.get(hdrs.CONTENT_ENCODING))
         model = self.table.model or request_model(document)
-        self._open(measurement, model)
+        self._open(measurement, model, request_sampling(document))
         log.debug("%s %s: %d-byte request body, model %s", measurement.id, request.path,
                   len(prefix), model)
         headers = forward_headers(request.headers)
@@ -317,10 +318,11 @@ class _Proxy:
 
     # --- the engine ----------------------------------------------------------------------
 
-    def _open(self, measurement: Measurement, model: str) -> None:
+    def _open(self, measurement: Measurement, model: str, sampling: Sampling | None) -> None:
         try:
             gpus = tuple(self.gpus())
-            self.engine.add(Request(measurement.id, model, self.source, gpus, measurement.start))
+            self.engine.add(Request(measurement.id, model, self.source, gpus, measurement.start,
+                                    sampling=sampling))
         except (CapacityExceeded, ValueError) as exc:
             self._refused(str(exc))
         except Exception as exc:  # the GPU discovery of "auto" may fail in many ways

@@ -31,6 +31,7 @@ from agent.intake.encoding import DECODABLE, decoded
 from agent.intake.proxy.measurement import Measurement
 from agent.intake.proxy.members import Span, appended, members, without
 from agent.intake.validate import MAX_MODEL_LENGTH, UNKNOWN_MODEL, label_text_problem
+from agent.requests import Sampling, sampling_of
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +314,23 @@ def request_model(document: dict[str, Any] | None) -> str:
     if isinstance(model, str) and label_text_problem(model, MAX_MODEL_LENGTH) is None:
         return model
     return UNKNOWN_MODEL
+
+
+def request_sampling(document: dict[str, Any] | None) -> Sampling | None:
+    """The generation parameters of a request body: OpenAI's (`max_tokens`, or the newer
+    `max_completion_tokens`; `temperature`, `top_p`, `n`) or Ollama's native `options`
+    (`num_predict`, `temperature`, `top_p`). A value the server would refuse is left out:
+    the proxy records what it sees and judges nothing."""
+    if document is None:
+        return None
+    options = document.get("options")
+    if isinstance(options, dict):  # Ollama's /api/chat and /api/generate
+        return sampling_of({"max_tokens": options.get("num_predict"),
+                            "temperature": options.get("temperature"),
+                            "top_p": options.get("top_p")})
+    limit = document.get("max_completion_tokens", document.get("max_tokens"))
+    return sampling_of({"max_tokens": limit, "temperature": document.get("temperature"),
+                        "top_p": document.get("top_p"), "n": document.get("n")})
 
 
 def wants_no_usage(document: dict[str, Any]) -> bool:

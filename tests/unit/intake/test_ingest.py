@@ -22,7 +22,7 @@ from scripted import free_port, serve_app, wait_until
 from agent.attribution import AttributionEngine
 from agent.intake.client import EVENTS_PATH, Tracker
 from agent.intake.ingest import MAX_EVENTS, MAX_ID_LENGTH, ingest_app
-from agent.requests import RequestEnergy
+from agent.requests import RequestEnergy, Sampling
 from agent.timeline import EnergyPoint, Timeline
 
 
@@ -119,6 +119,19 @@ def test_a_request_event_carries_every_end_field() -> None:
             request.status, request.scheduled) == (NOW - 25, 0, 7, "cancelled", NOW - 27)
 
 
+def test_start_and_request_events_carry_the_generation_parameters() -> None:
+    engine = make_engine()
+    status, answer, _ = post_events(
+        make_app(engine),
+        {**start("a", NOW - 30), "max_tokens": 256, "temperature": 0, "n": 2},
+        whole("b", NOW - 30, NOW - 20, top_p=0.95),
+        {"type": "end", "id": "a", "time": NOW - 20})
+    assert (status, answer) == (200, {"accepted": 3, "errors": []})
+    out = finals(engine)
+    assert out["a"].request.sampling == Sampling(max_tokens=256, temperature=0.0, n=2)
+    assert out["b"].request.sampling == Sampling(top_p=0.95)
+
+
 def test_gpus_by_uuid_with_or_without_prefix_and_wall_clock_times() -> None:
     engine = make_engine()
     at = NOW + WALL_OFFSET - 60
@@ -177,6 +190,11 @@ BAD_EVENTS: list[tuple[dict[str, Any] | list[Any], str]] = [
     (whole("x", NOW - 10, NOW - 5, first_token=NOW - 7), "first_token"),
     ({"type": "request", "id": "x", "model": "m", "gpus": [0], "start": NOW - 1}, "end"),
     ({"type": "end", "id": "never-started", "time": NOW}, "id"),
+    ({**start("x", NOW), "temperature": -0.1}, "temperature"),
+    ({**start("x", NOW), "max_tokens": 1.5}, "max_tokens"),
+    (whole("x", NOW - 10, NOW - 5, top_p=1.5), "top_p"),
+    (whole("x", NOW - 10, NOW - 5, n=0), "n"),
+    ({"type": "end", "id": "x", "time": NOW, "max_tokens": 5}, "max_tokens"),  # start's
     ({"type": "end", "id": "x", "time": NOW, "status": None, "prompt_tokens": -5},
      "prompt_tokens"),
 ]

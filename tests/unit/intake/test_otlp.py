@@ -43,7 +43,7 @@ from agent.intake.otlp import (
     otlp_app,
 )
 from agent.intake.otlp.grpc_service import start_grpc
-from agent.requests import RequestEnergy
+from agent.requests import RequestEnergy, Sampling
 from agent.timeline import EnergyPoint, Timeline
 
 
@@ -84,6 +84,9 @@ def test_vllm_request_spans_from_the_real_exporter_become_requests(
     first = out["cmpl-1"].request
     assert (first.source, first.model, first.gpus) == ("trace:vllm-a", "vllm-a", (0,))
     assert (first.prompt_tokens, first.completion_tokens, first.status) == (12, 40, "ok")
+    # vLLM sets the sampling options it has that are not 0: a greedy request's temperature
+    # is absent, and unknown rather than guessed.
+    assert first.sampling == Sampling(max_tokens=256, temperature=None, top_p=1.0, n=1)
     # Wall-clock span times on this host's monotonic clock, to the offset's own jitter.
     times = (first.start, first.scheduled, first.first_token, first.end)
     expected = (arrival, arrival + 0.5, arrival + 0.75, arrival + 2.0)

@@ -37,7 +37,7 @@ from agent.intake.proxy import (
 )
 from agent.intake.proxy import openai as proxy_openai
 from agent.intake.proxy.openai import EventStream, Measurement
-from agent.requests import RequestEnergy
+from agent.requests import RequestEnergy, Sampling
 from agent.sim.upstream import count_tokens, fake_upstream_app
 
 API_KEY = "sk-test-4f1d9c0e7b2a-never-logged"
@@ -94,7 +94,8 @@ def test_openai_client_gets_the_upstream_answers_and_each_request_is_measured(
         answers.append([
             c.chat.completions.create(model="llama", messages=MESSAGES),
             list(c.chat.completions.create(model="llama", messages=MESSAGES, stream=True)),
-            c.completions.create(model="llama", prompt=PROMPT, max_tokens=5),
+            c.completions.create(model="llama", prompt=PROMPT, max_tokens=5, temperature=0.7,
+                                 n=1),
             list(c.completions.create(model="llama", prompt=PROMPT, max_tokens=5, stream=True)),
             c.embeddings.create(model="llama", input=[PROMPT, "watts"]),  # base64 on the wire
             c.embeddings.create(model="llama", input="watts", encoding_format="float"),
@@ -123,6 +124,9 @@ def test_openai_client_gets_the_upstream_answers_and_each_request_is_measured(
     assert completion.usage is not None
     assert tokens[2:4] == [(count_tokens(PROMPT), 5), (None, 5)]
     assert tokens[4:] == [(count_tokens(PROMPT) + 1, 0), (1, 0)]
+    # The generation parameters of the request body are recorded (never its text).
+    assert [r.request.sampling for r in records[:4]] == [
+        None, None, Sampling(max_tokens=5, temperature=0.7, n=1), Sampling(max_tokens=5)]
     for record in records:
         request = record.request
         assert request.end is not None and request.start < request.end
@@ -485,3 +489,18 @@ def test_the_fake_upstream_is_deterministic_consistent_and_reports_each_request(
         c.chat.completions.create(model="gpt-5", messages=MESSAGES)
     assert events == [(kind, key) for key in (1, 2, 3, 4)
                       for kind in ("start llama", "first token", "end")]
+
+
+def test_the_generation_parameters_of_a_request_body_are_read_and_bad_ones_left_out() -> None:
+    from agent.intake.proxy.openai import request_sampling
+
+    assert request_sampling({"max_tokens": 64, "temperature": 0, "top_p": 0.9, "n": 2}) == (
+        Sampling(max_tokens=64, temperature=0.0, top_p=0.9, n=2))
+    # The newer name wins; values the server would refuse are not recorded.
+    assert request_sampling({"max_completion_tokens": 9, "max_tokens": 64,
+                             "temperature": "hot", "top_p": 3, "n": 0}) == (
+        Sampling(max_tokens=9))
+    # Ollama's native API keeps them in its options.
+    assert request_sampling({"options": {"num_predict": 32, "temperature": 1.2}}) == (
+        Sampling(max_tokens=32, temperature=1.2))
+    assert request_sampling({"messages": []}) is None and request_sampling(None) is None

@@ -26,10 +26,11 @@ from agent.store import RecordReader, RecordStore, StoredRequest
 def stored(rid: str, start: float, end: float | None, *, gpus: tuple[int, ...] = (0,),
            prompt: int | None = 100, completion: int | None = 50, it_j: float = 360.0,
            scheduled: float | None = None, status: str = "ok", model: str = "m",
-           estimated: bool = False) -> StoredRequest:
+           estimated: bool = False, max_tokens: int | None = None,
+           temperature: float | None = None, n: int | None = None) -> StoredRequest:
     return StoredRequest(rid, model, "test", gpus, status, start, end,  # type: ignore[arg-type]
                          None, prompt, completion, it_j, 0.0, 0.0, 0.0, 1.0, False, False,
-                         scheduled, estimated)
+                         scheduled, estimated, max_tokens, temperature, None, n)
 
 
 # --- the fit ---------------------------------------------------------------------------
@@ -109,6 +110,22 @@ def test_bands_split_wh_per_query_by_length_status_and_concurrency() -> None:
     assert by["status", "failed"].it_wh_mean == pytest.approx(0.01)
     assert by["concurrency", "1"].requests == 7
     assert all(isinstance(fit, Refused) for fit in drivers.fits)  # 6 requests only
+    assert not any(b.dimension in ("max_tokens", "temperature", "n") for b in drivers.bands), (
+        "no intake saw the generation parameters: no breakdown by them")
+
+
+def test_bands_by_the_generation_parameters_the_requests_asked_for() -> None:
+    records = [stored("greedy", 0.0, 1.0, max_tokens=64, temperature=0.0, n=1, it_j=36.0),
+               stored("warm", 2.0, 3.0, max_tokens=1024, temperature=0.7, n=1, it_j=72.0),
+               stored("hot", 4.0, 5.0, max_tokens=4096, temperature=1.5, n=4, it_j=360.0),
+               stored("unseen", 6.0, 7.0, it_j=3.6)]
+    (drivers,) = explain(records)
+    by = {(b.dimension, b.band): b.it_wh_mean for b in drivers.bands}
+    assert (by["max_tokens", "64-255"], by["max_tokens", "1024+"]) == (
+        pytest.approx(0.01), pytest.approx(0.06))
+    assert [band for dimension, band in by if dimension == "temperature"] == [
+        "0", "(0, 1]", "> 1", "unknown"]
+    assert by["n", "2+"] == pytest.approx(0.1) and by["n", "unknown"] == pytest.approx(0.001)
 
 
 def test_predict_parses_and_names_the_flag() -> None:

@@ -18,7 +18,7 @@ from scripted import FIXTURES, ROOT, wait_until
 
 from agent.intake.scrapers import GpuWindowEnergy, Usage, WindowFigures, split_window
 from agent.report import summarize
-from agent.requests import Request, RequestEnergy
+from agent.requests import Request, RequestEnergy, Sampling
 from agent.store import (
     ModelWindows,
     RecordReader,
@@ -40,13 +40,13 @@ def energy(
     first_token: float | None = 0.25, prompt: int | None = 100, completion: int | None = 40,
     status: str = "ok", gpus: tuple[int, ...] = (0, 1), dynamic: float = 300.0,
     static: float = 60.0, host: float = 40.0, facility: float = 80.0, late: bool = False,
-    scheduled: float | None = None, estimated: bool = False,
+    scheduled: float | None = None, estimated: bool = False, sampling: Sampling | None = None,
 ) -> RequestEnergy:
     """`first_token` and `scheduled` are relative to `start`."""
     first = start + first_token if first_token is not None else None
     request = Request(request_id, model, "proxy:vllm", gpus, start, end, first, prompt,
                       completion, status,  # type: ignore[arg-type]
-                      None if scheduled is None else start + scheduled, estimated)
+                      None if scheduled is None else start + scheduled, estimated, sampling)
     return RequestEnergy(request, dynamic, static, host, facility, late=late,
                          expired=end is None)
 
@@ -79,7 +79,7 @@ def test_round_trip_of_every_field(path: Path, open_store: Callable[..., RecordS
     store = open_store()
     store.submit([
         energy("a", gpus=(2, 3), status="cancelled", late=True, scheduled=0.125,
-               estimated=True),
+               estimated=True, sampling=Sampling(max_tokens=64, temperature=0.7, n=2)),
         energy("expired", end=None, first_token=None, prompt=None, completion=None, gpus=(0,)),
     ])
     store.close()
@@ -91,8 +91,9 @@ def test_round_trip_of_every_field(path: Path, open_store: Callable[..., RecordS
         "start": OFFSET + 10.0, "end": OFFSET + 12.5, "first_token": OFFSET + 10.25,
         "duration_s": 2.5, "time_to_first_token_s": 0.25,
         "scheduled": OFFSET + 10.125, "prompt_tokens": 100, "completion_tokens": 40,
-        "tokens_estimated": True, "pue": 1.2,
-        "late": True, "expired": False, "simulated": False,
+        "tokens_estimated": True,
+        "sampling": {"max_tokens": 64, "temperature": 0.7, "top_p": None, "n": 2},
+        "pue": 1.2, "late": True, "expired": False, "simulated": False,
         "energy_j": {"gpu_dynamic": 300.0, "gpu_static": 60.0, "host": 40.0,
                      "facility": 80.0, "gpu": 360.0, "it": 400.0},
         "energy_wh": {"gpu_dynamic": 300 / 3600, "gpu_static": 60 / 3600, "host": 40 / 3600,
@@ -106,8 +107,11 @@ def test_round_trip_of_every_field(path: Path, open_store: Callable[..., RecordS
     assert list(RecordReader(path).query()) == [StoredRequest(
         "a", "llama", "proxy:vllm", (2, 3), "cancelled", OFFSET + 10.0, OFFSET + 12.5,
         OFFSET + 10.25, 100, 40, 300.0, 60.0, 40.0, 80.0, 1.2, late=True, simulated=False,
-        scheduled=OFFSET + 10.125, tokens_estimated=True,
+        scheduled=OFFSET + 10.125, tokens_estimated=True, max_tokens=64, temperature=0.7,
+        n=2,
     )], "query() yields finished records only"
+    assert expired["sampling"] == {"max_tokens": None, "temperature": None, "top_p": None,
+                                   "n": None}
 
 
 def test_a_store_of_simulated_gpus_marks_every_record(
@@ -470,7 +474,7 @@ def test_a_version_1_file_is_read_without_windows_and_migrated_by_the_writer(
     store.submit_windows("scrape:vllm", [window(100.0, models={"a": Usage(1, 1, 1)})])
     store.close()
     with closing(sqlite3.connect(path)) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 5
     assert [(r.id, r.scheduled, r.tokens_estimated) for r in reader.query()] == [
         ("v1-request", None, False)]
     assert [m.model for m in reader.window_totals().models] == ["a"]
