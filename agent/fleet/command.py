@@ -7,8 +7,16 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from agent.fleet import facts, inputs, render
-from agent.fleet.estimate import NUMERIC_INPUTS, Estimate, estimate, parse_years
-from agent.fleet.model import Span, parse_span
+from agent.fleet.estimate import (
+    ALL_INPUTS,
+    TRAINING_INPUTS,
+    USER_INPUTS,
+    Estimate,
+    estimate,
+    parse_input,
+    parse_years,
+)
+from agent.fleet.model import Span
 
 _HELP = {
     "wh_per_query": "energy per query, Wh",
@@ -22,13 +30,30 @@ _HELP = {
     "utilization": "share of the time at full load, 0-1 or 60%% (server mode; default 1)",
     "pue": "power usage effectiveness, applied once to IT (or GPU) energy",
     "carbon_g_per_kwh": "grid carbon intensity, g CO2e/kWh (default: world average)",
-    "water_l_per_kwh": "water per kWh, L (default: on-site WUE range 0.2:1.8)",
+    "water_l_per_kwh": "on-site water (WUE), L per kWh of IT energy (default: the range "
+                       "0.2:1.8)",
+    "grid_water_l_per_kwh": "off-site water of the grid's electricity (EWIF), L per kWh drawn "
+                            "(default: U.S. average 3.142, Li et al. 2023)",
     "price_per_kwh": "electricity price per kWh, in your currency",
     "growth": "yearly growth of demand, e.g. 0.3 or 30%% (with --years)",
     "efficiency_gain": "yearly fall of energy per unit of demand, e.g. 10%% (with --years)",
     "queries_per_gpu_second": "throughput, queries per GPU-second (capacity mode)",
     "gpus_per_server": "GPUs per server, for servers needed (capacity mode; default 8)",
+    "training_energy": "energy of the model's training run, with its unit: 50GWh, 1287MWh, "
+                       "or a range 400MWh:1.3GWh; at the boundary of the inference figures "
+                       "(a --pue applies to both; a training preset gives its own). Flags "
+                       "and presets only for now: a training workload measured in the "
+                       "record store waits for the workloads issue",
+    "lifetime": "how long the model serves, over which its training is amortised: 1y, "
+                "18mo, 90d, or a range 6mo:2y (default 1y)",
+    "training_carbon_g_per_kwh": "grid carbon intensity where the model was trained, "
+                                 "g CO2e/kWh (default: --carbon-g-per-kwh)",
+    "queries_per_user_per_day": "queries one user makes a day: energy, and with "
+                                "--price-per-kwh its cost, per user per month",
+    "revenue_per_user": "what one user pays a month (a subscription), in the currency of "
+                        "--price-per-kwh",
 }
+_METAVAR = {"training_energy": "ENERGY", "lifetime": "DURATION"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,9 +68,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "time (default all)")
     source.add_argument("--window", default=None, help="agent: summary window (1h); "
                         "prometheus: rule window, 5m or 1h (1h)")
-    numbers = parser.add_argument_group("numbers (each also LOW:HIGH; 9e9, 9B, 195M, 20%%)")
-    for name in NUMERIC_INPUTS:
-        numbers.add_argument(f"--{name.replace('_', '-')}", metavar="N", help=_HELP[name])
+    groups = (
+        (parser.add_argument_group("numbers (each also LOW:HIGH; 9e9, 9B, 195M, 20%)"),
+         [n for n in ALL_INPUTS if n not in TRAINING_INPUTS + USER_INPUTS]),
+        (parser.add_argument_group("training beside inference (amortised over the queries "
+                                   "of the model's lifetime; each also LOW:HIGH)"),
+         TRAINING_INPUTS),
+        (parser.add_argument_group("money per user (with --price-per-kwh; each also "
+                                   "LOW:HIGH)"), USER_INPUTS),
+    )
+    for group, names in groups:
+        for name in names:
+            group.add_argument(f"--{name.replace('_', '-')}", metavar=_METAVAR.get(name, "N"),
+                               help=_HELP[name])
     parser.add_argument("--boundary", choices=("gpu", "it", "facility"),
                         help="what the energy figure covers")
     parser.add_argument("--mode", choices=("query", "token", "server", "capacity"),
@@ -90,11 +125,11 @@ def measurement(args: argparse.Namespace) -> inputs.Measurement | None:
 
 def numbers(args: argparse.Namespace) -> dict[str, Span]:
     out = {}
-    for name in NUMERIC_INPUTS:
+    for name in ALL_INPUTS:
         text = getattr(args, name)
         if text is not None:
             try:
-                out[name] = parse_span(text)
+                out[name] = parse_input(name, text)
             except ValueError as exc:
                 raise ValueError(f"--{name.replace('_', '-')}: {exc}") from None
     return out

@@ -16,7 +16,7 @@ inputs is reported with what it needs.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,10 +32,28 @@ Kind = Literal["flag", "measured", "preset", "default"]
 NUMERIC_INPUTS = (
     "wh_per_query", "queries_per_day", "j_per_token", "tokens_per_day", "servers",
     "server_kw", "gpus", "gpu_watts", "utilization", "pue", "carbon_g_per_kwh",
-    "water_l_per_kwh", "price_per_kwh", "growth", "efficiency_gain",
-    "queries_per_gpu_second", "gpus_per_server",
+    "water_l_per_kwh", "grid_water_l_per_kwh", "price_per_kwh", "growth", "efficiency_gain",
+    "queries_per_gpu_second", "gpus_per_server", "training_carbon_g_per_kwh",
+    "queries_per_user_per_day", "revenue_per_user",
 )
-"""Every number the command takes; each accepts `LOW:HIGH`."""
+"""Every plain number the command takes; each accepts `LOW:HIGH`."""
+UNIT_INPUTS: Mapping[str, Callable[[str], Span]] = {
+    "training_energy": model.parse_energy_span,
+    "lifetime": model.parse_duration_span,
+}
+"""Quantities written with their unit (`50GWh`, `1y`), kept in Wh and days; each accepts
+`LOW:HIGH` too."""
+ALL_INPUTS = (*NUMERIC_INPUTS, *UNIT_INPUTS)
+TRAINING_INPUTS = ("training_energy", "lifetime", "training_carbon_g_per_kwh")
+USER_INPUTS = ("queries_per_user_per_day", "revenue_per_user")
+_POSITIVE = ("training_energy", "lifetime", "queries_per_user_per_day", "revenue_per_user")
+"""Inputs that must be > 0; every other input but --growth must be ≥ 0."""
+DEFAULT_LIFETIME_DAYS = float(model.DAYS_PER_YEAR)
+
+
+def parse_input(name: str, text: str) -> Span:
+    """One input's text (a flag's or a preset's) → its quantity."""
+    return UNIT_INPUTS.get(name, model.parse_span)(text)
 
 _DEFINES: Mapping[Mode, tuple[str, ...]] = {
     "query": ("wh_per_query",),
@@ -60,6 +78,53 @@ class YearRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Training:
+    """A training run beside the inference it serves, over the model's lifetime."""
+
+    energy_wh: Span
+    boundary: str
+    """Of the training energy (after the PUE, where one applies)."""
+    given_wh: Span
+    given_boundary: str
+    """The training energy as given (flag or preset), before any PUE."""
+    lifetime_days: Span
+    lifetime_inference_wh: Span
+    """Inference energy over the lifetime, at the start year's daily energy."""
+    overtaking_day: Span
+    """Day of service on which cumulative inference energy reaches the training energy."""
+    share_of_lifetime_energy: Span
+    lifetime_queries: Span | None
+    wh_per_query: Span | None
+    """Training energy amortised over the lifetime's queries."""
+    total_wh_per_query: Span | None
+    """Inference + training share, per query."""
+    carbon_g: Span
+    water_onsite_l: Span
+    water_offsite_l: Span
+    equivalents: tuple[Equivalent, ...]
+
+    @property
+    def water_l(self) -> Span:
+        return self.water_onsite_l + self.water_offsite_l
+
+
+@dataclass(frozen=True, slots=True)
+class PerUser:
+    """One user's month (365/12 days) of queries."""
+
+    queries_per_day: Span
+    users: Span | None
+    """Users that the volume implies (queries a day ÷ queries a user a day)."""
+    wh_per_month: Span
+    wh_per_month_with_training: Span | None
+    money_per_month: Span | None
+    money_per_month_with_training: Span | None
+    revenue_per_month: Span | None
+    cost_share_of_revenue: Span | None
+    cost_share_of_revenue_with_training: Span | None
+
+
+@dataclass(frozen=True, slots=True)
 class Estimate:
     mode: Mode
     boundary: str
@@ -74,6 +139,11 @@ class Estimate:
     wh_per_query: Span | None
     carbon_g: Span
     water_l: Span
+    """On-site + off-site water a year."""
+    water_onsite_l: Span
+    water_offsite_l: Span
+    water_onsite_l_per_query: Span | None
+    water_offsite_l_per_query: Span | None
     money: Span | None
     gpus: Span | None
     """Capacity mode: GPUs needed."""
@@ -83,7 +153,15 @@ class Estimate:
     simulated: bool | None
     """True: a measured input came from simulated GPUs; None: unknown (an agent or
     Prometheus that reports no GPU); False: real GPUs, or no measurement."""
+    training: Training | None = None
+    per_user: PerUser | None = None
     notes: tuple[str, ...] = field(default=())
+
+    @property
+    def water_l_per_query(self) -> Span | None:
+        if self.water_onsite_l_per_query is None or self.water_offsite_l_per_query is None:
+            return None
+        return self.water_onsite_l_per_query + self.water_offsite_l_per_query
 
     @property
     def has_range(self) -> bool:
@@ -110,13 +188,26 @@ def gather(flags: Mapping[str, Span], preset: Preset | None) -> dict[str, Input]
     if preset is not None:
         for name, text in preset.inputs.items():
             if name != "boundary":
-                inputs[name] = Input(model.parse_span(text), f"preset {preset.name} "
+                inputs[name] = Input(parse_input(name, text), f"preset {preset.name} "
                                      f"({preset.source}, {preset.year})", "preset")
     for name, value in flags.items():
-        if name not in NUMERIC_INPUTS:
+        if name not in ALL_INPUTS:
             raise ValueError(f"unknown input {name!r}")
-        inputs[name] = Input(value, f"--{name.replace('_', '-')}", "flag")
+        flag = "--" + name.replace("_", "-")
+        if name in _POSITIVE and not value.low > 0:
+            raise ValueError(f"{flag}: must be > 0, got {_text(value)}")
+        if name != "growth" and value.low < 0:
+            raise ValueError(f"{flag}: must be ≥ 0, got {_text(value)}")
+        inputs[name] = Input(value, flag, "flag")
     return inputs
+
+
+def _text(value: Span) -> str:
+    return f"{value.low:g}" if not value.is_range else f"{value.low:g}:{value.high:g}"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def choose_mode(inputs: Mapping[str, Input], measurement: Measurement | None,
@@ -146,6 +237,11 @@ def choose_mode(inputs: Mapping[str, Input], measurement: Measurement | None,
         if measurement.queries_per_day is not None:
             return "query"
     if preset is not None:
+        if preset.mode == "training":
+            raise ValueError(
+                f"insufficient inputs: preset {preset.name} gives a training run, not the "
+                f"inference it serves: add it, e.g. --wh-per-query 0.3 --queries-per-day 10M, "
+                f"or a measurement (--from-store, --from-agent, --from-prometheus)")
         return preset.mode  # type: ignore[return-value]
     raise ValueError(
         "insufficient inputs: give a volume and what one unit costs, e.g. --queries-per-day "
@@ -241,8 +337,9 @@ def estimate(
                          f"but publishes no volume: add --queries-per-day (e.g. 9B, the "
                          f"Google searches a day of the google-search-ai preset)")
     pue = inputs["pue"].value if "pue" in inputs else None
-    annual, gpus, servers, per_query = _energy(chosen, inputs, where)
-    annual, boundary_out = model.facility_energy(annual, where, pue)
+    at_where, gpus, servers, per_query = _energy(chosen, inputs, where)
+    annual, boundary_out = model.facility_energy(at_where, where, pue)
+    per_query_at_where = per_query
     if per_query is not None and chosen == "query" and pue is not None:
         per_query = per_query * pue
     elif per_query is None and "queries_per_day" in inputs:
@@ -253,20 +350,165 @@ def estimate(
     used = dict(inputs)
 
     carbon = _with_default(used, "carbon_g_per_kwh", facts.default_carbon())
-    water = _with_default(used, "water_l_per_kwh", facts.default_water())
+    wue = _with_default(used, "water_l_per_kwh", facts.default_water())
+    ewif = _with_default(used, "grid_water_l_per_kwh", facts.default_grid_water())
+    # On-site water counts IT energy (WUE's definition), off-site the electricity drawn.
+    site_pue = measurement.pue if (measurement is not None and pue is None
+                                   and intensity_kind == "measured"
+                                   and boundary_out == "facility") else None
+    it_annual, grid_annual = _it_and_grid(at_where, annual, pue, site_pue)
+    water_onsite = model.water_onsite_l(it_annual, wue)
+    water_offsite = model.water_offsite_l(grid_annual, ewif)
+    onsite_per_query = offsite_per_query = None
+    if per_query is not None:
+        if chosen == "query" and per_query_at_where is not None:
+            it_query, grid_query = _it_and_grid(per_query_at_where, per_query, pue, site_pue)
+        else:
+            it_query = model.per_query(it_annual, inputs["queries_per_day"].value)
+            grid_query = per_query
+        onsite_per_query = model.water_onsite_l(it_query, wue)
+        offsite_per_query = model.water_offsite_l(grid_query, ewif)
+    if boundary_out == "facility" and pue is None and site_pue is None:
+        notes.append("on-site water: WUE counts IT energy, but no PUE is known to take the "
+                     "building out of this facility figure, so WUE × facility energy is an "
+                     "upper bound (give an IT figure with --boundary it and --pue)")
     rows = _years(annual, used, years, preset)
+    training = _training(used, preset, where, pue, model.daily(annual),
+                         inputs.get("queries_per_day"), per_query, wue, ewif, notes,
+                         len(rows) > 1)
+    per_user = _per_user(used, per_query, training)
     is_simulated = bool(measurement and measurement.simulated)
     known = measurement is None or measurement.simulated is not None
     return Estimate(
         mode=chosen, boundary=boundary_out, boundary_origin=why, inputs=used,
         annual_energy_wh=annual, daily_energy_wh=model.daily(annual),
         average_power_w=model.average_power_w(annual), wh_per_query=per_query,
-        carbon_g=model.carbon_g(annual, carbon), water_l=model.water_l(annual, water),
+        carbon_g=model.carbon_g(annual, carbon), water_l=water_onsite + water_offsite,
+        water_onsite_l=water_onsite, water_offsite_l=water_offsite,
+        water_onsite_l_per_query=onsite_per_query, water_offsite_l_per_query=offsite_per_query,
         money=model.money(annual, used["price_per_kwh"].value)
         if "price_per_kwh" in used else None,
         gpus=gpus, servers=servers, years=rows,
         equivalents=tuple(facts.equivalents(annual, per_query)),
-        simulated=is_simulated if known else None, notes=tuple(notes),
+        simulated=is_simulated if known else None, training=training, per_user=per_user,
+        notes=tuple(notes),
+    )
+
+
+def _it_and_grid(at_boundary: Span, out: Span, pue: Span | None, site_pue: Span | None
+                 ) -> tuple[Span, Span]:
+    """IT energy (for the on-site WUE) and the electricity drawn from the grid (for the
+    off-site water): the figure before and after the PUE applied here; or, for a measured
+    facility figure, that figure ÷ the measured site PUE and the figure itself; or, with no
+    PUE known, the figure for both (at the IT or GPU boundary the grid's share is then
+    under-counted, as the note on the missing PUE says)."""
+    if pue is not None:
+        return at_boundary, out
+    if site_pue is not None:
+        return out / site_pue, out
+    return out, out
+
+
+def _training(inputs: dict[str, Input], preset: Preset | None, where: Boundary,
+              pue: Span | None, daily_wh: Span, queries_per_day: Input | None,
+              wh_per_query: Span | None, wue: Span, ewif: Span, notes: list[str],
+              series: bool) -> Training | None:
+    """Training energy amortised over the model's lifetime (inputs: --training-energy,
+    --lifetime, --training-carbon-g-per-kwh)."""
+    if "training_energy" not in inputs:
+        for name in ("lifetime", "training_carbon_g_per_kwh"):
+            if name in inputs:
+                raise ValueError(f"{_flag(name)}: goes with a training run: give "
+                                 f"--training-energy (or a training preset)")
+        return None
+    given = inputs["training_energy"]
+    boundary: Boundary = where
+    if given.kind == "preset" and preset is not None and preset.mode == "training" \
+            and "boundary" in preset.inputs:
+        boundary = preset.inputs["boundary"]  # type: ignore[assignment]
+        if boundary != where:
+            notes.append(f"training energy is at the {boundary} boundary (preset "
+                         f"{preset.name}), the inference at the {where} boundary: they are "
+                         f"compared as given")
+    at_boundary = given.value
+    energy, out_boundary = at_boundary, str(boundary)
+    applied = pue if boundary != "facility" else None
+    if applied is not None:
+        energy, out_boundary = model.facility_energy(at_boundary, boundary, applied)
+    if not daily_wh.low > 0:
+        raise ValueError("--training-energy: the inference energy a day reaches 0, so it "
+                         "never overtakes the training")
+    lifetime = _with_default(inputs, "lifetime", (Span.exact(DEFAULT_LIFETIME_DAYS),
+                                                  "default: 1 year (--lifetime)"))
+    carbon = _with_default(inputs, "training_carbon_g_per_kwh", (
+        inputs["carbon_g_per_kwh"].value,
+        f"default: the inference's grid ({inputs['carbon_g_per_kwh'].origin})"))
+    lifetime_inference = daily_wh * lifetime
+    lifetime_queries = per_query = total = None
+    if queries_per_day is not None:
+        lifetime_queries = queries_per_day.value * lifetime
+        per_query = energy / lifetime_queries
+        if wh_per_query is not None:
+            total = wh_per_query + per_query
+    else:
+        notes.append("training per query: give --queries-per-day to amortise the training "
+                     "over the lifetime's queries")
+    if series:
+        notes.append("training: the overtaking day and the lifetime figures hold the start "
+                     "year's daily inference energy constant (no --growth, no "
+                     "--efficiency-gain)")
+    it_energy, grid_energy = _it_and_grid(at_boundary, energy, applied, None)
+    return Training(
+        energy_wh=energy, boundary=out_boundary, given_wh=at_boundary, given_boundary=boundary,
+        lifetime_days=lifetime,
+        lifetime_inference_wh=lifetime_inference,
+        overtaking_day=model.overtaking_day(energy, daily_wh),
+        share_of_lifetime_energy=model.training_share(energy, lifetime_inference),
+        lifetime_queries=lifetime_queries, wh_per_query=per_query, total_wh_per_query=total,
+        carbon_g=model.carbon_g(grid_energy, carbon),
+        water_onsite_l=model.water_onsite_l(it_energy, wue),
+        water_offsite_l=model.water_offsite_l(grid_energy, ewif),
+        equivalents=tuple(facts.training_equivalents(energy)),
+    )
+
+
+def _per_user(inputs: Mapping[str, Input], wh_per_query: Span | None,
+              training: Training | None) -> PerUser | None:
+    """Energy and its cost for one user's month (--queries-per-user-per-day,
+    --price-per-kwh), beside what the user pays (--revenue-per-user)."""
+    if "queries_per_user_per_day" not in inputs:
+        if "revenue_per_user" in inputs:
+            raise ValueError("--revenue-per-user: compares a user's energy cost with what "
+                             "they pay: give --queries-per-user-per-day and --price-per-kwh")
+        return None
+    if wh_per_query is None:
+        raise ValueError("--queries-per-user-per-day: needs the energy per query: give "
+                         "--queries-per-day (the server and token modes give energy per "
+                         "query only with a volume)")
+    if "revenue_per_user" in inputs and "price_per_kwh" not in inputs:
+        raise ValueError("--revenue-per-user: needs --price-per-kwh to put a cost on the "
+                         "user's energy")
+    per_user = inputs["queries_per_user_per_day"].value
+    users = None
+    if "queries_per_day" in inputs:
+        users = inputs["queries_per_day"].value / per_user
+    energy = model.per_user_per_month(wh_per_query, per_user)
+    with_training = None
+    if training is not None and training.total_wh_per_query is not None:
+        with_training = model.per_user_per_month(training.total_wh_per_query, per_user)
+    price = inputs["price_per_kwh"].value if "price_per_kwh" in inputs else None
+    revenue = inputs["revenue_per_user"].value if "revenue_per_user" in inputs else None
+    cost = model.money(energy, price) if price is not None else None
+    cost_training = model.money(with_training, price) \
+        if price is not None and with_training is not None else None
+    return PerUser(
+        queries_per_day=per_user, users=users, wh_per_month=energy,
+        wh_per_month_with_training=with_training, money_per_month=cost,
+        money_per_month_with_training=cost_training, revenue_per_month=revenue,
+        cost_share_of_revenue=cost / revenue if cost is not None and revenue is not None
+        else None,
+        cost_share_of_revenue_with_training=cost_training / revenue
+        if cost_training is not None and revenue is not None else None,
     )
 
 

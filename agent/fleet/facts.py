@@ -13,12 +13,17 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from agent.fleet.model import HOURS_PER_YEAR, Span
+from agent.fleet.model import DAYS_PER_YEAR, HOURS_PER_YEAR, Span
 
 PRESET_INPUTS = (
     "wh_per_query", "queries_per_day", "j_per_token", "tokens_per_day", "servers",
-    "server_kw", "gpus", "gpu_watts", "utilization", "pue", "boundary",
+    "server_kw", "gpus", "gpu_watts", "utilization", "pue", "boundary", "carbon_g_per_kwh",
+    "water_l_per_kwh", "grid_water_l_per_kwh", "training_energy", "lifetime",
+    "training_carbon_g_per_kwh",
 )
+PRESET_MODES = ("query", "token", "server", "capacity", "training")
+"""A `training` preset gives a training run only: its `boundary` is the training energy's,
+and the inference it is amortised over comes from flags or a measurement."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +64,8 @@ def presets() -> dict[str, Preset]:
         unknown = set(entry["inputs"]) - set(PRESET_INPUTS)
         if unknown:
             raise ValueError(f"facts.toml: preset {name}: unknown inputs {sorted(unknown)}")
+        if entry["mode"] not in PRESET_MODES:
+            raise ValueError(f"facts.toml: preset {name}: unknown mode {entry['mode']!r}")
         out[name] = Preset(
             name=name, title=entry["title"], source=entry["source"], year=entry["year"],
             mode=entry["mode"], note=entry["note"], inputs=dict(entry["inputs"]),
@@ -85,6 +92,17 @@ def default_water() -> tuple[Span, str]:
     water = load()["water"]
     return (Span.between(water["l_per_kwh_low"], water["l_per_kwh_high"]),
             f"default: {water['label']} ({water['source']}, {water['year']})")
+
+
+def default_grid_water() -> tuple[Span, str]:
+    grid = load()["grid_water"]
+    return Span.exact(grid["l_per_kwh"]), f"default: {grid['label']} ({grid['source']}, " \
+                                          f"{grid['year']})"
+
+
+def bottle_l() -> float:
+    """The bottle that per-query water is counted in (`queries_per_bottle`)."""
+    return float(load()["bottle"]["l"])
 
 
 def _entry(label: str, value: Span, share: bool, fact: Mapping[str, Any]) -> Equivalent:
@@ -118,4 +136,20 @@ def equivalents(annual_wh: Span, wh_per_query: Span | None) -> list[Equivalent]:
         search = facts["google_search_2009"]
         out.append(_entry(f"{search['label']} per query", wh_per_query / search["wh"], False,
                           search))
+    return out
+
+
+def training_equivalents(training_wh: Span) -> list[Equivalent]:
+    """What one training run compares with: phone charges, households for a year, and days
+    of a city's electricity."""
+    facts = load()
+    phone = facts["phone_charge"]
+    out = [_entry(phone["label"], training_wh / phone["wh"], False, phone)]
+    for household in facts["households"].values():
+        out.append(_entry(f"{household['label']} for a year", training_wh / household["annual_wh"],
+                          False, household))
+    city = facts["city"]
+    city_day = Span.between(city["annual_wh_low"], city["annual_wh_high"]) / DAYS_PER_YEAR
+    out.append(_entry(f"days of {city['label']}'s electricity", training_wh / city_day, False,
+                      city))
     return out

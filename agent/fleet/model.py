@@ -19,6 +19,17 @@ intensity figure:
 
 then × PUE where a PUE is given and the figure stops at the IT (or GPU) boundary: applied
 once, in `facility_energy`, never inside a mode.
+
+Beside the energy (issue 17):
+
+- water:    on-site = IT energy × WUE (L/kWh of IT energy, The Green Grid's definition);
+            off-site = electricity drawn (IT × PUE) × the grid's water intensity (EWIF,
+            L/kWh generated); total = on-site + off-site (Li et al. 2023:
+            W = E × (WUE + PUE × EWIF)). Per query and per year alike.
+- training: overtaken on day T ÷ (inference energy a day); per query T ÷ (queries/day ×
+            lifetime days); share of lifetime energy T ÷ (T + daily × lifetime days).
+- per user: per month = per-query figure × queries a user a day × 365/12; its cost ×
+            price/kWh, beside what the user pays.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from typing import Literal
 from agent.units import JOULES_PER_WH, check_pue
 
 DAYS_PER_YEAR = 365
+DAYS_PER_MONTH = DAYS_PER_YEAR / 12
 HOURS_PER_YEAR = 8760
 SECONDS_PER_DAY = 86400
 
@@ -81,6 +93,15 @@ class Span:
         return Span(self.low * other.low, self.central * other.central, self.high * other.high)
 
     __rmul__ = __mul__
+
+    def __add__(self, other: Span | float) -> Span:
+        """A sum of quantities that grow with the same inputs (on-site + off-site water,
+        inference + training energy): lows with lows, highs with highs."""
+        other = _span(other)
+        return Span(self.low + other.low, self.central + other.central,
+                    self.high + other.high)
+
+    __radd__ = __add__
 
     def __truediv__(self, other: Span | float) -> Span:
         other = _span(other)
@@ -198,12 +219,50 @@ def carbon_g(energy_wh: Span, g_per_kwh: Span) -> Span:
     return energy_wh / 1000 * g_per_kwh
 
 
-def water_l(energy_wh: Span, l_per_kwh: Span) -> Span:
-    return energy_wh / 1000 * l_per_kwh
-
-
 def money(energy_wh: Span, price_per_kwh: Span) -> Span:
     return energy_wh / 1000 * price_per_kwh
+
+
+# --- water: on-site and off-site -----------------------------------------------------------
+
+def water_onsite_l(it_energy_wh: Span, wue_l_per_kwh: Span) -> Span:
+    """On-site water: WUE (L per kWh of IT energy, The Green Grid's definition) × IT
+    energy: what the facility's cooling evaporates."""
+    return it_energy_wh / 1000 * wue_l_per_kwh
+
+
+def water_offsite_l(grid_energy_wh: Span, ewif_l_per_kwh: Span) -> Span:
+    """Off-site water: the grid's water intensity (L per kWh generated) × the electricity
+    the facility draws (IT × PUE): what the power plants consume to make it."""
+    return grid_energy_wh / 1000 * ewif_l_per_kwh
+
+
+# --- training beside inference -------------------------------------------------------------
+
+def overtaking_day(training_wh: Span, daily_inference_wh: Span) -> Span:
+    """The day of service on which cumulative inference energy reaches the training
+    energy: training ÷ inference energy per day (at a constant daily energy)."""
+    return training_wh / daily_inference_wh
+
+
+def training_share(training_wh: Span, lifetime_inference_wh: Span) -> Span:
+    """Training's share of a model's lifetime energy, T ÷ (T + I): rising in T, falling in
+    I, so its low pairs the lowest T with the highest I."""
+    training_wh._check_positive("training energy")
+    lifetime_inference_wh._check_positive("inference energy")
+
+    def share(t: float, i: float) -> float:
+        return t / (t + i) if t + i > 0 else 0.0
+
+    return Span(share(training_wh.low, lifetime_inference_wh.high),
+                share(training_wh.central, lifetime_inference_wh.central),
+                share(training_wh.high, lifetime_inference_wh.low))
+
+
+def per_user_per_month(per_query: Span, queries_per_user_per_day: Span) -> Span:
+    """A per-query figure (Wh, L, money) for one user's month: × queries a user a day
+    × 365/12 days."""
+    return per_query * queries_per_user_per_day * DAYS_PER_MONTH
 
 
 # --- numbers in and out ----------------------------------------------------------------
@@ -249,6 +308,58 @@ def scale(value: float, units: tuple[tuple[str, float], ...], digits: int = 3) -
             return f"{value / size:.{digits}g} {unit}"
     unit, size = units[-1]
     return f"{value / size:.{digits}g} {unit}"
+
+
+_ENERGY_TEXT = re.compile(r"\s*(.*?)\s*(TWh|GWh|MWh|kWh|Wh)\s*")
+_ENERGY_SIZE = dict(ENERGY_UNITS)
+
+
+def _parse_energy(text: str, unit: str | None = None) -> tuple[float, str]:
+    if text.strip().endswith("mWh"):
+        raise ValueError(f"mWh is milliwatt-hours: write MWh for megawatt-hours, got {text!r}")
+    match = _ENERGY_TEXT.fullmatch(text)
+    if match is None:
+        if unit is None:
+            raise ValueError(f"expected an energy with its unit (Wh, kWh, MWh, GWh, TWh) "
+                             f"such as 50GWh or 1287MWh, got {text!r}")
+        number = text
+    else:
+        number, unit = match.group(1), match.group(2)
+    return parse_number(number) * _ENERGY_SIZE[unit], unit
+
+
+def parse_energy_span(text: str) -> Span:
+    """`50GWh`, `1,287 MWh`, `433196kWh`, or a range `400MWh:1.3GWh` (`1:2GWh`: the low
+    end takes the high end's unit) → Wh."""
+    low, sep, high = text.partition(":")
+    if not sep:
+        return Span.exact(_parse_energy(text)[0])
+    high_wh, unit = _parse_energy(high)
+    return Span.between(_parse_energy(low, unit)[0], high_wh)
+
+
+_DURATION_DAYS = {"d": 1.0, "day": 1.0, "days": 1.0, "w": 7.0, "week": 7.0, "weeks": 7.0,
+                  "mo": DAYS_PER_MONTH, "month": DAYS_PER_MONTH, "months": DAYS_PER_MONTH,
+                  "y": float(DAYS_PER_YEAR), "yr": float(DAYS_PER_YEAR),
+                  "year": float(DAYS_PER_YEAR), "years": float(DAYS_PER_YEAR)}
+_DURATION_TEXT = re.compile(r"\s*(.*?)\s*([a-z]+)\s*")
+
+
+def _parse_days(text: str) -> float:
+    match = _DURATION_TEXT.fullmatch(text)
+    if match is None or match.group(2) not in _DURATION_DAYS:
+        raise ValueError(f"expected a duration with its unit (d, w, mo, y) such as 1y, 18mo "
+                         f"or 90d, got {text!r}")
+    return parse_number(match.group(1)) * _DURATION_DAYS[match.group(2)]
+
+
+def parse_duration_span(text: str) -> Span:
+    """`1y`, `18mo`, `90d`, `2w`, or a range `6mo:2y` → days (a year is 365 days, a month
+    365/12)."""
+    low, sep, high = text.partition(":")
+    if not sep:
+        return Span.exact(_parse_days(text))
+    return Span.between(_parse_days(low), _parse_days(high))
 
 
 def format_energy(wh: float, digits: int = 3) -> str:

@@ -14,33 +14,76 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.fleet import facts
-from agent.fleet.estimate import Estimate
+from agent.fleet.estimate import Estimate, PerUser, Training
+from agent.fleet.facts import Equivalent
 from agent.fleet.model import ENERGY_UNITS, POWER_UNITS, Span, scale
 
 FORMATS = ("table", "json", "csv")
 _MASS_UNITS = (("Mt", 1e12), ("kt", 1e9), ("t", 1e6), ("kg", 1e3), ("g", 1.0), ("mg", 1e-3))
 _WATER_UNITS = (("GL", 1e9), ("ML", 1e6), ("m³", 1e3), ("L", 1.0), ("mL", 1e-3))
-_MONEY_UNITS = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0), ("", 1e-3))
-_COUNT_UNITS = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0), ("", 1e-3))
+# Below 1 a count or a sum of money keeps its plain unit (the last entry is the fallback).
+_MONEY_UNITS = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0), ("", 1.0))
+_COUNT_UNITS = (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0), ("", 1.0))
 
 
 def _fields(estimate: Estimate) -> dict[str, Span | None]:
-    """The headline figures, by their JSON names."""
+    """The headline figures, by their JSON names (training and per-user figures only where
+    their inputs were given)."""
     per_query = estimate.wh_per_query
-    return {
+    fields: dict[str, Span | None] = {
         "annual_energy_wh": estimate.annual_energy_wh,
         "daily_energy_wh": estimate.daily_energy_wh,
         "average_power_w": estimate.average_power_w,
         "wh_per_query": per_query,
         "carbon_g_per_year": estimate.carbon_g,
         "water_l_per_year": estimate.water_l,
+        "water_onsite_l_per_year": estimate.water_onsite_l,
+        "water_offsite_l_per_year": estimate.water_offsite_l,
         "money_per_year": estimate.money,
         "carbon_g_per_query": _per_query(estimate, "carbon_g_per_kwh"),
-        "water_l_per_query": _per_query(estimate, "water_l_per_kwh"),
+        "water_l_per_query": estimate.water_l_per_query,
+        "water_onsite_l_per_query": estimate.water_onsite_l_per_query,
+        "water_offsite_l_per_query": estimate.water_offsite_l_per_query,
+        "queries_per_bottle": _per_bottle(estimate.water_l_per_query),
         "money_per_query": _per_query(estimate, "price_per_kwh"),
         "gpus": estimate.gpus,
         "servers": estimate.servers,
     }
+    if (training := estimate.training) is not None:
+        fields |= {
+            "training_energy_wh": training.energy_wh,
+            "lifetime_days": training.lifetime_days,
+            "lifetime_inference_wh": training.lifetime_inference_wh,
+            "training_overtaken_on_day": training.overtaking_day,
+            "training_share_of_lifetime_energy": training.share_of_lifetime_energy,
+            "lifetime_queries": training.lifetime_queries,
+            "training_wh_per_query": training.wh_per_query,
+            "total_wh_per_query": training.total_wh_per_query,
+            "training_carbon_g": training.carbon_g,
+            "training_water_l": training.water_l,
+            "training_water_onsite_l": training.water_onsite_l,
+            "training_water_offsite_l": training.water_offsite_l,
+        }
+    if (user := estimate.per_user) is not None:
+        fields |= {
+            "users": user.users,
+            "wh_per_user_per_month": user.wh_per_month,
+            "wh_per_user_per_month_with_training": user.wh_per_month_with_training,
+            "money_per_user_per_month": user.money_per_month,
+            "money_per_user_per_month_with_training": user.money_per_month_with_training,
+            "revenue_per_user_per_month": user.revenue_per_month,
+            "energy_cost_share_of_revenue": user.cost_share_of_revenue,
+            "energy_cost_share_of_revenue_with_training":
+                user.cost_share_of_revenue_with_training,
+        }
+    return fields
+
+
+def _per_bottle(water_l_per_query: Span | None) -> Span | None:
+    """Queries per bottle of water (Li et al.'s 500 mL): the press's unit."""
+    if water_l_per_query is None or not water_l_per_query.low > 0:
+        return None
+    return Span.exact(facts.bottle_l()) / water_l_per_query
 
 
 def _per_query(estimate: Estimate, intensity: str) -> Span | None:
@@ -70,11 +113,10 @@ def to_json(estimate: Estimate) -> dict[str, Any]:
          "low": row.annual_energy_wh.low, "high": row.annual_energy_wh.high}
         for row in estimate.years
     ]
-    out["equivalents"] = [
-        {"label": e.label, "value": e.value.central, "low": e.value.low, "high": e.value.high,
-         "share": e.share, "source": e.source, "year": e.year}
-        for e in estimate.equivalents
-    ]
+    out["equivalents"] = _equivalents_json(estimate.equivalents)
+    if estimate.training is not None:
+        out["training_boundary"] = estimate.training.boundary
+        out["training_equivalents"] = _equivalents_json(estimate.training.equivalents)
     out["inputs"] = {
         "boundary": {"value": estimate.boundary, "origin": estimate.boundary_origin,
                      "kind": "derived"},
@@ -84,6 +126,14 @@ def to_json(estimate: Estimate) -> dict[str, Any]:
     }
     out["notes"] = list(estimate.notes)
     return out
+
+
+def _equivalents_json(equivalents: tuple[Equivalent, ...]) -> list[dict[str, Any]]:
+    return [
+        {"label": e.label, "value": e.value.central, "low": e.value.low, "high": e.value.high,
+         "share": e.share, "source": e.source, "year": e.year}
+        for e in equivalents
+    ]
 
 
 def _csv(estimate: Estimate) -> str:
@@ -147,9 +197,17 @@ def _table(estimate: Estimate) -> str:
     rows += [
         ("carbon per year", _show(estimate.carbon_g, mass)),
         ("carbon per query", _show(fields["carbon_g_per_query"], mass)),
-        ("water per year", _show(estimate.water_l, water)),
+        ("water per year", _show(estimate.water_l, water) + "  (on-site + off-site)"),
+        ("  on-site", _show(estimate.water_onsite_l, water) + "  (WUE × IT energy)"),
+        ("  off-site", _show(estimate.water_offsite_l, water)
+         + "  (grid water × electricity drawn)"),
         ("water per query", _show(fields["water_l_per_query"], water)),
+        ("  on-site", _show(fields["water_onsite_l_per_query"], water)),
+        ("  off-site", _show(fields["water_offsite_l_per_query"], water)),
     ]
+    if fields["queries_per_bottle"] is not None:
+        rows.append((f"queries / {facts.bottle_l() * 1000:g} mL",
+                     _show(fields["queries_per_bottle"], count)))
     if estimate.money is not None:
         rows += [("money per year", _show(estimate.money, currency)),
                  ("money per query", _show(fields["money_per_query"], lambda v: f"${v:.3g}"))]
@@ -157,23 +215,104 @@ def _table(estimate: Estimate) -> str:
         rows += [("GPUs needed", _show(estimate.gpus, count)),
                  ("servers needed", _show(estimate.servers, count))]
     lines.append("")
-    lines += [f"  {name:<18}{value}" for name, value in rows]
+    lines += _rows(rows)
     if len(estimate.years) > 1:
         lines += ["", "  year  annual energy"]
         lines += [f"  {row.year}  {_show(row.annual_energy_wh, energy)}"
                   for row in estimate.years]
     lines += ["", "Equivalents (annual energy compared with):"]
-    for e in estimate.equivalents:
-        value = _show(e.value, _share if e.share else count)
-        lines.append(f"  {e.label:<48}{value}   [{e.source}; figure for {e.year}]")
-    lines += ["", "Inputs:", f"  {'boundary':<18}{estimate.boundary}",
-              f"  {'':<18}from {estimate.boundary_origin}"]
+    lines += _equivalent_lines(estimate.equivalents)
+    if estimate.training is not None:
+        lines += _training_lines(estimate.training)
+    if estimate.per_user is not None:
+        lines += _per_user_lines(estimate.per_user)
+    width = max(18, *(len(name) + 2 for name in estimate.inputs))
+    lines += ["", "Inputs:", f"  {'boundary':<{width}}{estimate.boundary}",
+              f"  {'':<{width}}from {estimate.boundary_origin}"]
     for name, item in sorted(estimate.inputs.items()):
-        lines.append(f"  {name:<18}{_show(item.value, lambda v: f'{v:.4g}')}")
-        lines.append(f"  {'':<18}from {item.origin}")
+        lines.append(f"  {name:<{width}}{_show(item.value, _INPUT_FORMATS.get(name, _plain))}")
+        lines.append(f"  {'':<{width}}from {item.origin}")
     if estimate.notes:
         lines += ["", "Notes:", *(f"  - {note}" for note in estimate.notes)]
     return "\n".join(lines) + "\n"
+
+
+def _rows(rows: list[tuple[str, str]]) -> list[str]:
+    """`name  value` lines, the values aligned (at column 20, or past the longest name)."""
+    width = max(18, *(len(name) + 2 for name, _ in rows))
+    return [f"  {name:<{width}}{value}" for name, value in rows]
+
+
+def _plain(value: float) -> str:
+    return f"{value:.4g}"
+
+
+_INPUT_FORMATS: dict[str, Callable[[float], str]] = {
+    "training_energy": lambda v: scale(v, ENERGY_UNITS, 4),
+    "lifetime": lambda v: f"{v:.4g} days",
+}
+
+
+def _equivalent_lines(equivalents: tuple[Equivalent, ...]) -> list[str]:
+    count = _units(_COUNT_UNITS)
+    return [f"  {e.label:<48}{_show(e.value, _share if e.share else count)}   "
+            f"[{e.source}; figure for {e.year}]" for e in equivalents]
+
+
+def _days(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _training_lines(training: Training) -> list[str]:
+    energy, water = _units(ENERGY_UNITS), _units(_WATER_UNITS)
+    count, mass = _units(_COUNT_UNITS), _units(_MASS_UNITS, " CO2e")
+    per_query = _units(ENERGY_UNITS)
+    given = "" if training.given_boundary == training.boundary else \
+        f": {_show(training.given_wh, energy)} at the {training.given_boundary} boundary × PUE"
+    rows = [
+        ("training energy", f"{_show(training.energy_wh, energy)}  (at the "
+                            f"{training.boundary} boundary{given})"),
+        ("lifetime", _show(training.lifetime_days, lambda v: f"{v:.3g} days")),
+        ("inference in it", _show(training.lifetime_inference_wh, energy)),
+        ("overtaken on day", f"{_show(training.overtaking_day, _days)}  (cumulative inference "
+                             f"energy reaches the training's)"),
+        ("training's share", f"{_show(training.share_of_lifetime_energy, _share)}  (of "
+                             f"training + lifetime inference)"),
+        ("queries in it", _show(training.lifetime_queries, count)),
+        ("training/query", _show(training.wh_per_query, per_query)),
+        ("total per query", f"{_show(training.total_wh_per_query, per_query)}  (inference + "
+                            f"training share)"),
+        ("training carbon", _show(training.carbon_g, mass)),
+        ("training water", _show(training.water_l, water) + "  (on-site + off-site)"),
+        ("  on-site", _show(training.water_onsite_l, water)),
+        ("  off-site", _show(training.water_offsite_l, water)),
+    ]
+    lines = ["", "Training beside inference:", *_rows(rows)]
+    lines += ["", "Equivalents (the training run compared with):"]
+    lines += _equivalent_lines(training.equivalents)
+    return lines
+
+
+def _per_user_lines(user: PerUser) -> list[str]:
+    energy, count = _units(ENERGY_UNITS), _units(_COUNT_UNITS)
+    currency = _units(_MONEY_UNITS, prefix="$")
+    rows = [("users implied", _show(user.users, count)),
+            ("energy per month", _show(user.wh_per_month, energy))]
+    if user.wh_per_month_with_training is not None:
+        rows.append(("  with training", _show(user.wh_per_month_with_training, energy)))
+    if user.money_per_month is not None:
+        rows.append(("energy cost/month", _show(user.money_per_month, currency)))
+    if user.money_per_month_with_training is not None:
+        rows.append(("  with training", _show(user.money_per_month_with_training, currency)))
+    if user.revenue_per_month is not None:
+        rows += [("revenue per month", _show(user.revenue_per_month, currency)),
+                 ("cost ÷ revenue", _show(user.cost_share_of_revenue, _share))]
+    if user.cost_share_of_revenue_with_training is not None:
+        rows.append(("  with training", _show(user.cost_share_of_revenue_with_training,
+                                               _share)))
+    lines = ["", f"Per user ({_show(user.queries_per_day, lambda v: f'{v:.3g}')} queries a day; "
+                 f"a month is 365/12 days):"]
+    return lines + _rows(rows)
 
 
 def render(estimate: Estimate, fmt: str) -> str:

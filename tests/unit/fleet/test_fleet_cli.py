@@ -302,3 +302,17 @@ def test_estimate_is_usable_as_a_library() -> None:
     assert result.annual_energy_wh.central == pytest.approx(0.24e9 * 365)
     assert result.simulated is False
     assert math.isclose(result.average_power_w.central * 8760, result.annual_energy_wh.central)
+
+
+def test_measured_water_counts_it_energy_on_site_and_facility_energy_off_site(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = fleet_json(capsys, "--from-store", store, "--queries-per-day", "1B",
+                        "--water-l-per-kwh", "1", "--grid-water-l-per-kwh", "2")
+    # The measured facility figure ÷ the measured site PUE is the IT energy that WUE counts.
+    assert result["water_onsite_l_per_query"] == pytest.approx(MEAN_IT_WH / 1000 * 1)
+    assert result["water_offsite_l_per_query"] == pytest.approx(MEAN_IT_WH * PUE / 1000 * 2)
+    assert result["water_onsite_l_per_year"] == pytest.approx(MEAN_IT_WH / 1000 * 1e9 * 365)
+    assert result["water_l_per_year"] == pytest.approx(
+        result["water_onsite_l_per_year"] + result["water_offsite_l_per_year"])
+    assert not any("upper bound" in note for note in result["notes"])
