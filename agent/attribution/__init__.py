@@ -19,6 +19,14 @@ The rules (docs/design.md §5, which says why) are these:
   known tokens in the same interval (or plain overlap if there are none): it is assumed to
   be an average request, instead of mixing seconds and tokens. If every active request
   weighs zero (all token counts zero), the interval is split by overlap.
+- Queue-aware intervals (`tokens` policy with `"auto"`): where every request active in an
+  interval says when its server began on it (`Request.scheduled`) and the GPU's costs of a
+  prompt and of a completion token alone have been measured (on samples of requests
+  running alone), the static part goes by presence, each prompt token gets its cost alone
+  scaled by the board's recent saturation (dynamic energy ÷ what the work costs alone, at
+  most 1), at most the dynamic part, and the completion tokens get the rest
+  (`lane._queue_aware_step`; docs/benchmarks.md says why: under continuous batching a
+  weighted split gives prefill too little).
 - Prefill weight: a fixed number, or `"auto"` (the default), which measures it per GPU as
   the ratio of dynamic energy per prompt token to dynamic energy per completion token
   (`learners.PrefillWeightLearner`). Until a GPU's weight has first been measured, its

@@ -343,13 +343,14 @@ class AttributionEngine:
         if prompt is None or completion is None:
             return [(start, until, FALLBACK)]
         first = request.first_token
+        aware = request.scheduled is not None
         if first is not None and start < first < until:
             return [
-                (start, first, Segment(prompt / (first - start), 0.0, False)),
-                (first, until, Segment(0.0, completion / (until - first), False)),
+                (start, first, Segment(prompt / (first - start), 0.0, False, aware)),
+                (first, until, Segment(0.0, completion / (until - first), False, aware)),
             ]
         life = until - start
-        return [(start, until, Segment(prompt / life, completion / life, False))]
+        return [(start, until, Segment(prompt / life, completion / life, False, aware))]
 
     def _final(self, pending: Pending) -> RequestEnergy:
         del self._pending[pending.request.id]

@@ -46,6 +46,9 @@ class Segment(NamedTuple):
     interval is split by time."""
     fallback: bool
     """Token counts unknown: weighs its overlap × the interval's mean known token rate."""
+    queue_aware: bool = False
+    """Its request's server said when it left its queue (`Request.scheduled`), so the
+    segment starts when its work did, not when it arrived."""
 
 
 BY_TIME = Segment(0.0, 0.0, False)
@@ -89,6 +92,8 @@ class _Usage(NamedTuple):
     """Request-seconds of segments with unknown token counts."""
     empty_s: float
     """Seconds during which no request was active."""
+    unaware_s: float = 0.0
+    """Request-seconds of segments that are not queue-aware."""
 
 
 @dataclass(slots=True, eq=False)
@@ -115,6 +120,12 @@ class _Membership:
     mark_static: float = 0.0
     mark_dynamic: float = 0.0
 
+
+SATURATION_WINDOW_S = 2.0
+"""Time constant over which a board's saturation (its dynamic energy ÷ what its work costs
+alone) is measured for queue-aware intervals: long enough that spreading each request's
+tokens evenly over its phases, which moves tokens between neighbouring intervals, washes
+out; short enough to follow the load."""
 
 _TIME_RESOLUTION_S = 1e-6
 """Rate changes closer than this to an interval's end are at its end (see `_offset`)."""
@@ -163,8 +174,14 @@ class Lane:
         """Active segments with a positive rate."""
         self._known = 0
         self._fallback = 0
+        self._unaware = 0
+        """Active segments that are not queue-aware."""
         self._lam = _PerWeight()
         """Λ since the lane was last empty."""
+        self._recent_dynamic_j = 0.0
+        self._recent_alone_j = 0.0
+        """Dynamic energy of the latest queue-aware intervals and what their tokens cost
+        alone, exponentially weighted over `SATURATION_WINDOW_S`."""
         self.measured_j = 0.0
         self.unattributed_j = 0.0
         self.attributed_static_j = 0.0
@@ -175,6 +192,12 @@ class Lane:
         if self.configured_idle_w is not None:
             return self.configured_idle_w
         return self.idle_learner.value if self.idle_learner is not None else None
+
+    @property
+    def alone_costs_j(self) -> tuple[float, float] | None:
+        """Dynamic joules of a prompt and of a completion token, where measured on requests
+        running alone."""
+        return self.weight_learner.alone_costs_j if self.weight_learner is not None else None
 
     @property
     def prefill_weight(self) -> float | None:
@@ -250,6 +273,7 @@ class Lane:
         rate_w = self._rate.value * dt
         known_s = self._known * dt
         fallback_s = self._fallback * dt
+        unaware_s = self._unaware * dt
         offsets = [_offset(event.time, t0, dt) for event in events]  # as credits will use them
         empty_s = since = 0.0
         for offset, (_, _, _, ending, starting) in zip(offsets, events, strict=True):
@@ -274,10 +298,13 @@ class Lane:
                 else:
                     self._known += sign
                     known_s += sign * left
+                if not segment.queue_aware:
+                    self._unaware += sign
+                    unaware_s += sign * left
         if self._known + self._fallback == 0:
             empty_s += dt - since
         usage = _Usage(max(prompt_w, 0.0), max(rate_w, 0.0), max(known_s, 0.0),
-                       max(fallback_s, 0.0), min(empty_s, dt))
+                       max(fallback_s, 0.0), min(empty_s, dt), max(unaware_s, 0.0))
         step = self._step(p0, p1, usage)
 
         for offset, (_, _, member, ending, starting) in zip(offsets, events, strict=True):
@@ -307,6 +334,7 @@ class Lane:
         self.measured_j += energy
         idle_w = None if self.host else self.idle_w
         weight = self.prefill_weight  # before this interval teaches the learner anything
+        alone_costs = self.alone_costs_j
         self._learn_prefill_weight(energy, seconds, idle_w, usage)
         occupied_s = usage.known_s + usage.fallback_s
         if occupied_s <= 0:
@@ -323,6 +351,16 @@ class Lane:
             energy -= empty_j
             static = static_share(energy, idle_w, seconds - usage.empty_s)
         dynamic = energy - static
+        if (weight is not None and alone_costs is not None and usage.fallback_s <= 0
+                and usage.unaware_s <= 0 and usage.known_s > 0):
+            prompt_cost, completion_cost = alone_costs
+            keep = math.exp(-seconds / SATURATION_WINDOW_S)
+            self._recent_dynamic_j = self._recent_dynamic_j * keep + dynamic
+            self._recent_alone_j = self._recent_alone_j * keep + (
+                prompt_cost * usage.prompt_tokens + completion_cost * usage.completion_tokens)
+            saturation = (min(1.0, self._recent_dynamic_j / self._recent_alone_j)
+                          if self._recent_alone_j > 0 else 1.0)
+            return _queue_aware_step(static, dynamic, usage, prompt_cost * saturation)
         if weight is not None:
             tokens = weight * usage.prompt_tokens + usage.completion_tokens
             mean_rate = tokens / usage.known_s if usage.known_s > 0 else 1.0
@@ -352,7 +390,7 @@ class Lane:
         limit_w = self.power_limit_w() if self.power_limit_w is not None else None
         limit_j = (SATURATION_FRACTION * limit_w - idle_w) * seconds if limit_w else math.inf
         learner.observe(energy - idle_w * seconds, usage.prompt_tokens, usage.completion_tokens,
-                        seconds - usage.empty_s, seconds, limit_j)
+                        seconds - usage.empty_s, seconds, limit_j, usage.known_s)
 
     def _interrupt_learners(self) -> None:
         if self.idle_learner is not None:
@@ -396,8 +434,34 @@ class Lane:
     def _reset_sweep(self) -> None:
         self._prompt_rate.clear()
         self._rate.clear()
-        self._prompting = self._weighted = self._known = self._fallback = 0
+        self._prompting = self._weighted = self._known = self._fallback = self._unaware = 0
         self._lam = _PerWeight()
+
+
+def _queue_aware_step(static: float, dynamic: float, usage: _Usage, prompt_cost: float
+                      ) -> _PerWeight:
+    """The split of an interval whose requests all started when their server began on them
+    (the tokens policy, where the GPU's costs of a token alone are measured:
+    `PrefillWeightLearner.alone_costs_j`).
+
+    Static energy by presence: the idle baseline is the price of holding the board, which
+    every running request pays alike, whatever it computes. Dynamic energy: each prompt
+    token `prompt_cost` (its cost alone, scaled by the board's saturation: a board that
+    draws less than its work would cost alone, nearing its power limit, charges all of it
+    less), at most the interval's dynamic energy, and what is left to the completion
+    tokens. An interval of only prefill gives it all to the prompt tokens, one of only
+    decode to the completion tokens."""
+    per_s_static = static / usage.known_s
+    prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    if prompt > 0 and completion > 0:
+        prompt_j = min(prompt_cost * prompt, dynamic)
+        return _PerWeight(known_static=per_s_static, prompt_dynamic=prompt_j / prompt,
+                          rate_dynamic=(dynamic - prompt_j) / completion)
+    if prompt > 0:
+        return _PerWeight(known_static=per_s_static, prompt_dynamic=dynamic / prompt)
+    if completion > 0:
+        return _PerWeight(known_static=per_s_static, rate_dynamic=dynamic / completion)
+    return _PerWeight(known_static=per_s_static, known_dynamic=dynamic / usage.known_s)
 
 
 def _offset(time: float, t0: float, dt: float) -> float:

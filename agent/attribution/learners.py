@@ -12,6 +12,11 @@ SATURATION_FRACTION = 0.95
 is left out of the fit: there the firmware lowers clocks to hold the power, so energy stops
 following the work done and the fit would learn nothing but noise."""
 
+ALONE_CONCURRENCY = 1.5
+"""A sample whose busy time held at most this many requests on average (request-seconds ÷
+busy seconds) is one of requests running alone, from which a prompt token's own cost is
+measured (`PrefillWeightLearner.prompt_cost_j`)."""
+
 PREFILL_WEIGHT_BOUNDS = (1e-3, 1.0)
 """The range of a plausible measured prefill weight; a fit outside it is not trusted. Above 1:
 a prompt token carries the same matrix FLOPs as a generated one and prefill runs them in
@@ -71,6 +76,8 @@ class _PooledSample:
     prompt_tokens: float = 0.0
     completion_tokens: float = 0.0
     busy_s: float = 0.0
+    request_s: float = 0.0
+    """Request-seconds of the requests active in it: ÷ busy_s, their mean number."""
     seconds: float = 0.0
     limit_j: float = 0.0
     """The dynamic energy at which the pooled stretch would be at the board's power limit."""
@@ -142,6 +149,16 @@ class PrefillWeightLearner:
       ratio of such a fit is noise, and splitting by time is what the measurement supports;
     - the ratio is within `PREFILL_WEIGHT_BOUNDS`.
 
+    What a token costs alone. The same fit over only the samples of requests running
+    alone (at most `ALONE_CONCURRENCY` on average) gives `alone_costs_j`, the dynamic
+    joules of one prompt token and of one completion token, held once trusted as `value`
+    is. Under continuous batching the weight fitted over every sample drifts low (decode
+    tokens are spread evenly over a request's decode, but the steps that carry another
+    request's prefill chunk are longer, so decode seems to cost what prefill did), while a
+    prompt token processed alone costs what it costs in a batch below the power limit: its
+    compute does not share. `agent.attribution.lane` uses these costs where it knows when
+    each request left its server's queue.
+
     Hold. Once measured, `value` keeps the last trusted weight while the window cannot
     measure it. Saturation is the common case: a board at its power limit lowers its clocks
     for all the work it runs alike, so the relative cost of a prompt and a completion token
@@ -159,18 +176,25 @@ class PrefillWeightLearner:
         self._sums = _FitSums()
         self._count = 0
         self.value: float | None = None
+        self._alone = _FitSums()
+        self._alone_count = 0
+        self.alone_costs_j: tuple[float, float] | None = None
+        """Dynamic joules of one prompt token and of one completion token, measured on
+        requests running alone; None until measured."""
 
     def observe(
         self, dynamic_j: float, prompt: float, completion: float, busy_s: float, seconds: float,
-        limit_j: float = math.inf,
+        limit_j: float = math.inf, request_s: float | None = None,
     ) -> None:
-        """One interval: its dynamic energy, tokens, busy and whole seconds, and the dynamic
-        energy at which it would be at the board's power limit (inf where unknown)."""
+        """One interval: its dynamic energy, tokens, busy and whole seconds, the dynamic
+        energy at which it would be at the board's power limit (inf where unknown), and the
+        request-seconds of its requests (busy seconds where not given: one at a time)."""
         pool = self._pool
         pool.dynamic_j += dynamic_j
         pool.prompt_tokens += prompt
         pool.completion_tokens += completion
         pool.busy_s += busy_s
+        pool.request_s += busy_s if request_s is None else request_s
         pool.seconds += seconds
         pool.limit_j += limit_j
         if pool.seconds >= self.sample_s * (1 - 1e-9):  # ten 0.1 s intervals make one second
@@ -187,16 +211,21 @@ class PrefillWeightLearner:
     def _add(self, sample: _PooledSample) -> None:
         self._count += 1
         self._sums.add(self._keep, sample)
-        estimate = self._estimate()
-        if estimate is not None:
-            self.value = estimate
+        fitted = self._fit(self._sums, self._count)
+        if fitted is not None:
+            self.value = fitted[0] / fitted[1]
+        if sample.busy_s > 0 and sample.request_s <= ALONE_CONCURRENCY * sample.busy_s:
+            self._alone_count += 1
+            self._alone.add(self._keep, sample)
+            alone = self._fit(self._alone, self._alone_count)
+            if alone is not None:
+                self.alone_costs_j = alone
 
-    def _estimate(self) -> float | None:
-        """a / b of the non-negative least-squares fit, or None where it is not trusted."""
-        sums = self._sums
+    def _fit(self, sums: _FitSums, count: int) -> tuple[float, float] | None:
+        """(a, b) of the non-negative least-squares fit, or None where it is not trusted."""
         n, pp, pd, dd, pe = sums.n, sums.pp, sums.pd, sums.dd, sums.pe
         de, ee, tt, te = sums.de, sums.ee, sums.tt, sums.te
-        if self._count < self.min_samples or pp <= 0 or dd <= 0 or tt <= 0:
+        if count < self.min_samples or pp <= 0 or dd <= 0 or tt <= 0:
             return None
         det = pp * dd - pd * pd
         if n * det / (pp * dd) < self.min_samples / 3:
@@ -212,4 +241,4 @@ class PrefillWeightLearner:
         if tokens_rss / (n - 2) >= time_rss / (n - 1):
             return None
         low, high = PREFILL_WEIGHT_BOUNDS
-        return a / b if low <= a / b <= high else None
+        return (a, b) if low <= a / b <= high else None

@@ -829,3 +829,68 @@ def _opened(request: Request) -> Request:
     """The request as its start event reports it: no end, no counts yet."""
     return Request(id=request.id, model=request.model, source=request.source,
                    gpus=request.gpus, start=request.start)
+
+
+# --- queue-aware intervals ------------------------------------------------------------
+
+
+def test_the_costs_of_a_token_alone_are_measured_on_requests_running_alone() -> None:
+    """Samples of one request at a time teach the alone costs; samples of four at a time,
+    whose tokens cost less (a batch shares the board), teach the overall weight only."""
+    rng = random.Random(11)
+    learn = learner()
+    for energy, prompt, completion, busy in work(rng, a=0.05, b=1.0, count=60):
+        learn.observe(energy, prompt, completion, busy, 1.0, request_s=busy)
+    assert learn.alone_costs_j == (pytest.approx(0.05), pytest.approx(1.0))
+    for energy, prompt, completion, busy in work(rng, a=0.05, b=0.25, count=3000):
+        learn.observe(energy, prompt, completion, busy, 1.0, request_s=4 * busy)
+    assert learn.alone_costs_j == (pytest.approx(0.05), pytest.approx(1.0)), "held"
+    assert learn.value == pytest.approx(0.2, rel=0.05), "the weight follows the batch"
+
+
+def queue_aware_engine(watts: float, *requests: Request) -> dict[str, RequestEnergy]:
+    """One GPU at `watts` for 10 s (idle 100 W, 1 s intervals), whose prompt token costs
+    1 J alone and completion token 10 J, taught to its learner."""
+    eng = engine({0: steady(watts, 10.0)}, policy="tokens", idle_power_w={0: 100.0},
+                 settle_s=0.0)
+    learner_of_gpu = eng._gpus[0].weight_learner
+    assert learner_of_gpu is not None
+    learner_of_gpu.value, learner_of_gpu.alone_costs_j = 0.1, (1.0, 10.0)
+    return run(eng, *requests)
+
+
+def prefill_beside_decode(prompt: int, completion: int, *, aware: bool = True
+                          ) -> tuple[Request, Request]:
+    """Over [0, 10): one request's prefill of `prompt` tokens in [0, 5) (then nothing),
+    beside one that decodes `completion` tokens throughout."""
+    return (req("prefill", 0.0, 10.0, first_token=5.0, prompt_tokens=prompt,
+                completion_tokens=0, scheduled=0.0 if aware else None),
+            req("decode", 0.0, 10.0, first_token=0.0, prompt_tokens=0,
+                completion_tokens=completion, scheduled=0.0))
+
+
+def test_a_queue_aware_interval_gives_prompt_tokens_their_cost_and_idle_by_presence() -> None:
+    """1,000 W: 900 J of dynamic energy a second, more than the second's tokens cost alone
+    (200 prompt tokens, 1 J each; 15 completion tokens, 10 J each). The prompt tokens get
+    their cost, the completion tokens the rest; the idle baseline goes by presence."""
+    out = queue_aware_engine(1000.0, *prefill_beside_decode(1000, 150))
+    assert out["prefill"].gpu_dynamic_j == pytest.approx(1000.0)
+    assert out["decode"].gpu_dynamic_j == pytest.approx(8000.0)
+    assert out["prefill"].gpu_static_j == pytest.approx(500.0)
+    assert out["decode"].gpu_static_j == pytest.approx(500.0)
+
+
+def test_a_saturated_board_scales_the_prompt_cost_down() -> None:
+    """400 W: 300 J of dynamic energy a second for work that costs 900 J alone (600
+    prompt tokens, 30 completion tokens): a third of their cost for the prompt tokens."""
+    out = queue_aware_engine(400.0, *prefill_beside_decode(3000, 300))
+    assert out["prefill"].gpu_dynamic_j == pytest.approx(5 * 200.0)
+    assert out["decode"].gpu_dynamic_j == pytest.approx(5 * 100.0 + 5 * 300.0)
+
+
+def test_a_request_whose_queue_time_is_unknown_keeps_the_weighted_split() -> None:
+    """Without `scheduled` for one of them, each second is split by the weight (0.1):
+    20 weighted prompt tokens against 15 completion tokens, static and dynamic alike."""
+    out = queue_aware_engine(1000.0, *prefill_beside_decode(1000, 150, aware=False))
+    assert out["prefill"].gpu_j == pytest.approx(5 * 1000.0 * 20 / 35)
+    assert out["decode"].gpu_j == pytest.approx(5 * 1000.0 * 15 / 35 + 5 * 1000.0)
