@@ -34,30 +34,40 @@ MAX_TEMPERATURE = 100.0
 """Largest temperature taken (servers accept up to 2, some more; none sensibly 100)."""
 
 
+_WHOLE_FROM = {"max_tokens": 0, "n": 1}
+_NUMBER_UP_TO = {"temperature": MAX_TEMPERATURE, "top_p": 1.0}
+
+
+def _whole(value: Any, least: int) -> int | None:
+    return value if type(value) is int and least <= value <= MAX_TOKENS else None
+
+
+def _number(value: Any, highest: float) -> float | None:
+    return float(value) if type(value) in (int, float) and 0 <= value <= highest else None
+
+
 def sampling_problem(name: str, value: Any) -> str | None:
     """What is wrong with `value` for the `Sampling` field `name`; None where it is fine."""
-    if name in ("max_tokens", "n"):
-        least = 0 if name == "max_tokens" else 1
-        if type(value) is not int or not least <= value <= MAX_TOKENS:
-            return f"expected a whole number in {least}..{MAX_TOKENS}, got {value!r}"
+    if name in _WHOLE_FROM:
+        if _whole(value, _WHOLE_FROM[name]) is None:
+            return f"expected a whole number in {_WHOLE_FROM[name]}..{MAX_TOKENS}, got {value!r}"
         return None
-    highest = 1.0 if name == "top_p" else MAX_TEMPERATURE
-    if type(value) not in (int, float) or not 0 <= value <= highest:
-        return f"expected a number in [0, {highest:g}], got {value!r}"
+    if _number(value, _NUMBER_UP_TO[name]) is None:
+        return f"expected a number in [0, {_NUMBER_UP_TO[name]:g}], got {value!r}"
     return None
 
 
 def sampling_of(values: Mapping[str, Any]) -> Sampling | None:
     """The `Sampling` of the fields of `values` that are fine (others are left out: a
-    request body is the server's to judge); None where none is."""
-    found = {name: values[name] for name in SAMPLING_FIELDS
-             if values.get(name) is not None and sampling_problem(name, values[name]) is None}
-    if not found:
+    request body is the server's to judge); None where none is. Runs for every span the
+    trace receiver takes, so it reads each field once."""
+    get = values.get
+    max_tokens, n = _whole(get("max_tokens"), 0), _whole(get("n"), 1)
+    temperature = _number(get("temperature"), MAX_TEMPERATURE)
+    top_p = _number(get("top_p"), 1.0)
+    if max_tokens is None and temperature is None and top_p is None and n is None:
         return None
-    for name in ("temperature", "top_p"):
-        if name in found:
-            found[name] = float(found[name])
-    return Sampling(**found)
+    return Sampling(max_tokens, temperature, top_p, n)
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,8 +48,11 @@ class Timeline:
             self._points.append(point)
 
     def latest(self) -> EnergyPoint | None:
-        with self._lock:
-            return self._points[-1] if self._points else None
+        """The newest point. No lock: a deque's last item is read in one step, and the
+        oldest points that `append` drops never empty it (the engine asks for every
+        request it takes)."""
+        points = self._points
+        return points[-1] if points else None
 
     def after(self, time: float) -> list[EnergyPoint]:
         """Points with a time strictly later than `time`, oldest first.

@@ -246,6 +246,9 @@ def _traced(span: Span, request_id: Any, attrs: Mapping[str, Any], *,
     model = attrs.get("gen_ai.response.model")
     if not isinstance(model, str) or label_text_problem(model, MAX_MODEL_LENGTH) is not None:
         model = None
-    sampling = sampling_of({name: attrs.get(key) for key, name in _SAMPLING.items()})
+    sampling = sampling_of({"max_tokens": attrs.get("gen_ai.request.max_tokens"),
+                            "temperature": attrs.get("gen_ai.request.temperature"),
+                            "top_p": attrs.get("gen_ai.request.top_p"),
+                            "n": attrs.get("gen_ai.request.n")})
     return TracedRequest(request_id, model, start, scheduled, first_token, end, prompt,
                          completion, "cancelled" if cancelled else "ok", sampling)
