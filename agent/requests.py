@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 RequestStatus = Literal["ok", "cancelled", "failed"]
+Split = Literal["time", "weighted", "queue-aware", "counts-unknown"]
+SPLITS: tuple[Split, ...] = get_args(Split)
 STATUSES: tuple[RequestStatus, ...] = get_args(RequestStatus)
 MAX_TOKENS = 2**53
 """Largest token count taken: beyond it a count no longer converts to a float exactly."""
@@ -158,3 +160,9 @@ class RequestEnergy(BoundaryEnergy):
     expired: bool = False
     """Still running at the maximum age: the figures cover its first `max_age_s` seconds
     and `request.end` stays None."""
+    split: Split = "time"
+    """How its GPU split the intervals it ran in, as the rule stood when the request became
+    final (`agent.attribution`): by time, weighted by tokens, queue-aware, or as an average
+    request where its counts are unknown."""
+    prefill_weight: float | None = None
+    """The prefill weight its GPU used then; None where it split by time."""

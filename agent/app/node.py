@@ -71,6 +71,7 @@ class Node:
         )
         self.store = RecordStore(
             config.records.path,
+            gpu_models={gpu.index: gpu.name for gpu in self.sampler.gpus()},
             pue=config.site.pue,
             simulated=any(gpu.simulated for gpu in self.sampler.gpus()),
             flush_interval_s=config.records.flush_interval,

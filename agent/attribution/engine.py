@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from agent.attribution.lane import BY_TIME, FALLBACK, Lane, Pending, Segment
 from agent.attribution.learners import IdleBaseline, PrefillWeightLearner
 from agent.config import Policy, PrefillWeight
-from agent.requests import Request, RequestEnergy, RequestStatus
+from agent.requests import Request, RequestEnergy, RequestStatus, Split
 from agent.timeline import Timeline
 from agent.units import check_pue
 
@@ -355,6 +355,7 @@ class AttributionEngine:
     def _final(self, pending: Pending) -> RequestEnergy:
         del self._pending[pending.request.id]
         it_j = pending.gpu_dynamic_j + pending.gpu_static_j + pending.host_j
+        split, weight = self._split(pending.request)
         return RequestEnergy(
             request=pending.request,
             gpu_dynamic_j=pending.gpu_dynamic_j,
@@ -363,4 +364,18 @@ class AttributionEngine:
             facility_j=it_j * (self.pue - 1),
             late=pending.late,
             expired=pending.expired,
+            split=split,
+            prefill_weight=weight,
         )
+
+    def _split(self, request: Request) -> tuple[Split, float | None]:
+        """How the request's (first) GPU splits intervals now, and with what weight."""
+        lane = self._gpus[request.gpus[0]]
+        weight = lane.prefill_weight if self.policy == "tokens" else None
+        if weight is None:
+            return "time", None
+        if request.prompt_tokens is None or request.completion_tokens is None:
+            return "counts-unknown", weight
+        if request.scheduled is not None and lane.alone_costs_j is not None:
+            return "queue-aware", weight
+        return "weighted", weight

@@ -52,7 +52,11 @@ class BandFigures:
 
 @dataclass(frozen=True, slots=True)
 class ModelDrivers:
+    """One model on one GPU model (NVML's name; None for records of an agent that did not
+    store it): a token costs what the board it runs on makes it cost."""
+
     model: str
+    gpu_model: str | None
     fits: tuple[EnergyFit | Refused, ...]
     """Per boundary (gpu, it): over all its requests, then per concurrency band that has
     any."""
@@ -65,6 +69,7 @@ class Prediction:
     `model`, at one boundary, from the fit of `band`."""
 
     model: str
+    gpu_model: str | None
     boundary: str
     band: str
     prompt_tokens: int
@@ -89,17 +94,19 @@ def _by_bounds(value: int | None, bounds: tuple[tuple[str, float], ...]) -> str:
 
 
 def explain(records: Sequence[StoredRequest]) -> tuple[ModelDrivers, ...]:
-    """The drivers of every model of `records` (finished ones), models by name."""
+    """The drivers of every (model, GPU model) of `records` (finished ones), by name."""
     concurrency = mean_concurrency(records)
-    per_model: dict[str, list[tuple[StoredRequest, float | None]]] = defaultdict(list)
+    groups: dict[tuple[str, str | None], list[tuple[StoredRequest, float | None]]] = (
+        defaultdict(list))
     for record, mean in zip(records, concurrency, strict=True):
         if record.end is not None:
-            per_model[record.model].append((record, mean))
-    return tuple(_model_drivers(name, per_model[name]) for name in sorted(per_model))
+            groups[record.model, record.gpu_model].append((record, mean))
+    return tuple(_model_drivers(model, gpu, groups[model, gpu])
+                 for model, gpu in sorted(groups, key=lambda key: (key[0], key[1] or "")))
 
 
-def _model_drivers(model: str, rows: list[tuple[StoredRequest, float | None]]
-                   ) -> ModelDrivers:
+def _model_drivers(model: str, gpu_model: str | None,
+                   rows: list[tuple[StoredRequest, float | None]]) -> ModelDrivers:
     fits: list[EnergyFit | Refused] = []
     for boundary in FIT_BOUNDARIES:
         energy = _energy(boundary)
@@ -144,7 +151,7 @@ def _model_drivers(model: str, rows: list[tuple[StoredRequest, float | None]]
                     dimension, name, len(grouped), math.fsum(it) / len(it),
                     statistics.median(it),
                     math.fsum(r.gpu_j for r in grouped) / len(grouped) / JOULES_PER_WH))
-    return ModelDrivers(model, tuple(fits), tuple(bands))
+    return ModelDrivers(model, gpu_model, tuple(fits), tuple(bands))
 
 
 def _temperature_band(temperature: float | None) -> str:
@@ -176,17 +183,18 @@ def predict(drivers: Sequence[ModelDrivers], prompt_tokens: int, completion_toke
             if fit.band != wanted:
                 continue
             if isinstance(fit, Refused):
-                out.append(Prediction(model.model, fit.boundary, wanted, prompt_tokens,
-                                      completion_tokens, None, None, fit.reason))
+                out.append(Prediction(model.model, model.gpu_model, fit.boundary, wanted,
+                                      prompt_tokens, completion_tokens, None, None,
+                                      fit.reason))
             else:
-                out.append(Prediction(model.model, fit.boundary, wanted, prompt_tokens,
-                                      completion_tokens,
+                out.append(Prediction(model.model, model.gpu_model, fit.boundary, wanted,
+                                      prompt_tokens, completion_tokens,
                                       fit.predict(prompt_tokens, completion_tokens),
                                       fit.residual_sd_j))
-        if not any(p.model == model.model for p in out):
+        if not any((p.model, p.gpu_model) == (model.model, model.gpu_model) for p in out):
             for boundary in FIT_BOUNDARIES:
-                out.append(Prediction(model.model, boundary, wanted, prompt_tokens,
-                                      completion_tokens, None, None,
+                out.append(Prediction(model.model, model.gpu_model, boundary, wanted,
+                                      prompt_tokens, completion_tokens, None, None,
                                       f"no request ran at concurrency band {wanted}"))
     return tuple(out)
 

@@ -163,6 +163,10 @@ class ModelReport:
     gpu_j_per_token_all: float | None
     simulated: bool
     """Some of its records were measured on simulated GPUs."""
+    requests_queue_unknown: int = 0
+    """Requests whose intake could not say when the server began on them (the plain proxy
+    in front of a server that reports no timings): the GPU's work while they waited in the
+    server's queue is in their figures."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +227,7 @@ class _ModelAccumulator:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     simulated: bool = False
+    queue_unknown: int = 0
 
     def add(self, record: StoredRequest) -> None:
         gpu, it = record.gpu_j, record.it_j
@@ -232,6 +237,7 @@ class _ModelAccumulator:
             self.joules[boundary].append(value)
         self.statuses[record.status] += 1
         self.simulated = self.simulated or record.simulated
+        self.queue_unknown += record.scheduled is None
         # J per token only from the server's own counts: an estimate (content chunks
         # counted) runs low wherever one chunk carries several tokens.
         if (record.prompt_tokens is not None and record.completion_tokens is not None
@@ -265,6 +271,7 @@ class _ModelAccumulator:
             ),
             gpu_j_per_token_all=gpu_j / all_tokens if all_tokens else None,
             simulated=self.simulated,
+            requests_queue_unknown=self.queue_unknown,
         )
 
 
@@ -315,6 +322,7 @@ def _model_json(model: ModelReport) -> dict[str, Any]:
         "it_j_per_token_all": model.it_j_per_token_all,
         "gpu_j_per_completion_token": model.gpu_j_per_completion_token,
         "gpu_j_per_token_all": model.gpu_j_per_token_all,
+        "requests_queue_unknown": model.requests_queue_unknown,
         "simulated": model.simulated,
     }
 
@@ -397,6 +405,7 @@ def _drivers_json(drivers: tuple[ModelDrivers, ...]) -> list[dict[str, Any]]:
     return [
         {
             "model": model.model,
+            "gpu_model": model.gpu_model,
             "fits": [_fit_json(fit) for fit in model.fits],
             "bands": [
                 {"dimension": b.dimension, "band": b.band, "requests": b.requests,
@@ -411,7 +420,8 @@ def _drivers_json(drivers: tuple[ModelDrivers, ...]) -> list[dict[str, Any]]:
 
 def _prediction_json(prediction: Prediction) -> dict[str, Any]:
     return {
-        "model": prediction.model, "boundary": prediction.boundary,
+        "model": prediction.model, "gpu_model": prediction.gpu_model,
+        "boundary": prediction.boundary,
         "concurrency_band": prediction.band, "prompt_tokens": prediction.prompt_tokens,
         "completion_tokens": prediction.completion_tokens,
         "energy_j": _interval_json(prediction.energy_j),

@@ -54,7 +54,7 @@ _CSV_HEADER = [
     *(f"{name}_{part}" for name in ("per_request_j", "per_prompt_token_j",
                                     "per_completion_token_j") for part in ("value", "low",
                                                                            "high")),
-    "r_squared", "refused",
+    "r_squared", "refused", "gpu_model",
 ]
 
 
@@ -98,7 +98,8 @@ def _render_csv(report: Report) -> str:
             })
     for drivers in report.drivers:
         for fit in drivers.fits:
-            row = {"level": "fit", "model": drivers.model, "boundary": fit.boundary,
+            row = {"level": "fit", "model": drivers.model, "gpu_model": drivers.gpu_model or "",
+                   "boundary": fit.boundary,
                    "concurrency_band": fit.band, "requests": fit.requests}
             if isinstance(fit, Refused):
                 row["refused"] = fit.reason
@@ -112,6 +113,7 @@ def _render_csv(report: Report) -> str:
             writer.writerow(row)
         for band in drivers.bands:
             writer.writerow({"level": "band", "model": drivers.model,
+                             "gpu_model": drivers.gpu_model or "",
                              "dimension": band.dimension, "band": band.band,
                              "requests": band.requests, "it_wh_mean": repr(band.it_wh_mean),
                              "it_wh_median": repr(band.it_wh_median),
@@ -210,6 +212,13 @@ def _request_section(report: Report) -> list[str]:
         "J/token (all) = " + TOKEN_DEFINITIONS["it_j_per_token_all"] + ",",
         "both over the requests that reported their tokens (column: with tokens).",
     ]
+    for model in report.models:
+        if model.requests_queue_unknown:
+            lines += textwrap.wrap(
+                f"{model.model}: queue time unknown for {model.requests_queue_unknown} of "
+                f"{model.requests} requests (their intake cannot see the server's queue, as "
+                "the plain proxy in front of vLLM cannot): what the GPU did while they "
+                "waited is in their figures.", width=90)
     if report.node_totals is not None:
         totals = report.node_totals
         lines.append(
@@ -288,9 +297,10 @@ def _drivers_section(report: Report) -> list[str]:
     for model in report.drivers:
         overall = next((f for f in model.fits if f.boundary == "it" and f.band == "all"),
                        None)
+        board = f" ({model.gpu_model})" if model.gpu_model else ""
         if isinstance(overall, EnergyFit):
             lines.append(
-                f"On {model.model} here, each completion token costs "
+                f"On {model.model}{board} here, each completion token costs "
                 f"{overall.per_completion_token_j.value:.3g} J, each prompt token "
                 f"{overall.per_prompt_token_j.value:.3g} J, a request "
                 f"{overall.per_request_j.value:.3g} J on its own (IT boundary, "
@@ -308,7 +318,7 @@ def _drivers_section(report: Report) -> list[str]:
                   f"{fit.reason}." for fit in model.fits if isinstance(fit, Refused)]
         per_query = _formatter(value for b in model.bands
                                for value in (b.it_wh_mean, b.it_wh_median, b.gpu_wh_mean))
-        lines += ["", f"{model.model}: Wh per query by band"]
+        lines += ["", f"{model.model}{board}: Wh per query by band"]
         lines += _table(
             ["by", "band", "requests", "it mean Wh", "it median Wh", "gpu mean Wh"],
             [[b.dimension, b.band, str(b.requests), per_query(b.it_wh_mean),

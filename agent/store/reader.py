@@ -14,7 +14,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from agent.requests import BoundaryEnergy, RequestStatus
+from agent.requests import BoundaryEnergy, RequestStatus, Split
 from agent.store.schema import (
     ADDED_COLUMNS,
     COLUMNS,
@@ -114,12 +114,17 @@ class StoredRequest(BoundaryEnergy):
     temperature: float | None = None
     top_p: float | None = None
     n: int | None = None
+    gpu_model: str | None = None
+    """NVML's name of its GPUs; None where the agent that wrote it did not say."""
+    split: Split | None = None
+    """How its GPUs split its intervals (`RequestEnergy.split`); None: not recorded."""
+    prefill_weight: float | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> StoredRequest:
         gpus = tuple(int(index) for index in row[3].split(",")) if row[3] else ()
         values: Row = (*row[:3], gpus, *row[4:15], bool(row[15]), bool(row[16]), row[17],
-                       bool(row[18]), *row[19:23])
+                       bool(row[18]), *row[19:26])
         return cls(*values)
 
     @property
@@ -152,6 +157,8 @@ class StoredRequest(BoundaryEnergy):
             "tokens_estimated": self.tokens_estimated,
             "sampling": {"max_tokens": self.max_tokens, "temperature": self.temperature,
                          "top_p": self.top_p, "n": self.n},
+            "gpu_model": self.gpu_model,
+            "attribution": {"split": self.split, "prefill_weight": self.prefill_weight},
             "pue": self.pue,
             "late": self.late,
             "expired": self.expired,

@@ -3,7 +3,8 @@
 Schema versions (`PRAGMA user_version`): 1 has the requests; 2 adds the windows; 3 adds
 when the server began each request and whether its token counts are estimates; 4 adds the
 trace source of a scraped server that also exports its request spans; 5 adds the
-generation parameters a request asked for (`agent.requests.Sampling`). The agent
+generation parameters a request asked for (`agent.requests.Sampling`); 6 adds its GPUs'
+model and how they split its intervals (`RequestEnergy.split`, `prefill_weight`). The agent
 (the writer) migrates an older file in place when it opens it; a reader never writes, so a
 reader of a version-1 file simply finds no windows, and of an older one the defaults of
 the columns added since (`ADDED_COLUMNS`).
@@ -23,7 +24,7 @@ COLUMNS = (
     "id", "model", "source", "gpus", "status", "start_time", "end_time", "first_token_time",
     "prompt_tokens", "completion_tokens", "gpu_dynamic_j", "gpu_static_j", "host_j",
     "facility_j", "pue", "late", "simulated", "scheduled_time", "tokens_estimated",
-    "max_tokens", "temperature", "top_p", "n",
+    "max_tokens", "temperature", "top_p", "n", "gpu_model", "split", "prefill_weight",
 )
 """The columns of `requests`, in the order rows are written and read."""
 _SCHEMA_STEPS: tuple[tuple[str, ...], ...] = (
@@ -90,6 +91,12 @@ _SCHEMA_STEPS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE requests ADD COLUMN top_p REAL",
         "ALTER TABLE requests ADD COLUMN n INTEGER",
     ),
+    (  # version 6: its GPUs' model (NVML's name) and how they split its intervals
+        "ALTER TABLE requests ADD COLUMN gpu_model TEXT",  # NULL: not known (older agent)
+        "ALTER TABLE requests ADD COLUMN split TEXT CHECK (split IN "
+        "('time', 'weighted', 'queue-aware', 'counts-unknown'))",
+        "ALTER TABLE requests ADD COLUMN prefill_weight REAL",
+    ),
 )
 """What each schema version adds: step n brings a file from version n to n + 1."""
 SCHEMA_VERSION = len(_SCHEMA_STEPS)
@@ -101,7 +108,8 @@ TRACE_SOURCE_VERSION = 4
 """The schema version that added the windows' trace source."""
 ADDED_COLUMNS = {"scheduled_time": (3, "NULL"), "tokens_estimated": (3, "0"),
                  "max_tokens": (5, "NULL"), "temperature": (5, "NULL"), "top_p": (5, "NULL"),
-                 "n": (5, "NULL")}
+                 "n": (5, "NULL"), "gpu_model": (6, "NULL"), "split": (6, "NULL"),
+                 "prefill_weight": (6, "NULL")}
 """Columns of `requests` added after version 1: the version that added each, and the value
 a file of an older version stands for."""
 

@@ -167,6 +167,7 @@ class RecordStore(RecordReader):
         prune_interval_s: float = 3600.0,
         max_pending: int = 100_000,
         clock: Callable[[], float] = time.time,
+        gpu_models: Mapping[int, str] | None = None,
     ) -> None:
         """`pue`: the site PUE that attribution used for `facility_j`, stored with each
         record. `simulated`: whether the node's GPUs are simulated, stored with each record
@@ -175,7 +176,8 @@ class RecordStore(RecordReader):
         None). `retention_days`: records whose end is older are deleted every
         `prune_interval_s` by the writer (None keeps everything). `max_pending`: the
         queue's bound, in records. `clock`: the wall clock, for retention and the summary's
-        window."""
+        window. `gpu_models`: NVML's name of each GPU, stored with each record (the report
+        fits each model's energy per GPU model)."""
         check_pue(pue, "pue")
         if flush_interval_s <= 0 or prune_interval_s <= 0:
             raise ValueError("flush and prune intervals must be > 0")
@@ -185,6 +187,7 @@ class RecordStore(RecordReader):
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.pue = pue
         self.simulated = simulated
+        self.gpu_models = dict(gpu_models or {})
         self.wall_offset = wall_clock_offset() if wall_offset is None else wall_offset
         self.flush_interval_s = flush_interval_s
         self.retention_days = retention_days
@@ -259,8 +262,14 @@ class RecordStore(RecordReader):
             _optional(int, request.prompt_tokens), _optional(int, request.completion_tokens),
             *joules, self.pue, int(energy.late), int(self.simulated),
             _optional(self._wall, request.scheduled), int(request.tokens_estimated),
-            *_sampling(request.sampling),
+            *_sampling(request.sampling), self._gpu_model(request.gpus), energy.split,
+            _optional(float, energy.prefill_weight),
         )
+
+    def _gpu_model(self, gpus: Iterable[int]) -> str | None:
+        """NVML's name of the request's GPUs ("+"-joined where they differ)."""
+        names = sorted({self.gpu_models[gpu] for gpu in gpus if gpu in self.gpu_models})
+        return "+".join(names) if names else None
 
     def _window_rows(self, source: str, window: StoredWindow, trace_source: str | None
                      ) -> _WindowRows:

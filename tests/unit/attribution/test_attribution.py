@@ -878,6 +878,8 @@ def test_a_queue_aware_interval_gives_prompt_tokens_their_cost_and_idle_by_prese
     assert out["decode"].gpu_dynamic_j == pytest.approx(8000.0)
     assert out["prefill"].gpu_static_j == pytest.approx(500.0)
     assert out["decode"].gpu_static_j == pytest.approx(500.0)
+    assert [(out[r].split, out[r].prefill_weight) for r in ("prefill", "decode")] == [
+        ("queue-aware", 0.1)] * 2, "the record says which split its GPU used"
 
 
 def test_a_saturated_board_scales_the_prompt_cost_down() -> None:
@@ -892,5 +894,16 @@ def test_a_request_whose_queue_time_is_unknown_keeps_the_weighted_split() -> Non
     """Without `scheduled` for one of them, each second is split by the weight (0.1):
     20 weighted prompt tokens against 15 completion tokens, static and dynamic alike."""
     out = queue_aware_engine(1000.0, *prefill_beside_decode(1000, 150, aware=False))
+    assert (out["prefill"].split, out["decode"].split) == ("weighted", "queue-aware")
     assert out["prefill"].gpu_j == pytest.approx(5 * 1000.0 * 20 / 35)
     assert out["decode"].gpu_j == pytest.approx(5 * 1000.0 * 15 / 35 + 5 * 1000.0)
+
+
+def test_the_record_says_a_split_by_time_and_one_as_an_average_request() -> None:
+    equal = run(engine({0: steady(100.0, 10.0)}), req("a", 0.0, 5.0))
+    assert (equal["a"].split, equal["a"].prefill_weight) == ("time", None)
+    weighted = engine({0: steady(100.0, 10.0)}, policy="tokens", prefill_weight=0.02)
+    out = run(weighted, req("known", 0.0, 5.0, prompt_tokens=10, completion_tokens=5),
+              req("unknown", 0.0, 5.0))
+    assert (out["known"].split, out["unknown"].split) == ("weighted", "counts-unknown")
+    assert out["known"].prefill_weight == 0.02

@@ -27,10 +27,11 @@ def stored(rid: str, start: float, end: float | None, *, gpus: tuple[int, ...] =
            prompt: int | None = 100, completion: int | None = 50, it_j: float = 360.0,
            scheduled: float | None = None, status: str = "ok", model: str = "m",
            estimated: bool = False, max_tokens: int | None = None,
-           temperature: float | None = None, n: int | None = None) -> StoredRequest:
+           temperature: float | None = None, n: int | None = None,
+           gpu_model: str | None = None) -> StoredRequest:
     return StoredRequest(rid, model, "test", gpus, status, start, end,  # type: ignore[arg-type]
                          None, prompt, completion, it_j, 0.0, 0.0, 0.0, 1.0, False, False,
-                         scheduled, estimated, max_tokens, temperature, None, n)
+                         scheduled, estimated, max_tokens, temperature, None, n, gpu_model)
 
 
 # --- the fit ---------------------------------------------------------------------------
@@ -251,3 +252,32 @@ def test_predict_names_a_band_with_no_requests(tmp_path: Path) -> None:
     assert all(p["energy_j"] is None and "17+" in p["refused"] for p in report["predictions"])
     (drivers,) = explain(list(RecordReader(path).query()))
     assert predict((drivers,), 100, 50)[0].energy_j is not None
+
+
+def test_each_gpu_model_gets_its_own_fit() -> None:
+    """The same model on an H100 (1 J per completion token) and an H200 (0.5 J): two fits,
+    each with its board's cost, and the CSV says which board."""
+    import csv
+    import io
+
+    from agent.report.model import build_report
+    from agent.report.render import render
+
+    rng = random.Random(2)
+    records = []
+    for i in range(60):
+        for board, cost in (("NVIDIA H100", 1.0), ("NVIDIA H200", 0.5)):
+            prompt, completion = rng.randint(10, 2000), rng.randint(5, 500)
+            records.append(stored(f"{board}-{i}", 10.0 * i, 10.0 * i + 5, prompt=prompt,
+                                  completion=completion, gpu_model=board, gpus=(0,),
+                                  it_j=2.0 + 0.01 * prompt + cost * completion))
+    h100, h200 = explain(records)
+    assert (h100.gpu_model, h200.gpu_model) == ("NVIDIA H100", "NVIDIA H200")
+    costs = [next(f for f in d.fits if f.band == "all" and f.boundary == "it")
+             for d in (h100, h200)]
+    assert [f.per_completion_token_j.value for f in costs] == [  # type: ignore[union-attr]
+        pytest.approx(1.0), pytest.approx(0.5)]
+    built = build_report(records, generated=1.0, drivers=(h100, h200))
+    rows = [r for r in csv.DictReader(io.StringIO(render(built, "csv"))) if r["level"] == "fit"]
+    assert {r["gpu_model"] for r in rows} == {"NVIDIA H100", "NVIDIA H200"}
+    assert "On m (NVIDIA H200) here" in render(built, "table")

@@ -452,3 +452,17 @@ def test_run_report_shows_the_stored_windows_and_selects_them_by_model(
     assert [(row["level"], row["model"], row["windows"]) for row in only_qwen] == [
         ("window", "qwen", "1")]
     assert float(only_qwen[0]["gpu_j_per_completion_token"]) == 18.0  # 3600 J ÷ 2 ÷ 100
+
+
+def test_requests_whose_queue_time_is_unknown_are_counted_and_said() -> None:
+    """Records without `scheduled` (here all of model "a") carry the GPU's work while they
+    waited: the report counts them and says so; one with it (b1) is not counted."""
+    from dataclasses import replace
+
+    records = [*RECORDS[:3], replace(RECORDS[3], scheduled=NOW - 9)]
+    built = build_report(records, generated=NOW)
+    assert [m.requests_queue_unknown for m in built.models] == [3, 0]
+    assert json.loads(render(built, "json"))["models"][0]["requests_queue_unknown"] == 3
+    text = render(built, "table")
+    assert "a: queue time unknown for 3 of 3 requests" in text
+    assert "b: queue time unknown" not in text

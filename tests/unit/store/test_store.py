@@ -11,6 +11,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -76,10 +77,12 @@ def open_store(path: Path) -> Iterator[Callable[..., RecordStore]]:
 
 
 def test_round_trip_of_every_field(path: Path, open_store: Callable[..., RecordStore]) -> None:
-    store = open_store()
+    store = open_store(gpu_models={0: "NVIDIA H100 80GB HBM3", 2: "NVIDIA H200",
+                                   3: "NVIDIA H100 80GB HBM3"})
     store.submit([
-        energy("a", gpus=(2, 3), status="cancelled", late=True, scheduled=0.125,
-               estimated=True, sampling=Sampling(max_tokens=64, temperature=0.7, n=2)),
+        replace(energy("a", gpus=(2, 3), status="cancelled", late=True, scheduled=0.125,
+                       estimated=True, sampling=Sampling(max_tokens=64, temperature=0.7, n=2)),
+                split="queue-aware", prefill_weight=0.02),
         energy("expired", end=None, first_token=None, prompt=None, completion=None, gpus=(0,)),
     ])
     store.close()
@@ -93,6 +96,8 @@ def test_round_trip_of_every_field(path: Path, open_store: Callable[..., RecordS
         "scheduled": OFFSET + 10.125, "prompt_tokens": 100, "completion_tokens": 40,
         "tokens_estimated": True,
         "sampling": {"max_tokens": 64, "temperature": 0.7, "top_p": None, "n": 2},
+        "gpu_model": "NVIDIA H100 80GB HBM3+NVIDIA H200",
+        "attribution": {"split": "queue-aware", "prefill_weight": 0.02},
         "pue": 1.2, "late": True, "expired": False, "simulated": False,
         "energy_j": {"gpu_dynamic": 300.0, "gpu_static": 60.0, "host": 40.0,
                      "facility": 80.0, "gpu": 360.0, "it": 400.0},
@@ -108,7 +113,8 @@ def test_round_trip_of_every_field(path: Path, open_store: Callable[..., RecordS
         "a", "llama", "proxy:vllm", (2, 3), "cancelled", OFFSET + 10.0, OFFSET + 12.5,
         OFFSET + 10.25, 100, 40, 300.0, 60.0, 40.0, 80.0, 1.2, late=True, simulated=False,
         scheduled=OFFSET + 10.125, tokens_estimated=True, max_tokens=64, temperature=0.7,
-        n=2,
+        n=2, gpu_model="NVIDIA H100 80GB HBM3+NVIDIA H200", split="queue-aware",
+        prefill_weight=0.02,
     )], "query() yields finished records only"
     assert expired["sampling"] == {"max_tokens": None, "temperature": None, "top_p": None,
                                    "n": None}
@@ -474,7 +480,7 @@ def test_a_version_1_file_is_read_without_windows_and_migrated_by_the_writer(
     store.submit_windows("scrape:vllm", [window(100.0, models={"a": Usage(1, 1, 1)})])
     store.close()
     with closing(sqlite3.connect(path)) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 6
     assert [(r.id, r.scheduled, r.tokens_estimated) for r in reader.query()] == [
         ("v1-request", None, False)]
     assert [m.model for m in reader.window_totals().models] == ["a"]
@@ -487,8 +493,6 @@ def test_the_trace_coverage_of_a_scraped_server_counts_its_spans_in_its_windows(
     say 5 requests and 50 tokens; records of its spans ended at 105, 110 (the first window:
     ends in (start, end]) and 115; one ended after the windows, one of another source in
     them; a window of another server carries no trace source."""
-    from dataclasses import replace
-
     from agent.store import TraceCoverage
 
     def span(request_id: str, end: float, completion: int | None,
