@@ -423,16 +423,18 @@ def _training(inputs: dict[str, Input], preset: Preset | None, where: Boundary,
         return None
     given = inputs["training_energy"]
     boundary: Boundary = where
-    if given.kind == "preset" and preset is not None and preset.mode == "training" \
-            and "boundary" in preset.inputs:
+    published = (given.kind == "preset" and preset is not None and preset.mode == "training"
+                 and "boundary" in preset.inputs)
+    if published and preset is not None:
         boundary = preset.inputs["boundary"]  # type: ignore[assignment]
-        if boundary != where:
-            notes.append(f"training energy is at the {boundary} boundary (preset "
-                         f"{preset.name}), the inference at the {where} boundary: they are "
-                         f"compared as given")
+        notes.append(f"training energy at the {boundary} boundary as preset {preset.name} "
+                     "publishes it: the site's PUE is not applied to a run trained "
+                     "elsewhere, and the inference's figures are compared with it as given")
     at_boundary = given.value
     energy, out_boundary = at_boundary, str(boundary)
-    applied = pue if boundary != "facility" else None
+    # A training energy given with the inference's (--training-energy) is at its boundary
+    # and in its building: the same PUE applies. A published one keeps its own.
+    applied = pue if boundary != "facility" and not published else None
     if applied is not None:
         energy, out_boundary = model.facility_energy(at_boundary, boundary, applied)
     if not daily_wh.low > 0:

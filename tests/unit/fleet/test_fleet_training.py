@@ -112,7 +112,13 @@ def test_a_training_preset_keeps_its_own_boundary(capsys: pytest.CaptureFixture[
                         "--queries-per-day", "10M")
     assert result["training_boundary"] == "gpu" and result["boundary"] == "facility"
     assert result["training_energy_wh"] == pytest.approx(433_196e3)
-    assert any("training energy is at the gpu boundary" in n for n in result["notes"])
+    assert any("training energy at the gpu boundary as preset" in n for n in result["notes"])
+    # The inference site's PUE is not the training run's: the published figure is kept.
+    with_pue = fleet_json(capsys, "--preset", "bloom-training", "--wh-per-query", "0.3",
+                          "--queries-per-day", "10M", "--pue", "1.2")
+    assert with_pue["training_energy_wh"] == pytest.approx(433_196e3)
+    assert with_pue["training_boundary"] == "gpu"
+    assert with_pue["training_carbon_g"] == pytest.approx(24.7e6, rel=1e-3)
     code, _, err = fleet(capsys, "--preset", "gpt3-training")
     assert code == 2 and "gives a training run" in err and "--wh-per-query" in err
 
