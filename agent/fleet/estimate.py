@@ -460,6 +460,12 @@ def _training(inputs: dict[str, Input], preset: Preset | None, where: Boundary,
                      "year's daily inference energy constant (no --growth, no "
                      "--efficiency-gain)")
     it_energy, grid_energy = _it_and_grid(at_boundary, energy, applied, None)
+    if applied is None and out_boundary == "facility":
+        notes.append("training water on-site: WUE × the training's facility energy (no PUE "
+                     "to take the building out), an upper bound")
+    elif applied is None:
+        notes.append(f"training carbon and water from its {out_boundary} energy alone (no "
+                     "PUE applied): the building's share is left out, an undercount")
     return Training(
         energy_wh=energy, boundary=out_boundary, given_wh=at_boundary, given_boundary=boundary,
         lifetime_days=lifetime,

@@ -119,6 +119,11 @@ def test_a_training_preset_keeps_its_own_boundary(capsys: pytest.CaptureFixture[
     assert with_pue["training_energy_wh"] == pytest.approx(433_196e3)
     assert with_pue["training_boundary"] == "gpu"
     assert with_pue["training_carbon_g"] == pytest.approx(24.7e6, rel=1e-3)
+    assert any("training carbon and water from its gpu energy alone" in n
+               for n in with_pue["notes"]), "GPU energy alone: an undercount, said"
+    gpt3 = fleet_json(capsys, "--preset", "gpt3-training", "--wh-per-query", "0.3",
+                      "--queries-per-day", "10M")
+    assert any("training water on-site" in n and "upper bound" in n for n in gpt3["notes"])
     code, _, err = fleet(capsys, "--preset", "gpt3-training")
     assert code == 2 and "gives a training run" in err and "--wh-per-query" in err
 
