@@ -27,8 +27,7 @@ token counts when it ends, at the next tick, so queue time counts as the request
 vLLM's span tells it, the engine gets the whole request, with the time it left the queue,
 up to 5 s after its end, and waits 60 s for such reports; as the ingest API tells it
 (`ingest`), as the proxy's but the end carries the time it left the queue
-(`scheduled_time`). By default (`--intakes`), `request` is fed by the first two, so that
-its figures stay as they were, and `batching` by all three.
+(`scheduled_time`). By default (`--intakes`) both simulators are fed by all three.
 The first 10 s are idle, so the engine learns the idle baseline as it would on a node;
 then `--quiet-s` seconds of single-stream load (the quieter hours an agent has seen before
 a peak, in which it can measure the prefill weight) come before the level's own load.
@@ -96,9 +95,8 @@ with the first-token time and counts, as the proxy reports them; `trace`, whole,
 span comes (`EXPORT_DELAY_S` after its end), with the time it left the server's queue, as
 the OTLP receiver reports vLLM's spans; `ingest`, as `proxy` but the end also says when the
 request left the queue, as a server that knows it reports through the ingest API."""
-DEFAULT_INTAKES = {"request": ("proxy", "trace"), "batching": INTAKES}
-"""The `request` simulator's figures stay those of its first two intakes (its conservation
-error is a maximum over engines); `ingest` is measured where it is new, on `batching`."""
+DEFAULT_INTAKES = {"request": INTAKES, "batching": INTAKES}
+"""Every intake kind, on both simulators."""
 NAIVE = ("lifetime_diff", "window_average")
 TARGETS = {("tokens-proxy", 32): (0.02, 0.08), ("tokens-proxy", 1): (0.01, None),
            ("tokens-trace", 32): (0.02, 0.08)}
