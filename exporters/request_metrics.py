@@ -236,16 +236,28 @@ def _attribution_families(totals: AttributionTotals, snapshot: NodeSnapshot) -> 
         "(configured, or measured per GPU); absent while intervals are split by time.",
         labels=GPU_LABELS, unit="ratio",
     )
+    alone = GaugeMetricFamily(
+        "jouleprobe_gpu_token_cost_alone_joules",
+        "Dynamic energy of one prompt or completion token on requests running alone, "
+        "measured per GPU; the tokens policy gives each prompt token this cost, scaled by "
+        "the board's saturation, in intervals whose requests' queue exits are known. Absent "
+        "until measured.",
+        labels=(*GPU_LABELS, "token"), unit="joules",
+    )
     for gpu, figures in sorted(totals.gpus.items()):
         labels = [str(gpu), uuids.get(gpu, "")]  # engine GPUs = sampler GPUs
         if figures.prefill_weight is not None:
             prefill.add_metric(labels, figures.prefill_weight)
+        if figures.alone_costs_j is not None:
+            for token, joules in zip(("prompt", "completion"), figures.alone_costs_j,
+                                     strict=True):
+                alone.add_metric([*labels, token], joules)
         attributed.add_metric([*labels, "gpu_dynamic"], figures.gpu_dynamic_j)
         attributed.add_metric([*labels, "gpu_static"], figures.gpu_static_j)
         unattributed.add_metric(labels, figures.unattributed_j)
         if figures.idle_power_w is not None and math.isfinite(figures.idle_power_w):
             idle.add_metric(labels, figures.idle_power_w)
-    yield from (attributed, unattributed, idle, prefill)
+    yield from (attributed, unattributed, idle, prefill, alone)
 
     if totals.host is not None:
         yield CounterMetricFamily(

@@ -45,6 +45,9 @@ class GpuTotals:
     """The prefill weight in use under the tokens policy (configured, or learned); None
     under the equal policy, or while a learned weight is not yet trusted and intervals are
     split by time instead."""
+    alone_costs_j: tuple[float, float] | None = None
+    """Dynamic joules of a prompt and of a completion token measured on requests running
+    alone, which queue-aware intervals use; None until measured (or not learned)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +282,7 @@ class AttributionEngine:
                         measured_j=lane.measured_j,
                         idle_power_w=lane.idle_w,
                         prefill_weight=lane.prefill_weight,
+                        alone_costs_j=lane.alone_costs_j if self.policy == "tokens" else None,
                     )
                     for gpu, lane in self._gpus.items()
                 },

@@ -440,3 +440,20 @@ def test_prefill_weight_gauge_shows_the_weight_in_use() -> None:
         samples = exposed_samples(generate_latest(build_registry(collector)).decode())
         key = series("jouleprobe_gpu_prefill_weight_ratio", gpu="0", uuid="GPU-aaaa")
         assert samples.get(key) == expected
+
+
+def test_the_costs_of_a_token_alone_are_exported_once_measured() -> None:
+    sampler = _sampled_node()
+    engine = AttributionEngine(sampler.timelines, policy="tokens")
+    collector = NodeCollector(sampler.snapshot, pue=1.2, version="0")
+    collector.add(RequestMetrics(engine.totals).families)
+    name = "jouleprobe_gpu_token_cost_alone_joules"
+    prompt = series(name, gpu="0", uuid="GPU-aaaa", token="prompt")
+    samples = exposed_samples(generate_latest(build_registry(collector)).decode())
+    assert prompt not in samples, "absent until measured"
+    learner = engine._gpus[0].weight_learner
+    assert learner is not None
+    learner.alone_costs_j = (0.02, 1.5)
+    samples = exposed_samples(generate_latest(build_registry(collector)).decode())
+    assert samples[prompt] == 0.02
+    assert samples[series(name, gpu="0", uuid="GPU-aaaa", token="completion")] == 1.5
