@@ -61,6 +61,14 @@ _DEFINES: Mapping[Mode, tuple[str, ...]] = {
     "server": ("servers", "server_kw", "gpus"),
     "capacity": ("queries_per_gpu_second",),
 }
+_MODE_ONLY: Mapping[Mode, tuple[str, ...]] = {
+    "query": ("wh_per_query",),
+    "token": ("j_per_token", "tokens_per_day"),
+    "server": ("servers", "server_kw", "utilization"),
+    "capacity": ("queries_per_gpu_second", "gpus_per_server"),
+}
+"""Inputs that only their mode reads: a preset's of another mode are left out of the
+estimate (and of its list of inputs used) when a measurement or flags choose the mode."""
 DEFAULT_GPUS_PER_SERVER = 8
 
 
@@ -302,6 +310,9 @@ def estimate(
         raise ValueError(f"--boundary: expected one of {', '.join(BOUNDARIES)}, got {boundary!r}")
     inputs = gather(flags, preset)
     chosen = choose_mode(inputs, measurement, preset, mode)
+    unread = {name for other, names in _MODE_ONLY.items() if other != chosen for name in names}
+    for name in [n for n, given in inputs.items() if given.kind == "preset" and n in unread]:
+        del inputs[name]
     notes: list[str] = list(measurement.notes) if measurement else []
     if measurement is not None and "queries_per_day" not in inputs \
             and measurement.queries_per_day is not None and chosen in ("query", "capacity"):

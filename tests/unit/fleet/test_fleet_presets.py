@@ -124,6 +124,8 @@ def test_a_preset_volume_priced_at_our_own_wh_per_query(
     assert result["annual_energy_wh"] == pytest.approx(0.1 * 9e9 * 365)
     assert result["inputs"]["wh_per_query"]["origin"] == "--wh-per-query"
     assert result["inputs"]["queries_per_day"]["origin"].startswith("preset google-search-ai")
+    # The preset's server figures describe another mode: not used, so not listed as used.
+    assert not {"servers", "server_kw", "utilization"} & set(result["inputs"])
 
 
 def test_a_flag_overrides_one_figure_of_a_preset(capsys: pytest.CaptureFixture[str]) -> None:
