@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from fleet_cli import fleet, fleet_json
 from scripted import require_module, serve_http
 
 from agent import report
-from agent.cli import main
 from agent.fleet import Span, estimate, from_records
 from agent.fleet.inputs import summary_measurement
 from agent.requests import Request, RequestEnergy
@@ -41,17 +41,6 @@ RECORDS = [_record(i, 360.0 + 72.0 * (i % 5), gpu=i % 2) for i in range(50)]
 MEAN_IT_WH = sum(r.it_j for r in RECORDS) / len(RECORDS) / 3600
 
 
-def fleet(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(["fleet", *argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def fleet_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
-    code, out, err = fleet(capsys, *argv, "--format", "json")
-    assert code == 0, err
-    result: dict[str, Any] = json.loads(out)
-    return result
 
 
 def _write_store(path: Path, *, simulated: bool) -> str:

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from fleet_cli import fleet_json
 
 from agent.cli import main
 from agent.fleet import facts
-
-
-def fleet_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
-    assert main(["fleet", *argv, "--format", "json"]) == 0
-    out: dict[str, Any] = json.loads(capsys.readouterr().out)
-    return out
 
 
 def _reactors(result: dict[str, Any], bound: str) -> float:

@@ -3,14 +3,11 @@ each checked against a hand computation."""
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import pytest
+from fleet_cli import fleet, fleet_json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.cli import main
 from agent.fleet import model
 from agent.fleet.estimate import estimate
 from agent.fleet.model import Span
@@ -24,17 +21,6 @@ def spans(draw: st.DrawFn, values: st.SearchStrategy[float] = positive) -> Span:
     return Span.between(min(a, b), max(a, b))
 
 
-def fleet(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(["fleet", *argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def fleet_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
-    code, out, err = fleet(capsys, *argv, "--format", "json")
-    assert code == 0, err
-    result: dict[str, Any] = json.loads(out)
-    return result
 
 
 # --- training ----------------------------------------------------------------------------
