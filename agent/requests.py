@@ -64,9 +64,10 @@ def sampling_of(values: Mapping[str, Any]) -> Sampling | None:
     request body is the server's to judge); None where none is. Runs for every span the
     trace receiver takes, so it reads each field once."""
     get = values.get
-    max_tokens, n = _whole(get("max_tokens"), 0), _whole(get("n"), 1)
-    temperature = _number(get("temperature"), MAX_TEMPERATURE)
-    top_p = _number(get("top_p"), 1.0)
+    max_tokens = _whole(get("max_tokens"), _WHOLE_FROM["max_tokens"])
+    n = _whole(get("n"), _WHOLE_FROM["n"])
+    temperature = _number(get("temperature"), _NUMBER_UP_TO["temperature"])
+    top_p = _number(get("top_p"), _NUMBER_UP_TO["top_p"])
     if max_tokens is None and temperature is None and top_p is None and n is None:
         return None
     return Sampling(max_tokens, temperature, top_p, n)

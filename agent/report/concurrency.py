@@ -25,8 +25,13 @@ BANDS: tuple[tuple[str, float], ...] = (("1", 1.5), ("2-4", 4.5), ("5-16", 16.5)
 serving engines commonly run (16), beyond."""
 
 
+def band_of(value: float, bounds: tuple[tuple[str, float], ...]) -> str:
+    """The name of the first band of `bounds` (name, exclusive upper bound) holding value."""
+    return next(name for name, upper in bounds if value < upper)
+
+
 def band(concurrency: float) -> str:
-    return next(name for name, upper in BANDS if concurrency < upper)
+    return band_of(concurrency, BANDS)
 
 
 def mean_concurrency(records: Sequence[StoredRequest]) -> list[float | None]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from agent.report.concurrency import BANDS as CONCURRENCY_BANDS
 from agent.report.concurrency import band as concurrency_band
-from agent.report.concurrency import mean_concurrency
+from agent.report.concurrency import band_of, mean_concurrency
 from agent.report.fit import EnergyFit, Interval, Refused, fit_energy
 from agent.store import StoredRequest
 from agent.units import JOULES_PER_WH
@@ -88,9 +88,7 @@ def _counted(record: StoredRequest) -> bool:
 
 
 def _by_bounds(value: int | None, bounds: tuple[tuple[str, float], ...]) -> str:
-    if value is None:
-        return UNKNOWN
-    return next(name for name, upper in bounds if value < upper)
+    return UNKNOWN if value is None else band_of(value, bounds)
 
 
 def explain(records: Sequence[StoredRequest]) -> tuple[ModelDrivers, ...]:

@@ -46,7 +46,7 @@ SGLANG_SCOPE = "sglang server"
 TRITON_SCOPE = "triton-server"
 _SGLANG_ROOT = re.compile(r"(?:prefill|decode)? Req ")
 """SGLang's request span: `" Req <rid[:8]>"` (unified), `"prefill Req …"`, `"decode Req …"`."""
-_SAMPLING = {f"gen_ai.request.{name}": name for name in SAMPLING_FIELDS}
+_SAMPLING = tuple(f"gen_ai.request.{name}" for name in SAMPLING_FIELDS)
 """The OpenTelemetry GenAI attributes of a request's generation parameters, which vLLM and
 SGLang set (vLLM only where they are not 0: a span without a temperature does not say
 that it was greedy, so none is read)."""
@@ -246,9 +246,6 @@ def _traced(span: Span, request_id: Any, attrs: Mapping[str, Any], *,
     model = attrs.get("gen_ai.response.model")
     if not isinstance(model, str) or label_text_problem(model, MAX_MODEL_LENGTH) is not None:
         model = None
-    sampling = sampling_of({"max_tokens": attrs.get("gen_ai.request.max_tokens"),
-                            "temperature": attrs.get("gen_ai.request.temperature"),
-                            "top_p": attrs.get("gen_ai.request.top_p"),
-                            "n": attrs.get("gen_ai.request.n")})
+    sampling = sampling_of(dict(zip(SAMPLING_FIELDS, map(attrs.get, _SAMPLING), strict=True)))
     return TracedRequest(request_id, model, start, scheduled, first_token, end, prompt,
                          completion, "cancelled" if cancelled else "ok", sampling)
