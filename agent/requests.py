@@ -107,7 +107,7 @@ class Request:
     def __post_init__(self) -> None:
         if not self.gpus:
             raise ValueError(f"request {self.id!r}: its GPU set is empty (unknown GPUs)")
-        if len(set(self.gpus)) != len(self.gpus):
+        if len(self.gpus) > 1 and len(set(self.gpus)) != len(self.gpus):
             raise ValueError(f"request {self.id!r}: GPU set {self.gpus} names a GPU twice")
         if self.status not in STATUSES:
             raise ValueError(f"request {self.id!r}: unknown status {self.status!r}")
@@ -119,8 +119,8 @@ class Request:
         if self.scheduled is not None and not self.start <= self.scheduled <= min(
                 latest, math.inf if self.first_token is None else self.first_token):
             raise ValueError(f"request {self.id!r}: scheduled outside [start, first token]")
-        for name in ("prompt_tokens", "completion_tokens"):
-            value = getattr(self, name)
+        for name, value in (("prompt_tokens", self.prompt_tokens),
+                            ("completion_tokens", self.completion_tokens)):
             if value is not None and not 0 <= value <= MAX_TOKENS:
                 raise ValueError(f"request {self.id!r}: {name} outside 0..{MAX_TOKENS}")
 

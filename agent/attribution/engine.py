@@ -201,18 +201,20 @@ class AttributionEngine:
                     f"request {request.id!r} was not accepted"
                 )
             lanes = self._lanes_of(request)
-            pending = Pending(
-                request, late=any(lane.processed_overlap(request.start, request.end)
-                                  for lane in lanes),
-            )
-            self._late += pending.late
+            late = False
+            for lane in lanes:
+                if lane.processed_overlap(request.start, request.end):
+                    late = True
+                    break
+            pending = Pending(request, late)
+            self._late += late
             self._pending[request.id] = pending
             if request.end is None:
                 self._open[request.id] = pending
                 for lane in lanes:
                     lane.open_starts[request.id] = request.start
             else:
-                self._close(pending, request.end)
+                self._close(pending, request.end, lanes)
 
     def end(
         self,
@@ -249,8 +251,7 @@ class AttributionEngine:
                 scheduled=old.scheduled if scheduled is None else scheduled,
                 tokens_estimated=tokens_estimated,
             )
-            self._unopen(pending)
-            self._close(pending, end)
+            self._close(pending, end, self._unopen(pending))
             return True
 
     def advance(self, now: float) -> list[RequestEnergy]:
@@ -310,24 +311,27 @@ class AttributionEngine:
             lanes.append(self._host)
         return lanes
 
-    def _unopen(self, pending: Pending) -> None:
+    def _unopen(self, pending: Pending) -> list[Lane]:
+        """Takes an open request off the open lists; returns its lanes."""
         del self._open[pending.request.id]
-        for lane in self._lanes_of(pending.request):
+        lanes = self._lanes_of(pending.request)
+        for lane in lanes:
             del lane.open_starts[pending.request.id]
+        return lanes
 
     def _expire(self, now: float) -> None:
         cutoff = now - self.max_age_s
         if not self._open or min(p.request.start for p in self._open.values()) > cutoff:
             return
         for pending in [p for p in self._open.values() if p.request.start <= cutoff]:
-            self._unopen(pending)
+            lanes = self._unopen(pending)
             pending.expired = True
             self._expired += 1
-            self._close(pending, pending.request.start + self.max_age_s)
+            self._close(pending, pending.request.start + self.max_age_s, lanes)
 
-    def _close(self, pending: Pending, until: float) -> None:
+    def _close(self, pending: Pending, until: float, lanes: list[Lane]) -> None:
         segments = self._segments(pending.request, until)
-        for lane in self._lanes_of(pending.request):
+        for lane in lanes:
             pending.lanes_left += lane.join(pending, segments, self._seq)
         if pending.lanes_left == 0:
             self._ready.append(pending)

@@ -217,19 +217,20 @@ class Lane:
         seq: Iterator[int],
     ) -> bool:
         """Schedule a closed request's segments; False if this lane has nothing to give it."""
-        if self.timeline.latest() is None:
+        if not segments or self.timeline.latest() is None:
             return False
-        floor = self.cursor.time if self.cursor is not None else -math.inf
-        clipped = [(max(a, floor), b, s) for a, b, s in segments if b > floor]
-        if not clipped:
-            return False
-        member = _Membership(pending, events_left=len(clipped) + 1)
+        if self.cursor is not None:
+            floor = self.cursor.time
+            segments = [(max(a, floor), b, s) for a, b, s in segments if b > floor]
+            if not segments:
+                return False
+        member = _Membership(pending, len(segments) + 1)
+        events = self._events
         previous: Segment | None = None
-        for a, _, segment in clipped:
-            heapq.heappush(self._events, _Event(a, next(seq), member, previous, segment))
+        for a, _, segment in segments:
+            heapq.heappush(events, _Event(a, next(seq), member, previous, segment))
             previous = segment
-        _, end, _ = clipped[-1]
-        heapq.heappush(self._events, _Event(end, next(seq), member, previous, None))
+        heapq.heappush(events, _Event(segments[-1][1], next(seq), member, previous, None))
         self._members[pending.request.id] = member
         return True
 

@@ -163,8 +163,9 @@ class TraceReceiver:
             return Rejected("gpus_unknown", f"the GPUs of {source.service!r} are not known: {exc}")
 
         first, scheduled = traced.first_token, traced.scheduled
+        name = source.name
         request = Request(
-            traced.id, source.model or traced.model or source.service, source.name, gpus,
+            traced.id, source.model or traced.model or source.service, name, gpus,
             traced.start - offset, traced.end - offset,
             None if first is None else first - offset, traced.prompt_tokens,
             traced.completion_tokens, traced.status,
@@ -178,11 +179,11 @@ class TraceReceiver:
         except ValueError as exc:  # an unknown GPU
             return Rejected("refused", str(exc))
         if self.coverage is not None:
-            self.coverage.ended(source.name, traced.end - offset, traced.completion_tokens)
+            self.coverage.ended(name, traced.end - offset, traced.completion_tokens)
         self.taken[span_id] = None
         if len(self.taken) > REMEMBERED_SPANS:
             self.taken.popitem(last=False)
-        self.stats.spans["accepted", source.name] += 1
+        self.stats.spans["accepted", name] += 1
         return None
 
 

@@ -28,11 +28,9 @@ a proxy (which sees only arrival) cannot know.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
@@ -46,12 +44,12 @@ SGLANG_SCOPE = "sglang server"
 TRITON_SCOPE = "triton-server"
 _SGLANG_ROOT = re.compile(r"(?:prefill|decode)? Req ")
 """SGLang's request span: `" Req <rid[:8]>"` (unified), `"prefill Req …"`, `"decode Req …"`."""
-_SAMPLING = tuple(f"gen_ai.request.{name}" for name in SAMPLING_FIELDS)
+_SAMPLING = tuple((name, f"gen_ai.request.{name}") for name in SAMPLING_FIELDS)
 """The OpenTelemetry GenAI attributes of a request's generation parameters, which vLLM and
 SGLang set (vLLM only where they are not 0: a span without a temperature does not say
 that it was greedy, so none is read)."""
 _COUNTS = ("gen_ai.usage.prompt_tokens", "gen_ai.usage.completion_tokens",
-           "gen_ai.response.model", *_SAMPLING)
+           "gen_ai.response.model", *(key for _, key in _SAMPLING))
 _VLLM_LATENCIES = ("gen_ai.latency.time_in_queue", "gen_ai.latency.time_to_first_token",
                    "gen_ai.latency.e2e")
 _SGLANG_LATENCIES = ("gen_ai.latency.time_to_first_token",)
@@ -62,9 +60,10 @@ _TRITON_KEYS = frozenset(("triton.model_name", "triton.trace_parent_id", "triton
 MAX_ID_LENGTH = 128
 
 
-@dataclass(frozen=True, slots=True)
-class TracedRequest:
-    """A request as its span tells it; times in wall-clock seconds since the epoch."""
+class TracedRequest(NamedTuple):
+    """A request as its span tells it; times in wall-clock seconds since the epoch. (A
+    tuple: one is made for every span taken, and a frozen dataclass costs a call per
+    field to build.)"""
 
     id: str
     model: str | None
@@ -211,14 +210,11 @@ def _triton(span: Span, attrs: Mapping[str, Any], phases: Phases
 def _latencies(attrs: Mapping[str, Any], keys: tuple[str, ...]
                ) -> tuple[float | None, ...] | Rejected:
     """The seconds of the `gen_ai.latency.*` attributes `keys`, each None where absent."""
-    found = []
-    for key in keys:
-        value = attrs.get(key)
-        if value is not None and not (type(value) in (int, float) and math.isfinite(value)
-                                      and 0 <= value < 1e7):
-            return Rejected("bad_times", f"{key} = {value!r}")
-        found.append(value)
-    return tuple(found)
+    found = tuple(map(attrs.get, keys))
+    for key, value in zip(keys, found, strict=True):
+        if value is not None and not (type(value) in (int, float) and 0 <= value < 1e7):
+            return Rejected("bad_times", f"{key} = {value!r}")  # NaN fails the range too
+    return found
 
 
 def _traced(span: Span, request_id: Any, attrs: Mapping[str, Any], *,
@@ -237,15 +233,15 @@ def _traced(span: Span, request_id: Any, attrs: Mapping[str, Any], *,
             start <= scheduled <= latest)):
         return Rejected("bad_times", f"{span.name!r} span whose times are out of order "
                                      "(arrival <= queue exit <= first token <= end)")
-    prompt, completion = (attrs.get(name) for name in (
-        "gen_ai.usage.prompt_tokens", "gen_ai.usage.completion_tokens"))
+    prompt = attrs.get("gen_ai.usage.prompt_tokens")
+    completion = attrs.get("gen_ai.usage.completion_tokens")
     for name, value in (("prompt_tokens", prompt), ("completion_tokens", completion)):
         if value is not None and token_count_problem(value) is not None:
             return Rejected("bad_tokens", f"{span.name!r} span with gen_ai.usage.{name} = "
                                           f"{value!r}")
     model = attrs.get("gen_ai.response.model")
-    if not isinstance(model, str) or label_text_problem(model, MAX_MODEL_LENGTH) is not None:
+    if model is not None and label_text_problem(model, MAX_MODEL_LENGTH) is not None:
         model = None
-    sampling = sampling_of(dict(zip(SAMPLING_FIELDS, map(attrs.get, _SAMPLING), strict=True)))
+    sampling = sampling_of({field: attrs[key] for field, key in _SAMPLING if key in attrs})
     return TracedRequest(request_id, model, start, scheduled, first_token, end, prompt,
                          completion, "cancelled" if cancelled else "ok", sampling)
