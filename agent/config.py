@@ -210,6 +210,9 @@ class ProxyTable:
                           _positive)
     max_concurrent: int = _key(1024, "requests handled at once; more get 503 with Retry-After",
                                _positive)
+    workers: int = _key(1, "worker processes that serve it, on one port (0: inside the "
+                        "agent's own process, where its work competes with the proxy's)",
+                        _non_negative)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,11 @@ class ProxyMetrics:
             "Upstream failures: unreachable (502) or timeout (504, or cut off mid-answer).",
             labels=("proxy", "kind"),
         )
+        restarts = CounterMetricFamily(
+            "jouleprobe_proxy_worker_restarts",
+            "Times a worker process of the proxy died and was started again.",
+            labels=("proxy",),
+        )
         asks = GaugeMetricFamily(
             "jouleprobe_proxy_asks_for_usage",
             "1 where the proxy asks the upstream for include_usage on streams that did not "
@@ -56,6 +61,7 @@ class ProxyMetrics:
             busy.add_metric([name], stats.busy)
             upstream.add_metric([name, "unreachable"], stats.upstream_unreachable)
             upstream.add_metric([name, "timeout"], stats.upstream_timeouts)
+            restarts.add_metric([name], stats.worker_restarts)
             for endpoint, reported in sorted(stats.counts_unasked.items()):
                 asks.add_metric([name, endpoint], 0 if reported else 1)
-        yield from (requests, running, refused, busy, upstream, asks)
+        yield from (requests, running, refused, busy, upstream, restarts, asks)

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -15,7 +14,9 @@ import grpc
 from aiohttp import web
 
 from agent.app.node import Node
-from agent.config import Config, GpuSpec, parse_listen
+from agent.app.proxies import Proxies
+from agent.app.sites import bind, start_site
+from agent.config import Config, GpuSpec
 from agent.devices.base import GpuSource
 from agent.devices.host import open_host_source
 from agent.devices.nvml import NvmlGpuSource
@@ -27,8 +28,6 @@ from agent.intake.otlp import RUNNER_OPTIONS as OTLP_RUNNER_OPTIONS
 from agent.intake.otlp import ProcessGpus, TraceReceiver, TraceSource, fixed, otlp_app
 from agent.intake.otlp.coverage import Coverage
 from agent.intake.otlp.grpc_service import start_grpc
-from agent.intake.proxy import PROXY_STATS, proxy_app
-from agent.intake.proxy import RUNNER_OPTIONS as PROXY_RUNNER_OPTIONS
 from agent.intake.scrapers import WindowScraper
 from agent.intake.scrapers.scraper import ErrorKind, ScrapeObserver
 from agent.intake.scrapers.window import WindowFigures
@@ -50,26 +49,6 @@ def open_gpu_source(config: Config) -> GpuSource:
         log.warning("SIMULATED GPUs (%s): figures are not measurements", config.agent.simulate)
         return source
     return NvmlGpuSource.open()
-
-
-def bind(listen: str) -> socket.socket:
-    """A listening socket for HOST:PORT; binding it ourselves tells us the port when it was 0."""
-    host, port = parse_listen(listen)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family)
-
-
-async def start_site(
-    app: web.Application, listen: str | socket.socket, what: str, **runner_options: Any
-) -> web.AppRunner:
-    """`app` served on `listen`: HOST:PORT, or a socket already bound (whose port is
-    known before the app is built)."""
-    runner = web.AppRunner(app, access_log=None, **runner_options)
-    await runner.setup()
-    sock = listen if isinstance(listen, socket.socket) else bind(listen)
-    await web.SockSite(runner, sock).start()
-    log.info("serving %s on http://%s:%d", what, *sock.getsockname()[:2])
-    return runner
 
 
 async def attribute_periodically(node: Node) -> None:
@@ -140,21 +119,12 @@ async def cancel(tasks: list[asyncio.Task[None]]) -> None:
             await task
 
 
-async def start_proxies(node: Node, runners: list[web.AppRunner]) -> None:
-    """One reverse proxy per `[[proxy]]` table, counted in the metrics, each appended to
-    `runners` (in the tables' order) as soon as it serves, to be cleaned up whatever
-    happens to the next."""
-    tables = node.config.proxy
-    proxies = {table.name: proxy_app(table, node.engine,
-                                     resolver(node, table.gpus, table.upstream).current,
-                                     max_concurrent=table.max_concurrent)
-               for table in tables}
-    node.collector.add(ProxyMetrics({n: app[PROXY_STATS] for n, app in proxies.items()})
-                       .families)
-    for table in tables:
-        runners.append(await start_site(proxies[table.name], table.listen,
-                                        f"proxy {table.name} -> {table.upstream}",
-                                        **PROXY_RUNNER_OPTIONS))
+async def start_proxies(node: Node, proxies: Proxies) -> None:
+    """Every `[[proxy]]` table served (`agent.app.proxies`), its counters in the metrics."""
+    try:
+        await proxies.start(node, bind)
+    finally:  # the metrics of those that started, whatever happened to the next
+        node.collector.add(ProxyMetrics(proxies.stats).families)
 
 
 def build_apps(node: Node, token: str | None) -> tuple[web.Application, web.Application]:
@@ -238,6 +208,7 @@ async def serve(config: Config, gpu_source: GpuSource) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     runners: list[web.AppRunner] = []
+    proxies = Proxies()
     grpc_server: grpc.aio.Server | None = None
     node.start()
     tasks = [asyncio.create_task(attribute_periodically(node)),
@@ -248,13 +219,14 @@ async def serve(config: Config, gpu_source: GpuSource) -> None:
         if receiver is not None:
             http, grpc_server = await start_trace_receiver(receiver, config, otlp_token)
             runners.append(http)
-        await start_proxies(node, runners)
+        await start_proxies(node, proxies)
         log.info("sampling %d GPU(s) every %.3g s; records in %s",
                  len(node.sampler.gpus()), config.agent.sample_interval, config.records.path)
         await stop.wait()
         log.info("stopping: attributing what was measured and flushing records")
     finally:
         await cancel(tasks)
+        await proxies.stop()
         if grpc_server is not None:
             await grpc_server.stop(grace=1.0)
         for runner in reversed(runners):

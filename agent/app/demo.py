@@ -39,16 +39,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.app.daemon import (
     attribute_periodically,
-    bind,
     build_apps,
     cancel,
     start_proxies,
     start_scrapers,
-    start_site,
     start_trace_receiver,
     trace_receiver,
 )
 from agent.app.node import Node
+from agent.app.proxies import Proxies
+from agent.app.sites import bind, start_site
 from agent.config import Config, ProxyTable, ScrapeTable, TraceTable, load
 from agent.devices.host import EstimatedHostSource
 from agent.intake.otlp.http_service import TRACES_PATH
@@ -227,6 +227,7 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
     node.start()
     tasks = [asyncio.create_task(attribute_periodically(node))]
     runners = [await start_site(metrics_app, config.agent.listen, "metrics")]
+    proxies = Proxies()
     try:
         otlp, _ = await start_trace_receiver(receiver, config, token=None)
         runners.append(otlp)
@@ -238,11 +239,9 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
             runners.append(await start_site(
                 upstream_for(gpu, request_load, traces if gpu == TRACED else None), sock,
                 f"simulated server of GPU {gpu}"))
-        proxies: list[web.AppRunner] = []
         await start_proxies(node, proxies)
-        runners += proxies
         tasks += start_scrapers(node, receiver.coverage)
-        entries = iter(_url(proxy) for proxy in proxies)
+        entries = iter(proxies.urls)
         urls = [_address(sock) if gpu == TRACED else next(entries)
                 for gpu, sock in enumerate(sockets)]
         print(f"  idle for {IDLE_LEAD_S:.0f} s so the agent learns each GPU's idle power ...")
@@ -258,6 +257,7 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
             scraped = await response.text()
     finally:
         await cancel(tasks)
+        await proxies.stop()
         for runner in reversed(runners):
             await runner.cleanup()
 

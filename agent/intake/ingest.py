@@ -11,8 +11,10 @@
        {"type": "request", "id": "r2", "model": "llama-8b", "gpus": ["GPU-5d1f..."],
         "start": 812.0, "end": 813.1, ...}]}
 
-`scheduled_time`, where a server knows it, is when it took the request from its queue:
-the time before it gets none of the request's energy (it goes to what the GPU did then).
+`tokens_estimated: true` on an end or request event says that its token counts are the
+server's estimate, not its tokenizer's figures. `scheduled_time`, where a server knows it,
+is when it took the request from its queue: the time before it gets none of the request's
+energy (it goes to what the GPU did then).
 A start or request event may also say the generation parameters the request asked for
 (`max_tokens`, `temperature`, `top_p`, `n`, each optional), which the report breaks
 energy down by.
@@ -86,7 +88,7 @@ _REQUIRED = {
     "request": ("id", "model", "gpus", "start", "end"),
 }
 _OPTIONAL_END = ("first_token_time", "scheduled_time", "prompt_tokens", "completion_tokens",
-                 "status")
+                 "status", "tokens_estimated")
 _FIELDS = {
     "start": frozenset(("type", *_REQUIRED["start"], *SAMPLING_FIELDS)),
     "end": frozenset(("type", *_REQUIRED["end"], *_OPTIONAL_END)),
@@ -138,20 +140,23 @@ class _Window:
         ))
 
 
-class _Intake:
-    """Validates batches of events and applies them to the engine."""
+class EventIntake:
+    """Validates batches of events and applies them to the engine, as requests of `source`:
+    the ingest API's, or a proxy worker's (`agent.intake.proxy.channel`)."""
 
     def __init__(
         self,
         engine: AttributionEngine,
         gpus: list[GpuInfo],
-        clock: Callable[[], float],
-        wall_clock: Callable[[], float],
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        source: str = SOURCE,
     ) -> None:
         measured = set(engine.totals().gpus)
         if missing := sorted(info.index for info in gpus if info.index not in measured):
             raise ValueError(f"GPU(s) {missing} have no timeline in the attribution engine")
         self._engine = engine
+        self._source = source
         self._clock = clock
         self._wall_clock = wall_clock
         self._indices = frozenset(info.index for info in gpus)
@@ -185,6 +190,20 @@ class _Intake:
         now = self._clock()
         offset = self._wall_clock() - now if clock == "wall" else 0.0
         return self._apply(events, _Window(now, offset))
+
+    def apply_each(self, events: list[Any]) -> list[tuple[Any, str]]:
+        """Applies each event (monotonic times) on its own, an engine at capacity refusing
+        only the events it meets, and returns those refused with why. For a proxy worker's
+        events: a request the engine cannot take is proxied unmeasured, and the ends of
+        those it took must land all the same."""
+        window = _Window(self._clock(), 0.0)
+        refused: list[tuple[Any, str]] = []
+        for event in events:
+            try:
+                self._event(event, window)
+            except (_Invalid, CapacityExceeded) as exc:
+                refused.append((event, str(exc)))
+        return refused
 
     def _apply(self, events: list[Any], window: _Window) -> tuple[int, dict[str, Any]]:
         accepted = 0
@@ -223,8 +242,8 @@ class _Intake:
         gpus = self._gpus(event["gpus"])
         sampling = _sampling(event)
         if kind == "start":
-            request = Request(request_id, model, SOURCE, gpus, window.time(event, "time"),
-                              sampling=sampling)
+            request = Request(request_id, model, self._source, gpus,
+                              window.time(event, "time"), sampling=sampling)
         else:
             start = window.time(event, "start")
             end = window.time(event, "end")
@@ -234,9 +253,9 @@ class _Intake:
             scheduled = _time_within(event, "scheduled_time", start,
                                      end if first_token is None else first_token, window)
             request = Request(
-                request_id, model, SOURCE, gpus, start, end, first_token,
+                request_id, model, self._source, gpus, start, end, first_token,
                 _tokens(event, "prompt_tokens"), _tokens(event, "completion_tokens"),
-                _status(event), scheduled, sampling=sampling,
+                _status(event), scheduled, _estimated(event), sampling=sampling,
             )
         try:
             self._engine.add(request)
@@ -254,6 +273,7 @@ class _Intake:
                 prompt_tokens=_tokens(event, "prompt_tokens"),
                 completion_tokens=_tokens(event, "completion_tokens"),
                 status=_status(event), scheduled=scheduled,
+                tokens_estimated=_estimated(event),
             )
         except ValueError as exc:
             # Only the engine knows the start, and its message says what is out of place.
@@ -342,6 +362,13 @@ def _status(event: dict[str, Any]) -> Any:
     return value
 
 
+def _estimated(event: dict[str, Any]) -> bool:
+    value = event.get("tokens_estimated", False)
+    if type(value) is not bool:
+        raise _Invalid("tokens_estimated", f"expected true or false, got {show(value)}")
+    return value
+
+
 def _refusal(field: str | None, error: str) -> dict[str, Any]:
     """The answer to a POST refused as a whole: same shape as per-event errors, no index."""
     return {"accepted": 0, "errors": [{"field": field, "error": error}]}
@@ -366,7 +393,7 @@ def ingest_app(
     stays within `max_concurrent × max_body_bytes` of request bodies.
     """
     limit = BusyLimit(max_concurrent)
-    intake = _Intake(engine, gpus, clock, wall_clock)
+    intake = EventIntake(engine, gpus, clock, wall_clock)
 
     unauthorized = json.dumps(_refusal("Authorization", "a valid bearer token is required"))
 

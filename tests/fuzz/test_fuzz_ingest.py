@@ -1,6 +1,6 @@
 """Property-based tests of the ingest API: whatever a client sends, it gets a clear answer.
 
-Most cases go straight to the function that answers a POST body (`_Intake.take`), with a
+Most cases go straight to the function that answers a POST body (`EventIntake.take`), with a
 fresh engine per case holding requests accepted earlier; a smaller number go through real
 HTTP to the aiohttp app, where the body size limit and the answer's encoding come in.
 Cases per run (max_examples, all with deadline=None): 1,500 arbitrary JSON documents,
@@ -34,7 +34,7 @@ from scripted import serve_app
 
 from agent.attribution import AttributionEngine
 from agent.intake.client import EVENTS_PATH
-from agent.intake.ingest import _Intake, ingest_app
+from agent.intake.ingest import EventIntake, ingest_app
 from agent.timeline import EnergyPoint, Timeline
 
 DRAINED = NOW + 50_000.0
@@ -172,10 +172,10 @@ def make_engine() -> AttributionEngine:
                              max_pending=MAX_PENDING)
 
 
-def fresh_intake() -> tuple[AttributionEngine, _Intake]:
+def fresh_intake() -> tuple[AttributionEngine, EventIntake]:
     """An engine holding two requests accepted earlier, and an intake in front of it."""
     engine = make_engine()
-    intake = _Intake(engine, GPUS, lambda: NOW, lambda: NOW + WALL_OFFSET)
+    intake = EventIntake(engine, GPUS, lambda: NOW, lambda: NOW + WALL_OFFSET)
     status, answer = intake.take(json.dumps({"events": [
         {"type": "start", "id": ANCHOR_OPEN, "model": "m", "gpus": [0], "time": NOW - 60},
         {"type": "request", "id": ANCHOR_DONE, "model": "m", "gpus": [1],

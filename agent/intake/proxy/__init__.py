@@ -40,7 +40,9 @@ from agent.intake.proxy.app import (
     REQUEST_ID_HEADER,
     RUNNER_OPTIONS,
     ProxyStats,
+    RequestSink,
     proxy_app,
 )
 
-__all__ = ["PROXY_STATS", "REQUEST_ID_HEADER", "RUNNER_OPTIONS", "ProxyStats", "proxy_app"]
+__all__ = ["PROXY_STATS", "REQUEST_ID_HEADER", "RUNNER_OPTIONS", "ProxyStats", "RequestSink",
+           "proxy_app"]

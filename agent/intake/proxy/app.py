@@ -26,13 +26,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from agent.attribution import AttributionEngine, CapacityExceeded
+from agent.attribution import CapacityExceeded
 from agent.config import ProxyTable
 from agent.intake.proxy.measurement import Measurement
 from agent.intake.proxy.ollama import NATIVE_SUFFIXES, NDJSON, LineStream
@@ -78,6 +78,21 @@ RUNNER_OPTIONS: dict[str, Any] = {"auto_decompress": False, "handler_cancellatio
 """Keyword arguments for the `web.AppRunner` that serves `proxy_app`."""
 
 
+class RequestSink(Protocol):
+    """Where the proxy reports its requests: the `AttributionEngine` itself, or, in a proxy
+    worker process, the channel to the agent that holds it (`channel.ChannelSink`)."""
+
+    def add(self, request: Request) -> None:
+        """Takes a request that has started; raises ValueError or CapacityExceeded where it
+        cannot (the request is then proxied unmeasured)."""
+
+    def end(self, request_id: str, end: float, *, first_token: float | None = None,
+            prompt_tokens: int | None = None, completion_tokens: int | None = None,
+            status: RequestStatus = "ok", scheduled: float | None = None,
+            tokens_estimated: bool = False) -> bool:
+        """Ends a request taken before; False where it was no longer expected."""
+
+
 @dataclass(slots=True)
 class ProxyStats:
     """Counts since the proxy started, and what it has learnt of its upstream, for the
@@ -98,6 +113,8 @@ class ProxyStats:
     """Answered 504 (or cut off mid-answer): no byte from the upstream for `timeout` s."""
     unmatched_ends: int = 0
     """Ends that the engine no longer expected (the request outlived `max_age`)."""
+    worker_restarts: int = 0
+    """Times a worker process of the proxy died and was started again."""
     counts_unasked: dict[str, bool] = field(default_factory=dict)
     """Per endpoint (`MEASURED_SUFFIXES`), whether the upstream's streams report token
     counts (`usage`, or llama.cpp's `timings`) without being asked: learnt from the first
@@ -116,7 +133,7 @@ PROXY_STATS = web.AppKey("jouleprobe_proxy_stats", ProxyStats)
 
 def proxy_app(
     table: ProxyTable,
-    engine: AttributionEngine,
+    engine: RequestSink,
     gpus: Callable[[], tuple[int, ...]],
     *,
     clock: Callable[[], float] = time.monotonic,
@@ -124,7 +141,8 @@ def proxy_app(
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
 ) -> web.Application:
     """A reverse proxy to `table.upstream` that reports each inference request to `engine`
-    (an `AttributionEngine`) on the GPUs `gpus()` names when it starts.
+    (the `AttributionEngine`, or a worker's channel to it) on the GPUs `gpus()` names when
+    it starts.
 
     Serve it with `web.AppRunner(app, **RUNNER_OPTIONS)`. Its counters are `app[PROXY_STATS]`.
     `clock` must be the clock of the engine's timelines; `session_factory` is called once,
@@ -146,7 +164,7 @@ def proxy_app(
 
 
 class _Proxy:
-    def __init__(self, table: ProxyTable, engine: AttributionEngine,
+    def __init__(self, table: ProxyTable, engine: RequestSink,
                  gpus: Callable[[], tuple[int, ...]], clock: Callable[[], float],
                  limit: BusyLimit) -> None:
         self.table = table
