@@ -16,6 +16,11 @@ NVML source takes its reading time from a clock it is given (`NvmlGpuSource.open
 so a test passes `fake.clock` and every counter value and timestamp is deterministic.
 Trace times are seconds since the fake was created (`clock() - epoch`).
 
+Processes: each GPU's compute and graphics process lists are scripted from a trace time on
+(`set_processes(..., at=)`), so that they change as the clock moves; per-process utilisation
+samples (`add_process_samples`) become visible to `nvmlDeviceGetProcessUtilization` once the
+clock reaches them, stamped in µs of the fake's clock (the real ones are wall-clock µs).
+
 Energy: each GPU's power follows a trace (a function of time, or (t, watts) steps); its
 counter is the integer millijoules of that trace's integral, advanced only at multiples of
 `counter_period_s` like the real counter, and zeroed by `reset_counter()`.
@@ -145,7 +150,11 @@ class FakeGpu:
     utilization_pct: int = 37
     temperature_c: int = 45
     sm_clock_mhz: int = 1980
-    processes: list[SimpleNamespace] = field(default_factory=list)
+    processes: list[tuple[float, list[SimpleNamespace]]] = field(default_factory=list)
+    """Compute process lists, each from its trace time on (the latest that has begun)."""
+    graphics_processes: list[tuple[float, list[SimpleNamespace]]] = field(default_factory=list)
+    process_samples: list[tuple[float, int, int, int]] = field(default_factory=list)
+    """(trace time, pid, SM %, memory %) utilisation samples, in time order."""
     lost: bool = False
     reset_at: float | None = None
     """Trace time of the latest counter reset; the counter counts from 0 there."""
@@ -279,13 +288,31 @@ class FakeNvml:
         if reset_counter:
             self.reset_counter(index)
 
-    def set_processes(self, index: int, processes: Iterable[tuple[int, int | None]]) -> None:
-        """Compute processes on a GPU, as (pid, used GPU memory bytes or None)."""
-        self.gpus[index].processes = [
+    def set_processes(
+        self, index: int, processes: Iterable[tuple[int, int | None]], *,
+        graphics: bool = False, at: float | None = None,
+    ) -> None:
+        """Compute (or graphics) processes on a GPU, as (pid, used GPU memory bytes or None),
+        from trace time `at` (default: now) until a later list begins."""
+        gpu = self.gpus[index]
+        schedule = gpu.graphics_processes if graphics else gpu.processes
+        listed = [
             SimpleNamespace(pid=pid, usedGpuMemory=used, gpuInstanceId=0xFFFFFFFF,
                             computeInstanceId=0xFFFFFFFF)
             for pid, used in processes
         ]
+        schedule.append((self.now() if at is None else at, listed))
+
+    def add_process_samples(
+        self, index: int, samples: Iterable[tuple[float, int, int, int]]
+    ) -> None:
+        """Per-process utilisation samples, as (trace time, pid, SM %, memory %)."""
+        gpu = self.gpus[index]
+        gpu.process_samples = sorted([*gpu.process_samples, *samples], key=lambda s: s[0])
+
+    def sample_stamp_us(self, at: float) -> int:
+        """The timestamp NVML gives a sample taken at trace time `at`."""
+        return round((self.epoch + at) * 1e6)
 
     # -- what a scripted GPU reports --------------------------------------------------------
 
@@ -514,7 +541,42 @@ class FakeNvml:
     def nvmlDeviceGetComputeRunningProcesses(self, handle: _Handle) -> list[SimpleNamespace]:
         gpu = self._enter("nvmlDeviceGetComputeRunningProcesses", handle)
         assert gpu is not None
-        return list(gpu.processes)
+        return self._listed(gpu.processes)
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: _Handle) -> list[SimpleNamespace]:
+        gpu = self._enter("nvmlDeviceGetGraphicsRunningProcesses", handle)
+        assert gpu is not None
+        return self._listed(gpu.graphics_processes)
+
+    def nvmlDeviceGetProcessUtilization(
+        self, handle: _Handle, timeStamp: int
+    ) -> list[_real.c_nvmlProcessUtilizationSample_t]:
+        """Like the real call: the samples stamped after `timeStamp`, NotFound where there
+        are none, NotSupported in MIG mode."""
+        gpu = self._enter("nvmlDeviceGetProcessUtilization", handle)
+        assert gpu is not None
+        if gpu.mig:
+            raise _real.NVMLError_NotSupported()
+        now = self.now()
+        samples = [
+            _real.c_nvmlProcessUtilizationSample_t(
+                pid=pid, timeStamp=self.sample_stamp_us(at), smUtil=sm, memUtil=mem,
+                encUtil=0, decUtil=0)
+            for at, pid, sm, mem in gpu.process_samples
+            if at <= now and self.sample_stamp_us(at) > timeStamp
+        ]
+        if not samples:
+            raise _real.NVMLError_NotFound()
+        return samples
+
+    def _listed(self, schedule: list[tuple[float, list[SimpleNamespace]]]) -> list[SimpleNamespace]:
+        """The list that began last, by now (of two that begin together, the later set)."""
+        now = self.now()
+        current: tuple[float, list[SimpleNamespace]] | None = None
+        for begins, listed in schedule:
+            if begins <= now and (current is None or begins >= current[0]):
+                current = (begins, listed)
+        return list(current[1]) if current is not None else []
 
     # MIG.
 

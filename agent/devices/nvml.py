@@ -13,6 +13,10 @@ failed call leaves one field of one reading empty and is reported as `(call, kin
 support does not appear later, and skipping it keeps each sample cheap. How each NVML error
 is named and handled is written once, in `NVML_ERRORS`, keyed on its return code.
 
+Per-process readings (`processes`, `process_utilization`) go through the same table: NVML's
+compute and graphics processes on a board, and its per-process SM utilisation samples, which
+say how the board's work divides among processes that share it (time-slicing, MPS).
+
 `pynvml` is imported when a source is opened, not when this module is imported, so that
 a node without nvidia-ml-py gets an actionable message and tests can substitute a fake.
 """
@@ -161,6 +165,46 @@ class NvmlReport:
     gpus: tuple[NvmlGpuReport, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class ProcessSample:
+    """One of NVML's per-process utilisation samples (`nvmlProcessUtilizationSample_t`)."""
+
+    pid: int
+    time_us: int
+    """When the driver took it: NVML's CPU timestamp, µs on the wall clock."""
+    sm_util: int
+    """SM (3D/compute) utilisation over the driver's sample period, percent."""
+    mem_util: int
+    enc_util: int
+    dec_util: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessUtilization:
+    """Per-process samples of one GPU since a timestamp."""
+
+    samples: tuple[ProcessSample, ...] | None
+    """The samples stamped after `since_us`, () where there are none; None where the call
+    failed or the board does not support it (MIG mode, pre-Maxwell)."""
+    last_seen_us: int
+    """The newest sample's stamp (else the `since_us` asked for): the next call's `since_us`."""
+    errors: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcesses:
+    """The processes NVML lists on one GPU; a list is None where its call failed."""
+
+    compute: frozenset[int] | None
+    graphics: frozenset[int] | None
+    errors: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def pids(self) -> frozenset[int]:
+        """Every PID listed, compute or graphics."""
+        return (self.compute or frozenset()) | (self.graphics or frozenset())
+
+
 @dataclass(slots=True)
 class _GpuState:
     """Per-GPU state. Only the GPU's own reads touch it, so reads of different GPUs
@@ -263,6 +307,45 @@ class NvmlGpuSource:
             sm_clock_hz=sm_clock_hz,
             errors=tuple(errors),
         )
+
+    def processes(self, index: int) -> GpuProcesses:
+        """The compute and graphics processes on GPU `index`; each list fails alone, so this
+        never raises. Call it from the thread that reads the GPU, as `read()`."""
+        gpu = self._gpus[index]
+        nvml = self._nvml
+        errors: list[tuple[str, str]] = []
+
+        def pids(name: str, listed: Callable[[Any], Iterable[Any]]) -> frozenset[int] | None:
+            return self._call(gpu, errors, name,
+                              lambda h: frozenset(int(p.pid) for p in listed(h)))
+
+        compute = pids("compute_processes", nvml.nvmlDeviceGetComputeRunningProcesses)
+        graphics = pids("graphics_processes", nvml.nvmlDeviceGetGraphicsRunningProcesses)
+        return GpuProcesses(compute, graphics, tuple(errors))
+
+    def process_utilization(self, index: int, since_us: int) -> ProcessUtilization:
+        """NVML's per-process utilisation samples of GPU `index` stamped after `since_us`
+        (`nvmlDeviceGetProcessUtilization`; 0: all the driver keeps). NotFound is NVML's
+        answer for no new sample, so it reads as none, not as an error. Never raises; call
+        it from the thread that reads the GPU, as `read()`."""
+        gpu = self._gpus[index]
+        nvml = self._nvml
+        errors: list[tuple[str, str]] = []
+
+        def samples(handle: Any) -> tuple[ProcessSample, ...]:
+            try:
+                raw = nvml.nvmlDeviceGetProcessUtilization(handle, since_us)
+            except nvml.NVMLError as exc:
+                if exc.value == nvml.NVML_ERROR_NOT_FOUND:
+                    return ()
+                raise
+            return tuple(ProcessSample(int(s.pid), int(s.timeStamp), int(s.smUtil),
+                                       int(s.memUtil), int(s.encUtil), int(s.decUtil))
+                         for s in raw)
+
+        read = self._call(gpu, errors, "process_utilization", samples)
+        last = max((sample.time_us for sample in read or ()), default=since_us)
+        return ProcessUtilization(read, max(last, since_us), tuple(errors))
 
     def close(self) -> None:
         if not self._closed:

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -174,14 +175,27 @@ class ProxyChannel:
         self._refused = 0
         self._unmatched = 0
         self._refused_ids: OrderedDict[str, None] = OrderedDict()
+        self._engine = engine
+        self._running: dict[str, set[str]] = {}
+        """Per worker, the requests it started that the engine took and it has not ended."""
 
     def retire(self, worker: str) -> None:
-        """Worker `worker` has exited: its counters stay in the sums."""
+        """Worker `worker` has exited: its counters stay in the sums, and the requests it
+        left running (it was killed) end now as failed: their clients lost the answer."""
         stats = self._workers.pop(worker, None)
         if stats is not None:
             for name in _WORKER_FIELDS:
                 value = stats.get(name, 0)
                 self._retired[name] += value if type(value) is int else 0
+        running = self._running.pop(worker, set())
+        now = time.monotonic()
+        for request_id in running:
+            self._engine.end(request_id, now, status="failed")
+        if running:
+            self._retired["failed"] += len(running)
+            log.warning("proxy %s: %d request(s) of a worker that died recorded failed",
+                        self.name, len(running))
+            self._sum()
 
     def take(self, document: Any) -> dict[str, Any]:
         """Applies one batch; raises ValueError for one of another shape."""
@@ -189,8 +203,11 @@ class ProxyChannel:
                 or type(document.get("stats")) is not dict
                 or type(document.get("events")) is not list):
             raise ValueError('expected {"worker": str, "stats": {...}, "events": [...]}')
-        for event, why in self._intake.apply_each(document["events"]):
+        events = document["events"]
+        refused = self._intake.apply_each(events)
+        for event, why in refused:
             self._count_refusal(event, why)
+        self._track(document["worker"], events, {id(event) for event, _ in refused})
         self._workers[document["worker"]] = document["stats"]
         self._sum()
         try:
@@ -199,6 +216,16 @@ class ProxyChannel:
             log.debug("proxy %s: GPUs not known yet: %r", self.name, exc)
             gpus = None
         return {"gpus": gpus}
+
+    def _track(self, worker: str, events: list[Any], refused: set[int]) -> None:
+        running = self._running.setdefault(worker, set())
+        for event in events:
+            if id(event) in refused:
+                continue
+            if event["type"] == "start":
+                running.add(event["id"])
+            elif event["type"] == "end":
+                running.discard(event["id"])
 
     def _count_refusal(self, event: Any, why: str) -> None:
         request_id = event.get("id") if type(event) is dict else None

@@ -185,3 +185,21 @@ def test_gpus_not_yet_known_are_said_as_null_and_bad_batches_get_400(tmp_path: P
                     assert "error" in await answer.json()
 
     asyncio.run(with_channel(tmp_path, channel, body))
+
+
+def test_the_requests_a_dead_worker_left_running_end_failed() -> None:
+    engine = engine_now()
+    channel = ProxyChannel("p", engine, GPUS, lambda: (0,))
+    now = time.monotonic()
+    channel.take({"worker": "1", "stats": {"measured": 2, "ok": 1}, "events": [
+        {"type": "start", "id": "done", "model": "m", "gpus": [0], "time": now - 5},
+        {"type": "start", "id": "cut", "model": "m", "gpus": [0], "time": now - 5},
+        {"type": "end", "id": "done", "time": now - 4},
+    ]})
+    assert engine.totals().pending_requests == 2
+    channel.retire("1")
+    assert (channel.stats.measured, channel.stats.ok, channel.stats.failed) == (2, 1, 1)
+    assert channel.stats.running == 0
+    finals = {f.request.id: f.request for f in engine.advance(time.monotonic() + 200)}
+    assert finals["done"].status == "ok" and finals["cut"].status == "failed"
+    assert finals["cut"].end is not None and finals["cut"].end >= now
