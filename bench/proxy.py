@@ -1,29 +1,54 @@
-"""What the OpenAI-compatible proxy adds: latency per request and lost throughput.
+"""What the OpenAI-compatible proxy adds, alone and inside a running agent, beside nginx:
+CPU per request, latency added per request, and lost throughput.
 
 Run: python bench/proxy.py [--rounds 8] [--per-client 8] [--clients 64]
                            [--tokens-per-s 100] [--max-tokens 16]
 
-The same load goes to the fake upstream directly and through the proxy, in one run,
-alternating (direct, proxy, then proxy, direct, ...) so that drift in the machine's state
-falls on both alike: 64 concurrent clients, each on its own keep-alive connection, each
-sending `--per-client` chat completions per round, streaming or not (the two loads are
-measured apart). Latency is from the request's first byte sent to the answer's last byte
-received. "Added" latency is the proxied percentile minus the direct one (requests cannot
-be paired); throughput is requests per second of wall time over all rounds.
+One fake upstream (`agent.sim.upstream`), and the same load sent in one run to four
+targets in front of it, or reached directly:
 
-Three processes: the fake upstream, the proxy (with a real AttributionEngine, its
-timeline filled at 10 Hz and `advance` called every 0.5 s from threads, as the daemon
-does), and this one, the load generator: a minimal HTTP/1.1 client on asyncio streams,
-so that the client's own cost stays small. Traffic goes only to 127.0.0.1.
+- `direct`: the upstream itself, the reference;
+- `proxy`: the proxy app alone in a process of its own (a real AttributionEngine, its
+  timeline filled at 10 Hz and `advance` called every 0.5 s from threads, as the daemon
+  does);
+- `agent`: `jouleprobe run --simulate 1xH100` with one `[[proxy]]` table in front of the
+  upstream (its listeners on free ports, its records in a temporary directory), so with
+  the sampler, the attribution, the record writer and the exporter running, and the proxy
+  wherever the agent serves it (in its own process or in worker processes of its own);
+- `nginx`, where nginx is on PATH: a plain reverse proxy (one master, one worker,
+  `proxy_http_version 1.1`, `proxy_buffering off`, `keepalive 64` to the upstream), the
+  yardstick. Where it is not, the bench says so and leaves it out.
+
+Rounds rotate among the targets (direct, proxy, agent, nginx, then proxy, agent, nginx,
+direct, ...) so that drift in the machine's state falls on all alike: 64 concurrent
+clients, each on its own keep-alive connection, each sending `--per-client` chat
+completions per round, streaming or not (the two loads are measured apart). Latency is
+from the request's first byte sent to the answer's last byte received. "Added" latency is
+a target's percentile minus the direct one (requests cannot be paired); throughput is
+requests per second of wall time over all rounds, as a ratio over direct's. CPU per
+request is that of the target's own processes, read before and after each of its rounds:
+the upstream's for direct, the proxy's process, the agent's whole process tree (the process
+and all its descendants, summed), nginx's master and worker.
+
+Then, per load, the agent against nginx and the targets of issue 18: CPU per request
+≤ 2.5 × nginx's; added p50 ≤ 0.3 ms and added p99 ≤ 3 ms over nginx's own added latency;
+throughput ≥ 0.98 of direct; each marked met or not met.
+
+The load generator is this process: a minimal HTTP/1.1 client on asyncio streams, so that
+the client's own cost stays small. Traffic goes only to 127.0.0.1. Every process the bench
+starts is stopped at its end, also on error (the agent and nginx by SIGTERM, then SIGKILL).
 
 The upstream answers at `--tokens-per-s` per stream (`inf`: no delay at all). At a
 GPU-like speed the upstream is the bottleneck, as in production, and the figures say what
-the proxy adds to a real service. With no delay everything is CPU-bound, and on a machine
-with fewer cores than processes the proxy's figures include the CPU it takes away from the
-upstream and the client on the same cores: a stress figure, not a latency one.
+each proxy adds to a real service. With no delay everything is CPU-bound, and on a machine
+with fewer cores than processes each target's figures include the CPU it takes away from
+the upstream and the client on the same cores: a stress figure, not a latency one.
 
-Last line: one JSON object, {"stream": {...}, "plain": {...}}, each with added_p50_ms,
-added_p99_ms and throughput_ratio.
+Last line: one JSON object: the settings, then per load ("stream", "plain") each target's
+figures (cpu_ms_per_request, p50_ms, p99_ms, mean_ms, throughput_rps, and for all but
+direct added_p50_ms, added_p99_ms, throughput_ratio) and "agent_vs_nginx" (cpu_ratio,
+added_p50_over_nginx_ms, added_p99_over_nginx_ms, throughput_ratio, and `met` per target;
+without nginx, only throughput).
 """
 
 from __future__ import annotations
@@ -34,11 +59,14 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import socket
 import statistics
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -48,12 +76,15 @@ import psutil
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from proxy_targets import Spawned, agent_proxy_counts, nginx_binary, start_agent, start_nginx
+
 from agent.attribution import AttributionEngine
 from agent.config import ProxyTable
 from agent.intake.proxy import PROXY_STATS, RUNNER_OPTIONS, proxy_app
 from agent.sim.upstream import fake_upstream_app
 from agent.timeline import EnergyPoint, Timeline
 
+REPO = Path(__file__).resolve().parent.parent
 MODEL = "llama-3.1-8b-instruct"
 PROMPT = ("Estimate the energy of one chat request on an H100 serving an eight billion "
           "parameter model, and explain the method in two sentences.")
@@ -62,6 +93,13 @@ ADVANCE_S = 0.5
 IO_TIMEOUT_S = 30.0
 """Bound on any one read of the load generator: a stuck server fails the bench."""
 MAX_HEADERS = 100
+CPU_RATIO_TARGET = 2.5
+"""Issue 18: the agent's CPU per request at most this many times nginx's."""
+ADDED_P50_TARGET_MS = 0.3
+ADDED_P99_TARGET_MS = 3.0
+"""Issue 18: the agent's added latency at most this much over nginx's own added latency."""
+THROUGHPUT_TARGET = 0.98
+"""Issue 18: the agent's throughput at least this share of direct's."""
 
 
 # --- the servers (their own processes) ---------------------------------------------------
@@ -136,11 +174,19 @@ class _Server:
         return times.user + times.system
 
     def stop(self) -> Any:
-        self._conn.send("stop")
-        stats = self._conn.recv() if self._conn.poll(10) else None
+        stats = None
+        try:
+            self._conn.send("stop")
+            stats = self._conn.recv() if self._conn.poll(10) else None
+        except (OSError, EOFError):
+            pass
         self.process.join(10)
         if self.process.is_alive():
             self.process.terminate()
+            self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
         return stats
 
 
@@ -233,11 +279,18 @@ async def _round(port: int, request: bytes, clients: int, per_client: int,
 class _Series:
     latencies: list[float] = field(default_factory=list)
     wall_s: float = 0.0
-    proxy_cpu_s: float = 0.0
+    cpu_s: float = 0.0
 
     @property
     def throughput(self) -> float:
         return len(self.latencies) / self.wall_s
+
+
+@dataclass(frozen=True)
+class _Target:
+    port: int
+    cpu_s: Callable[[], float]
+    """CPU seconds so far of the target's own processes."""
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -245,40 +298,107 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-async def _measure(args: argparse.Namespace, upstream: _Server, proxy: _Server
+async def _measure(args: argparse.Namespace, targets: dict[str, _Target]
                    ) -> dict[str, dict[str, _Series]]:
+    names = list(targets)
     results: dict[str, dict[str, _Series]] = {}
     for mode in ("stream", "plain"):
         request = _request_bytes(mode == "stream", args.max_tokens)
-        series = {"direct": _Series(), "proxy": _Series()}
-        targets = {"direct": upstream.port, "proxy": proxy.port}
+        series = {name: _Series() for name in names}
         # Warm-up (connections, caches, code paths), which also tells how long one request
-        # takes: the spread of the clients' starts.
-        for port in targets.values():
-            latencies, _ = await _round(port, request, args.clients, 2)
-        spread_s = statistics.median(latencies)
+        # takes (direct): the spread of the clients' starts.
+        spread_s = 0.0
+        for name in names:
+            latencies, _ = await _round(targets[name].port, request, args.clients, 2)
+            if name == "direct":
+                spread_s = statistics.median(latencies)
         for r in range(args.rounds):
-            order = ["direct", "proxy"] if r % 2 == 0 else ["proxy", "direct"]
-            for name in order:
-                cpu = proxy.cpu_s()
-                latencies, wall = await _round(targets[name], request, args.clients,
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                target = targets[name]
+                cpu = target.cpu_s()
+                latencies, wall = await _round(target.port, request, args.clients,
                                                args.per_client, spread_s)
+                series[name].cpu_s += target.cpu_s() - cpu
                 series[name].latencies += latencies
                 series[name].wall_s += wall
-                series[name].proxy_cpu_s += proxy.cpu_s() - cpu
         results[mode] = series
     return results
 
 
-def _summary(series: dict[str, _Series]) -> dict[str, float]:
-    direct, proxied = series["direct"], series["proxy"]
-    return {
-        "added_p50_ms": round(1e3 * (_percentile(proxied.latencies, 50)
-                                     - _percentile(direct.latencies, 50)), 3),
-        "added_p99_ms": round(1e3 * (_percentile(proxied.latencies, 99)
-                                     - _percentile(direct.latencies, 99)), 3),
-        "throughput_ratio": round(proxied.throughput / direct.throughput, 4),
-    }
+def _figures(series: dict[str, _Series]) -> dict[str, dict[str, float]]:
+    direct = series["direct"]
+    direct_p50 = _percentile(direct.latencies, 50)
+    direct_p99 = _percentile(direct.latencies, 99)
+    figures = {}
+    for name, s in series.items():
+        p50, p99 = _percentile(s.latencies, 50), _percentile(s.latencies, 99)
+        one = {
+            "requests": len(s.latencies),
+            "cpu_ms_per_request": round(1e3 * s.cpu_s / len(s.latencies), 4),
+            "p50_ms": round(1e3 * p50, 3),
+            "p99_ms": round(1e3 * p99, 3),
+            "mean_ms": round(1e3 * statistics.fmean(s.latencies), 3),
+            "throughput_rps": round(s.throughput, 2),
+        }
+        if name != "direct":
+            one["added_p50_ms"] = round(1e3 * (p50 - direct_p50), 3)
+            one["added_p99_ms"] = round(1e3 * (p99 - direct_p99), 3)
+            one["throughput_ratio"] = round(s.throughput / direct.throughput, 4)
+        figures[name] = one
+    return figures
+
+
+def _agent_vs_nginx(figures: dict[str, dict[str, float]]) -> dict[str, Any]:
+    agent = figures["agent"]
+    versus: dict[str, Any] = {"throughput_ratio": agent["throughput_ratio"]}
+    met = {"throughput": agent["throughput_ratio"] >= THROUGHPUT_TARGET}
+    nginx = figures.get("nginx")
+    if nginx is not None:
+        nginx_cpu = nginx["cpu_ms_per_request"]
+        versus["cpu_ratio"] = (round(agent["cpu_ms_per_request"] / nginx_cpu, 3)
+                               if nginx_cpu > 0 else math.inf)
+        versus["added_p50_over_nginx_ms"] = round(agent["added_p50_ms"]
+                                                  - nginx["added_p50_ms"], 3)
+        versus["added_p99_over_nginx_ms"] = round(agent["added_p99_ms"]
+                                                  - nginx["added_p99_ms"], 3)
+        met["cpu"] = versus["cpu_ratio"] <= CPU_RATIO_TARGET
+        met["added_p50"] = versus["added_p50_over_nginx_ms"] <= ADDED_P50_TARGET_MS
+        met["added_p99"] = versus["added_p99_over_nginx_ms"] <= ADDED_P99_TARGET_MS
+    versus["met"] = met
+    return versus
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT MET"
+
+
+def _print_load(mode: str, figures: dict[str, dict[str, float]],
+                versus: dict[str, Any]) -> None:
+    for name, f in figures.items():
+        line = (f"  {mode:6} {name:6}: p50 {f['p50_ms']:8.2f} ms  p99 {f['p99_ms']:8.2f} ms  "
+                f"mean {f['mean_ms']:8.2f} ms  {f['throughput_rps']:7.1f} req/s  "
+                f"CPU {f['cpu_ms_per_request']:6.3f} ms/req")
+        if name != "direct":
+            line += (f"  added p50 {f['added_p50_ms']:+7.2f} ms  p99 {f['added_p99_ms']:+7.2f}"
+                     f" ms  throughput ×{f['throughput_ratio']:.4f}")
+        print(line)
+    met = versus["met"]
+    parts = []
+    if "cpu_ratio" in versus:
+        parts += [
+            f"CPU {versus['cpu_ratio']:.2f} × nginx's (≤ {CPU_RATIO_TARGET:g}: "
+            f"{_met(met['cpu'])})",
+            f"added p50 {versus['added_p50_over_nginx_ms']:+.2f} ms over nginx's "
+            f"(≤ {ADDED_P50_TARGET_MS:g}: {_met(met['added_p50'])})",
+            f"added p99 {versus['added_p99_over_nginx_ms']:+.2f} ms over nginx's "
+            f"(≤ {ADDED_P99_TARGET_MS:g}: {_met(met['added_p99'])})",
+        ]
+    else:
+        parts.append("no nginx to compare CPU and latency with")
+    parts.append(f"throughput {versus['throughput_ratio']:.4f} of direct "
+                 f"(≥ {THROUGHPUT_TARGET:g}: {_met(met['throughput'])})")
+    print(f"  {mode:6} agent vs nginx: " + "; ".join(parts))
 
 
 def main() -> None:
@@ -290,29 +410,62 @@ def main() -> None:
                         help="decode speed of the fake upstream per stream; inf: no delay")
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
+    # SIGTERM too unwinds through the `finally` below, which stops every process started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
-    upstream = _Server(_upstream_app, (args.tokens_per_s,), {})
-    proxy = _Server(_proxy_app, (upstream.port,), RUNNER_OPTIONS)
+    nginx_found = nginx_binary()
+    if nginx_found is None:
+        print("nginx: not on PATH, the nginx target is skipped")
+    upstream: _Server | None = None
+    proxy: _Server | None = None
+    spawned: list[Spawned] = []
+    proxy_stats = None
     started = time.perf_counter()
-    try:
-        results = asyncio.run(_measure(args, upstream, proxy))
-    finally:
-        proxy_stats = proxy.stop()
-        upstream.stop()
+    with tempfile.TemporaryDirectory(prefix="jouleprobe-bench-proxy-") as tmp:
+        directory = Path(tmp)
+        try:
+            upstream = _Server(_upstream_app, (args.tokens_per_s,), {})
+            proxy = _Server(_proxy_app, (upstream.port,), RUNNER_OPTIONS)
+            targets = {"direct": _Target(upstream.port, upstream.cpu_s),
+                       "proxy": _Target(proxy.port, proxy.cpu_s)}
+            agent = start_agent(upstream.port, directory / "agent", REPO)
+            spawned.append(agent)
+            targets["agent"] = _Target(agent.port, agent.cpu_s)
+            if nginx_found is not None:
+                nginx = start_nginx(nginx_found[0], upstream.port, directory / "nginx")
+                spawned.append(nginx)
+                targets["nginx"] = _Target(nginx.port, nginx.cpu_s)
+            trees = ", ".join(f"{s.what}: {s.processes()} processes" for s in spawned)
+            results = asyncio.run(_measure(args, targets))
+            trees_after = ", ".join(f"{s.processes()}" for s in spawned)
+            agent_counts = agent_proxy_counts(directory / "agent")
+        finally:
+            for s in reversed(spawned):
+                code = s.stop()
+                if code not in (0, None):
+                    print(f"  {s.what} exited with {code}:\n{s.log_tail()}")
+            if proxy is not None:
+                proxy_stats = proxy.stop()
+            if upstream is not None:
+                upstream.stop()
     print(f"{os.cpu_count()} CPU(s); {args.clients} clients × {args.per_client} requests × "
           f"{args.rounds} rounds per target and load; upstream at {args.tokens_per_s:g} "
-          f"tokens/s per stream, {args.max_tokens} tokens per answer; "
+          f"tokens/s per stream, {args.max_tokens} tokens per answer; nginx "
+          f"{nginx_found[1] if nginx_found else 'absent'}; "
           f"{time.perf_counter() - started:.1f} s")
-    summary = {}
+    print(f"  {trees} at the start ({trees_after} at the end)")
+    summary: dict[str, Any] = {
+        "cpus": os.cpu_count(), "clients": args.clients, "per_client": args.per_client,
+        "rounds": args.rounds, "tokens_per_s": args.tokens_per_s,
+        "max_tokens": args.max_tokens, "nginx": nginx_found[1] if nginx_found else None,
+    }
     for mode, series in results.items():
-        summary[mode] = _summary(series)
-        for name, s in series.items():
-            print(f"  {mode:6} {name:6}: p50 {1e3 * _percentile(s.latencies, 50):8.2f} ms  "
-                  f"p99 {1e3 * _percentile(s.latencies, 99):8.2f} ms  "
-                  f"mean {1e3 * statistics.fmean(s.latencies):8.2f} ms  "
-                  f"{s.throughput:8.1f} req/s  proxy CPU "
-                  f"{1e3 * s.proxy_cpu_s / len(s.latencies):.3f} ms/req")
-    print(f"  proxy: {proxy_stats}")
+        figures = _figures(series)
+        versus = _agent_vs_nginx(figures)
+        _print_load(mode, figures, versus)
+        summary[mode] = {**figures, "agent_vs_nginx": versus}
+    print(f"  proxy alone: {proxy_stats}")
+    print(f"  agent's proxy: {agent_counts}")
     print(json.dumps(summary))
 
 
