@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 from agent.attribution.lane import BY_TIME, FALLBACK, Lane, Pending, Segment
 from agent.attribution.learners import IdleBaseline, PrefillWeightLearner
+from agent.attribution.workloads import WorkloadAccounts
 from agent.config import Policy, PrefillWeight
 from agent.requests import Request, RequestEnergy, RequestStatus, Split
 from agent.timeline import Timeline
@@ -100,6 +101,7 @@ class AttributionEngine:
         prefill_window: int = 600,
         prefill_min_samples: int = 30,
         power_limit_w: Callable[[int], float | None] | None = None,
+        workloads: WorkloadAccounts | None = None,
     ) -> None:
         """`prefill_*` tune the learner of `prefill_weight="auto"`: seconds pooled into one
         sample, the time constant of its exponential forgetting (samples), and the samples
@@ -107,7 +109,8 @@ class AttributionEngine:
         power limit now (`Sampler.power_limit_w`), None where unknown; the learner leaves
         out samples taken at the limit. `gpu_settle_s`: GPUs whose intervals wait longer
         than `settle_s` (those fed by a trace source wait for its spans); the host, which
-        every request shares, waits as long as the longest."""
+        every request shares, waits as long as the longest. `workloads`: the workload view,
+        told of every GPU interval as the lanes process it."""
         if policy not in ("equal", "tokens"):
             raise ValueError(f"unknown attribution policy {policy!r} (equal or tokens)")
         if prefill_weight != "auto" and not (
@@ -160,6 +163,7 @@ class AttributionEngine:
                 else IdleBaseline(idle_sample_s, idle_window, idle_percentile),
                 prefill=prefill(host=False),
                 power_limit_w=functools.partial(power_limit_w, gpu) if power_limit_w else None,
+                on_interval=functools.partial(workloads.interval, gpu) if workloads else None,
             )
             for gpu, timeline in timelines.items()
         }

@@ -19,7 +19,7 @@ import heapq
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from agent.attribution.learners import SATURATION_FRACTION, IdleBaseline, PrefillWeightLearner
 from agent.numeric import CompensatedSum
@@ -34,6 +34,13 @@ def static_share(energy_j: float, idle_w: float, seconds: float) -> float:
     where the board drew less than its idle baseline (a low percentile of idle power, which
     some stretches fall below)."""
     return min(energy_j, idle_w * seconds)
+
+
+class IntervalObserver(Protocol):
+    def __call__(self, t0: float, t1: float, energy_j: float, idle_w: float | None,
+                 serving: bool) -> None:
+        """A measured interval (t0, t1] of `energy_j`, with the lane's idle baseline then;
+        `serving`: requests occupied some of it."""
 
 
 class Segment(NamedTuple):
@@ -148,10 +155,13 @@ class Lane:
         self, timeline: Timeline, *, host: bool, idle_w: float | None,
         idle_learner: IdleBaseline | None, prefill: float | PrefillWeightLearner | None,
         power_limit_w: Callable[[], float | None] | None = None,
+        on_interval: IntervalObserver | None = None,
     ) -> None:
         """`prefill` is a fixed prefill weight, a learner of it, or None to split by time.
-        `power_limit_w`: the board's power limit now, for the learner."""
+        `power_limit_w`: the board's power limit now, for the learner. `on_interval` is
+        told of every measured interval as it is processed (the workload view)."""
         self.timeline = timeline
+        self.on_interval = on_interval
         self.power_limit_w = power_limit_w
         self.host = host
         self.configured_idle_w = idle_w
@@ -338,6 +348,8 @@ class Lane:
         alone_costs = self.alone_costs_j
         self._learn_prefill_weight(energy, seconds, idle_w, usage)
         occupied_s = usage.known_s + usage.fallback_s
+        if self.on_interval is not None:
+            self.on_interval(p0.time, p1.time, energy, idle_w, occupied_s > 0)
         if occupied_s <= 0:
             self.unattributed_j += energy
             if self.idle_learner is not None:

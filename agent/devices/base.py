@@ -80,6 +80,57 @@ class GpuSource(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ProcessSample:
+    """One of NVML's per-process utilisation samples (`nvmlProcessUtilizationSample_t`)."""
+
+    pid: int
+    time_us: int
+    """When the driver took it: NVML's CPU timestamp, µs on the wall clock."""
+    sm_util: int
+    """SM (3D/compute) utilisation over the driver's sample period, percent."""
+    mem_util: int
+    enc_util: int
+    dec_util: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessUtilization:
+    """Per-process samples of one GPU since a timestamp."""
+
+    samples: tuple[ProcessSample, ...] | None
+    """The samples stamped after `since_us`, () where there are none; None where the call
+    failed or the board does not support it (MIG mode, pre-Maxwell)."""
+    last_seen_us: int
+    """The newest sample's stamp (else the `since_us` asked for): the next call's `since_us`."""
+    errors: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcesses:
+    """The processes NVML lists on one GPU; a list is None where its call failed."""
+
+    compute: frozenset[int] | None
+    graphics: frozenset[int] | None
+    errors: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def pids(self) -> frozenset[int]:
+        """Every PID listed, compute or graphics."""
+        return (self.compute or frozenset()) | (self.graphics or frozenset())
+
+
+class ProcessSource(Protocol):
+    """The processes on each GPU and their utilisation (what the workload view reads).
+
+    Safe to call from a thread other than the one reading energy: NVML is thread-safe,
+    and a slow process query then never delays an energy read."""
+
+    def processes(self, index: int) -> GpuProcesses: ...
+
+    def process_utilization(self, index: int, since_us: int) -> ProcessUtilization: ...
+
+
 HostEnergySource = Literal["rapl", "estimated"]
 
 

@@ -32,7 +32,16 @@ from functools import partial
 from types import ModuleType
 from typing import Any, TypeVar
 
-from agent.devices.base import EnergySource, GpuInfo, GpuReading, PowerField, SourceUnavailable
+from agent.devices.base import (
+    EnergySource,
+    GpuInfo,
+    GpuProcesses,
+    GpuReading,
+    PowerField,
+    ProcessSample,
+    ProcessUtilization,
+    SourceUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,50 +174,12 @@ class NvmlReport:
     gpus: tuple[NvmlGpuReport, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class ProcessSample:
-    """One of NVML's per-process utilisation samples (`nvmlProcessUtilizationSample_t`)."""
-
-    pid: int
-    time_us: int
-    """When the driver took it: NVML's CPU timestamp, µs on the wall clock."""
-    sm_util: int
-    """SM (3D/compute) utilisation over the driver's sample period, percent."""
-    mem_util: int
-    enc_util: int
-    dec_util: int
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessUtilization:
-    """Per-process samples of one GPU since a timestamp."""
-
-    samples: tuple[ProcessSample, ...] | None
-    """The samples stamped after `since_us`, () where there are none; None where the call
-    failed or the board does not support it (MIG mode, pre-Maxwell)."""
-    last_seen_us: int
-    """The newest sample's stamp (else the `since_us` asked for): the next call's `since_us`."""
-    errors: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class GpuProcesses:
-    """The processes NVML lists on one GPU; a list is None where its call failed."""
-
-    compute: frozenset[int] | None
-    graphics: frozenset[int] | None
-    errors: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def pids(self) -> frozenset[int]:
-        """Every PID listed, compute or graphics."""
-        return (self.compute or frozenset()) | (self.graphics or frozenset())
-
-
 @dataclass(slots=True)
 class _GpuState:
-    """Per-GPU state. Only the GPU's own reads touch it, so reads of different GPUs
-    share nothing mutable and need no lock."""
+    """Per-GPU state. Only the GPU's own calls touch it, so calls on different GPUs share
+    nothing mutable. The energy reads and the process queries of one GPU may run on two
+    threads: they only add to the two sets, which is atomic, and a race can at worst log
+    one failure twice."""
 
     info: GpuInfo
     handle: Any
@@ -310,7 +281,7 @@ class NvmlGpuSource:
 
     def processes(self, index: int) -> GpuProcesses:
         """The compute and graphics processes on GPU `index`; each list fails alone, so this
-        never raises. Call it from the thread that reads the GPU, as `read()`."""
+        never raises. Any thread may call it (`ProcessSource`)."""
         gpu = self._gpus[index]
         nvml = self._nvml
         errors: list[tuple[str, str]] = []
@@ -326,8 +297,8 @@ class NvmlGpuSource:
     def process_utilization(self, index: int, since_us: int) -> ProcessUtilization:
         """NVML's per-process utilisation samples of GPU `index` stamped after `since_us`
         (`nvmlDeviceGetProcessUtilization`; 0: all the driver keeps). NotFound is NVML's
-        answer for no new sample, so it reads as none, not as an error. Never raises; call
-        it from the thread that reads the GPU, as `read()`."""
+        answer for no new sample, so it reads as none, not as an error. Never raises; any
+        thread may call it (`ProcessSource`)."""
         gpu = self._gpus[index]
         nvml = self._nvml
         errors: list[tuple[str, str]] = []

@@ -76,7 +76,7 @@ class Split(Generic[Owner]):
 
 
 class UtilisationSample(Protocol):
-    """What `sm_weights` reads of a sample (`agent.devices.nvml.ProcessSample` has it)."""
+    """What `sm_weights` reads of a sample (`agent.devices.base.ProcessSample` has it)."""
 
     @property
     def pid(self) -> int: ...

@@ -7,7 +7,8 @@ import pynvml as real_pynvml
 import pytest
 from fake_pynvml import FakeNvml
 
-from agent.devices.nvml import NvmlGpuSource, ProcessSample
+from agent.devices.base import ProcessSample
+from agent.devices.nvml import NvmlGpuSource
 
 UTILIZATION = "nvmlDeviceGetProcessUtilization"
 COMPUTE = "nvmlDeviceGetComputeRunningProcesses"

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scripted import FIXTURES
 
-from agent.devices.nvml import NvmlGpuSource, ProcessSample
+from agent.devices.base import ProcessSample
+from agent.devices.nvml import NvmlGpuSource
 from agent.workloads.cgroups import Container, PodContainer, Workload, workload_of
 from agent.workloads.share import (
     IntervalEnergy,
