@@ -22,6 +22,7 @@ import pytest
 from scripted import ROOT, require_module
 
 from agent.config import Config, load, parse_listen
+from agent.workloads.podresources import DEFAULT_SOCKET
 
 yaml = require_module("yaml")
 kubernetes_validate = require_module("kubernetes_validate")
@@ -32,6 +33,8 @@ KUBERNETES_VERSION = "1.29.0"
 """The oldest Kubernetes release still commonly run (EKS, GKE, AKS extended support in
 2025) whose schema kubernetes-validate ships; everything used is older than that."""
 CUSTOM_KINDS = frozenset({"ServiceMonitor", "PrometheusRule"})
+CLUSTER_KINDS = frozenset({"Namespace", "ClusterRole", "ClusterRoleBinding"})
+"""Objects of no namespace."""
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -120,8 +123,9 @@ def test_the_daemonset_runs_on_gpu_nodes_as_the_images_user() -> None:
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["hostPID"] is True  # gpus = "auto"
     agent = container(resources()["DaemonSet"])
-    env = {item["name"]: item["value"] for item in agent["env"]}
-    assert env == {"NVIDIA_VISIBLE_DEVICES": "all", "NVIDIA_DRIVER_CAPABILITIES": "utility"}
+    env = {item["name"]: item.get("value", item.get("valueFrom")) for item in agent["env"]}
+    assert env == {"NVIDIA_VISIBLE_DEVICES": "all", "NVIDIA_DRIVER_CAPABILITIES": "utility",
+                   "NODE_NAME": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
     assert "nvidia.com/gpu" not in agent["resources"].get("limits", {})
     assert {"requests", "limits"} <= set(agent["resources"])
 
@@ -147,6 +151,40 @@ def test_records_and_config_are_where_the_agent_looks() -> None:
     assert agent["args"] == ["run", "--config", f"{mounts['config']}/{generated['files'][0]}"]
     (init,) = pod["initContainers"]
     assert init["command"][-1] == mounts["records"]
+
+
+def test_the_agent_may_only_read_pods_and_mounts_the_token_for_it() -> None:
+    objects = resources()
+    role, binding = objects["ClusterRole"], objects["ClusterRoleBinding"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                  "kind": "ClusterRole", "name": role["metadata"]["name"]}
+    account = objects["ServiceAccount"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount",
+                                    "name": account["metadata"]["name"],
+                                    "namespace": objects["Namespace"]["metadata"]["name"]}]
+    pod = objects["DaemonSet"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert pod["automountServiceAccountToken"] is True
+    assert account.get("automountServiceAccountToken") is False  # this pod only
+    # Nothing else grants anything to the account.
+    assert not {"Role", "RoleBinding"} & set(objects)
+
+
+def test_the_pod_resources_socket_is_mounted_read_only() -> None:
+    pod = resources()["DaemonSet"]["spec"]["template"]["spec"]
+    agent = container(resources()["DaemonSet"])
+    (mount,) = (m for m in agent["volumeMounts"] if m["name"] == "pod-resources")
+    assert mount == {"name": "pod-resources", "mountPath": "/var/lib/kubelet/pod-resources",
+                     "readOnly": True}
+    (volume,) = (v for v in pod["volumes"] if v["name"] == "pod-resources")
+    assert volume["hostPath"] == {"path": "/var/lib/kubelet/pod-resources",
+                                  "type": "DirectoryOrCreate"}
+    # The client's default socket is in it.
+    assert Path(DEFAULT_SOCKET).parent == Path(mount["mountPath"])
+    # The other mounts are as they were: only the records and /tmp are writable.
+    writable = {m["name"] for m in agent["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"records", "tmp"}
 
 
 def test_the_prometheus_rule_carries_the_tested_rule_files() -> None:
@@ -176,8 +214,13 @@ def test_kustomize_builds_valid_objects(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     built = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    assert {doc["metadata"].get("namespace") for doc in built if doc["kind"] != "Namespace"} == {
-        "jouleprobe"}
+    assert {doc["metadata"].get("namespace") for doc in built
+            if doc["kind"] not in CLUSTER_KINDS} == {"jouleprobe"}
+    assert all("namespace" not in doc["metadata"] for doc in built
+               if doc["kind"] in CLUSTER_KINDS)
+    (binding,) = (doc for doc in built if doc["kind"] == "ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "jouleprobe", "namespace": "jouleprobe"}]
     for document in built:
         if document["kind"] not in CUSTOM_KINDS:
             kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
