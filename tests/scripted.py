@@ -312,3 +312,17 @@ def prometheus_server(config: Path, workdir: Path) -> Iterator[str]:
         yield f"http://{address}"
     finally:
         stop_process(proc)
+
+
+@contextlib.contextmanager
+def unprivileged() -> Iterator[None]:
+    """File reads and socket connects made as nobody while inside: root reads any file and
+    connects to any socket whatever their mode, so a permission test needs another user."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from scripted import FIXTURES
+from scripted import FIXTURES, unprivileged
 
 from agent.workloads.cgroups import (
     Command,
@@ -82,19 +80,6 @@ def test_an_unreadable_cgroup_is_unreadable(tmp_path: Path) -> None:
     outcome = workload_of(77, proc_root=tmp_path)
     assert isinstance(outcome, Unresolved)
     assert outcome.reason == "unreadable"
-
-
-@contextmanager
-def unprivileged() -> Iterator[None]:
-    """Reads made as nobody while inside (root reads any file regardless of its mode)."""
-    if os.geteuid() != 0:
-        yield
-        return
-    os.seteuid(65534)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
 
 
 def test_a_cgroup_without_permission_is_no_permission(tmp_path: Path) -> None:

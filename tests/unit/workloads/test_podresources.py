@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 from podresources_server import Behaviour, Devices, PodSpec, response, serve
+from scripted import unprivileged
 
 from agent.workloads.podresources import (
     _SCHEMA,
@@ -131,19 +130,6 @@ def test_a_socket_nobody_listens_on_is_unavailable(tmp_path: Path) -> None:
     left.bind(path)  # bound, never listening: what a stopped kubelet leaves
     left.close()
     assert reason_of(path).reason == "unavailable"
-
-
-@contextmanager
-def unprivileged() -> Iterator[None]:
-    """Connects made as nobody while inside (root may connect to any socket)."""
-    if os.geteuid() != 0:
-        yield
-        return
-    os.seteuid(65534)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
 
 
 def test_permission_denied_on_the_socket() -> None:
