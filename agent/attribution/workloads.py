@@ -18,7 +18,8 @@ that interval marks none of them: which one served is not known.
 Metrics stay bounded: the first `max_series` workloads seen get series of their own, later
 ones go to `OTHER` until a workload gone for `gone_after_s` frees its place. Records are
 stretches of one workload on one GPU, closed when it is gone, every `record_period_s` for
-one that runs on, and at drain.
+one that runs on, and at drain; each GPU's unattributed energy is recorded the same way,
+under `UNATTRIBUTED` (it has no series: the metrics carry it per GPU).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ from agent.workloads.share import IntervalEnergy, Part, Split, exclusive, shared
 
 OTHER = WorkloadName("other", "process")
 """The series of the workloads past `max_series`."""
+UNATTRIBUTED = WorkloadName("unattributed", "none")
+"""The records' name for each GPU's energy that no workload owns: with it, a stretch of
+records sums to everything the GPU measured, so the report can give each workload's share
+of the node."""
 
 
 class Occupancies(Protocol):
@@ -130,6 +135,7 @@ class WorkloadAccounts:
             self._measured.setdefault(gpu, CompensatedSum()).add(energy_j)
             self._unattributed.setdefault(gpu, CompensatedSum()).add(
                 split.unattributed.energy_j)
+            self._stretch(UNATTRIBUTED, gpu, t0, t1, split.unattributed.energy_j, 0.0)
             for name, part in sorted(split.parts.items()):  # the cap's order: by name
                 self._credit(name, gpu, t0, t1, part.energy_j, held.get(name, 0.0),
                              serving and busy == {name})
@@ -166,6 +172,14 @@ class WorkloadAccounts:
             series = self._series[name] = name if named < self._max_series else OTHER
         self._totals.setdefault((series, gpu), CompensatedSum()).add(joules)
         self._last_seen[name] = t1
+        stretch = self._stretch(name, gpu, t0, t1, joules, gpu_seconds)
+        if inference:
+            stretch.inference = True
+            self._inference.add(series)
+
+    def _stretch(self, name: WorkloadName, gpu: int, t0: float, t1: float, joules: float,
+                 gpu_seconds: float) -> _Stretch:
+        """The open stretch of `name` on `gpu`, extended by the interval (t0, t1]."""
         stretch = self._open.get((name, gpu))
         if stretch is None:
             stretch = self._open[(name, gpu)] = _Stretch(t0, t1)
@@ -173,9 +187,7 @@ class WorkloadAccounts:
         stretch.energy.add(joules)
         stretch.gpu_seconds += gpu_seconds
         stretch.peak_w = max(stretch.peak_w, joules / (t1 - t0))
-        if inference:
-            stretch.inference = True
-            self._inference.add(series)
+        return stretch
 
     def _forget(self, name: WorkloadName) -> None:
         """A workload gone for a while: its series stops being exported (`OTHER` stays)."""

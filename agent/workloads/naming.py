@@ -15,7 +15,8 @@ from typing import Literal, Protocol
 from agent.workloads.cgroups import Command, Container, PodContainer, Unit, Workload
 from agent.workloads.podresources import ContainerRef
 
-Kind = Literal["pod", "container", "unit", "process"]
+Kind = Literal["pod", "container", "unit", "process", "none"]
+"""What a workload is; "none" is the energy no workload owns (`attribution.workloads`)."""
 
 SHORT_ID = 12
 """Characters of a container id in a name, as `docker ps` shows it."""
