@@ -202,6 +202,9 @@ class RecordStore(RecordReader):
         self._lock = threading.Lock()
         self._pending: list[Row] = []
         self._pending_windows: list[_WindowRows] = []
+        """The queues. Never rebound, only emptied under the lock: `submit` names its queue
+        before taking the lock, so a list swapped out meanwhile would take its records
+        away uncounted."""
         self._closed = False
         self._wake = threading.Event()
         self._written = self._dropped = self._write_errors = self._pruned = 0
@@ -324,8 +327,7 @@ class RecordStore(RecordReader):
 
     def _flush(self, *, final: bool) -> None:
         with self._lock:
-            batch, self._pending = self._pending, []
-            windows, self._pending_windows = self._pending_windows, []
+            batch, windows = _take(self._pending), _take(self._pending_windows)
         if not batch and not windows:
             return
         try:
@@ -370,6 +372,13 @@ class RecordStore(RecordReader):
             return
         with self._lock:
             self._pruned += deleted
+
+
+def _take(queue: list[_Queued]) -> list[_Queued]:
+    """What `queue` holds, emptying it in place."""
+    taken = queue.copy()
+    queue.clear()
+    return taken
 
 
 def _optional(convert: Callable[[Any], Any], value: Any) -> Any:

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import replace
@@ -571,3 +572,27 @@ def test_windows_that_could_never_be_stored_are_refused_at_submit(
     bad = window(100.0, models={"a": Usage(requests=math.inf)})
     with pytest.raises(ValueError, match="non-finite"):
         open_store().submit_windows("scrape:vllm", [bad])
+
+
+def test_records_submitted_while_the_writer_flushes_are_all_counted_and_stored(
+    path: Path, open_store: Callable[..., RecordStore]
+) -> None:
+    """Submitters race the writer thread's flushes (which take the whole queue): every
+    record ends up written or dropped, and every written one is in the file. (A submit that
+    took the queue before the writer swapped it once lost its records uncounted, in CI.)"""
+    store = open_store(flush_interval_s=1e-4, max_pending=50)
+    per_thread, threads = 10_000, 3
+
+    def submit(thread: int) -> None:
+        for i in range(per_thread):
+            store.submit([energy(f"t{thread}-{i}")])
+
+    workers = [threading.Thread(target=submit, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    store.close()
+    stats = store.stats()
+    assert stats.written_total + stats.dropped_total == per_thread * threads
+    assert _count(path) == stats.written_total
