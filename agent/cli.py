@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from agent import __version__
 from agent.config import Config, ConfigError, load
 from agent.devices.base import SourceUnavailable
-from agent.store import RecordStoreError
+from agent.store import GROUPINGS, RecordStoreError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
                              "completion tokens, and Wh/query by length, status, concurrency")
     report.add_argument("--predict", metavar="prompt=N,completion=N[,concurrency=N]",
                         help="the expected energy of such a request, per model")
+    report.add_argument("--workloads", action="store_true",
+                        help="GPU energy by workload (pods, units, processes) and unattributed, "
+                             "instead of per model")
+    report.add_argument("--by", choices=GROUPINGS,
+                        help="with --workloads: group by workload (default), namespace, pod, "
+                             "kind or gpu")
 
     from agent.fleet.command import add_arguments
 
@@ -118,8 +124,11 @@ def _demo(args: argparse.Namespace, config: Config) -> int:
 def _report(args: argparse.Namespace, config: Config) -> int:
     from agent.report import run_report
 
+    if args.by is not None and not args.workloads:
+        raise ValueError("--by: applies to --workloads only")
     print(run_report(args.store or config.records.path, args.since, args.format, args.model,
-                     explain=args.explain, predict=args.predict), end="")
+                     explain=args.explain, predict=args.predict,
+                     workloads_by=(args.by or "workload") if args.workloads else None), end="")
     return 0
 
 

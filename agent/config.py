@@ -197,6 +197,33 @@ class RecordsSection:
     retention_days: float = _key(30.0, "records older than this are deleted", _positive)
 
 
+KubernetesMode = Literal["auto", "on", "off"]
+
+
+@dataclass(frozen=True)
+class WorkloadsSection:
+    enabled: bool = _key(True, "split each GPU's energy among the workloads on it (pods, "
+                         "containers, units, processes); false: the per-request view only")
+    period: float = _key(1.0, "seconds between two reads of the GPUs' processes and their "
+                         "utilisation", _positive)
+    proc_root: str = _key("/proc", "the host's /proc, where each GPU process's cgroup is read "
+                          "(in a container: the host's /proc mounted, e.g. /host/proc)")
+    pod_resources: str = _key("auto", "the kubelet's pod-resources socket (which "
+                                       "container holds which GPU): auto, '' for none, or a "
+                                       "path")
+    kubernetes: KubernetesMode = _key("auto", "list this node's pods from the API server (names "
+                                      "of pods, annotated servers to scrape): auto (in a "
+                                      "pod), on or off")
+    refresh: float = _key(10.0, "seconds between two reads of the allocations and of the pod "
+                          "list", _positive)
+    gone_after: float = _key(300.0, "seconds after which a workload no longer seen is closed "
+                             "in the records and leaves the metrics", _positive)
+    max_series: int = _key(200, "workloads exported with series of their own; later ones "
+                           "are summed under workload=\"other\"", _positive)
+    record_period: float = _key(3600.0, "seconds of a long-running workload per record",
+                                _positive)
+
+
 @dataclass(frozen=True)
 class ProxyTable:
     """One `[[proxy]]` table: an OpenAI-compatible reverse proxy in front of a server."""
@@ -252,6 +279,7 @@ class Config:
     ingest: IngestSection = field(default_factory=IngestSection)
     otlp: OtlpSection = field(default_factory=OtlpSection)
     records: RecordsSection = field(default_factory=RecordsSection)
+    workloads: WorkloadsSection = field(default_factory=WorkloadsSection)
     proxy: tuple[ProxyTable, ...] = ()
     scrape: tuple[ScrapeTable, ...] = ()
     trace: tuple[TraceTable, ...] = ()
@@ -266,8 +294,15 @@ def _sections() -> dict[str, type]:
             if f.name not in TABLES}
 
 
+_BOOLEANS = {"true": True, "false": False}
+
+
 def _coerce(name: str, kind: type, value: Any) -> Any:
     """Checks `value` against the declared type; strings (env, flags) are parsed."""
+    if isinstance(value, str) and kind is bool:
+        if value.lower() not in _BOOLEANS:
+            raise ConfigError(f"{name}: expected true or false, got {_show(value)}")
+        value = _BOOLEANS[value.lower()]
     if isinstance(value, str) and kind is not str:
         try:
             value = {"float": float, "int": int}[kind.__name__](value)

@@ -27,6 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.devices.base import GpuInfo, GpuReading, HostReading
 from agent.intake.proxy import ProxyStats
+from agent.workloads.naming import WorkloadName
+from agent.workloads.observer import Occupancy
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -77,6 +79,52 @@ class ConstantLoad:
 
     def power_w(self, index: int, t: float) -> float:
         return self._all if self._all is not None else self._each[index]
+
+
+class StepLoad:
+    """A LoadModel of the simulated GPU source: `low` watts before `at`, `high` from `at`
+    on, on the boards `boards` (all by default); the others at `rest_w`."""
+
+    def __init__(self, low: float, high: float, at: float, *,
+                 boards: Sequence[int] | None = None, rest_w: float = 0.0) -> None:
+        self.low, self.high, self.at = low, high, at
+        self.boards, self.rest_w = boards, rest_w
+
+    def power_w(self, index: int, t: float) -> float:
+        if self.boards is not None and index not in self.boards:
+            return self.rest_w
+        return self.high if t >= self.at else self.low
+
+
+class FakeClock:
+    """A clock the test moves by hand (`clock.now += 0.1`)."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ScriptedOccupancies:
+    """The workload observer's occupancies by hand (`Occupancies` of
+    agent.attribution.workloads): each GPU's, from the `time` it is set at on."""
+
+    def __init__(self) -> None:
+        self.by_gpu: dict[int, list[Occupancy]] = {}
+
+    def at(self, gpu: int, time: float, *, exclusive: WorkloadName | None = None,
+           present: Mapping[int, WorkloadName | None] | None = None,
+           weights: Mapping[int, float] | None = None) -> None:
+        history = self.by_gpu.setdefault(gpu, [])
+        since = history[-1].time if history else 0.0
+        history.append(Occupancy(since, time, exclusive, dict(present or {}),
+                                 dict(weights or {})))
+
+    def covering(self, index: int, time: float) -> Occupancy | None:
+        history = self.by_gpu.get(index, [])
+        later = [occupancy for occupancy in history if occupancy.time >= time]
+        return later[0] if later else (history[-1] if history else None)
 
 
 def require_binary(binary: str) -> str:

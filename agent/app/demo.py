@@ -15,18 +15,29 @@ records go to a real SQLite file; and the closing check reads the agent's own `/
 over HTTP. Only the GPUs and the served models are simulated: the boards' power follows the
 requests that run on them (`RequestLoad`, driven by the fake server's hooks), and every
 output says SIMULATED.
+
+The workload view runs too, as on a Kubernetes node: every board's server is a simulated
+pod's process, and beside GPU 0's server a simulated training job (its own pod, SM
+utilisation and power, in the board's counter) runs for the whole demo
+(`agent.sim.processes`). The agent reads their cgroups from a simulated `/proc` tree
+written for the run (`workloads.proc_root`) and their pods' names from the simulation in
+place of the API server; the closing lines give each workload's energy from `/metrics`
+and check, per GPU, that workloads + unattributed = measured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import socket
 import sys
+import tempfile
 import time
 from collections import defaultdict
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
@@ -49,12 +60,14 @@ from agent.app.daemon import (
 from agent.app.node import Node
 from agent.app.proxies import Proxies
 from agent.app.sites import bind, start_site
+from agent.attribution.workloads import WorkloadTotals
 from agent.config import Config, ProxyTable, ScrapeTable, TraceTable, load
 from agent.devices.host import EstimatedHostSource
 from agent.intake.otlp.http_service import TRACES_PATH
 from agent.report import run_report
-from agent.sim.gpus import SimulatedGpuSource, parse_spec
+from agent.sim.gpus import GpuModel, SimulatedGpuSource, parse_spec
 from agent.sim.load import PROFILES, RequestLoad
+from agent.sim.processes import Job, SimulatedProcesses
 from agent.sim.upstream import fake_upstream_app
 
 IDLE_LEAD_S = 3.0
@@ -69,6 +82,26 @@ MAX_BATCH = 4
 """Requests a simulated server runs at once; more wait in its queue (at 8 clients)."""
 TRACED = 1
 """The board whose server exports its request spans to the agent instead of a proxy."""
+TRAINING = 0
+"""The board (behind the proxy) where a training job runs beside the served model."""
+TRAINER = ("research", "finetune-7b", "trainer")
+"""The training job's pod container: namespace, pod, container."""
+TRAINER_SM = 45.0
+TRAINER_POWER_FRACTION = 0.25
+"""The training job's power while it steps, as a fraction of its board's TDP − idle."""
+TRAINER_CYCLE_S, TRAINER_BUSY_S = 6.0, 3.0
+"""It steps for 3 s of every 6 and then loads data: in those pauses the server is the only
+workload busy on the board, which is when the workload view can tell that it served (the
+pauses span whole observer periods of utilisation, `workloads.period`)."""
+RELATIVE_TOLERANCE = 1e-9
+"""Conservation, requests' and workloads', to the figure of docs/design.md §3."""
+
+
+def training_job(board: GpuModel) -> Job:
+    """The simulated fine-tuning job beside the served model on board `TRAINING`."""
+    return Job(TRAINING, *TRAINER, comm="torchrun", sm_util=TRAINER_SM,
+               power_w=TRAINER_POWER_FRACTION * (board.tdp_w - board.idle_w),
+               cycle_s=TRAINER_CYCLE_S, busy_s=TRAINER_BUSY_S)
 
 
 def served_model(gpu: int) -> str:
@@ -177,14 +210,17 @@ TRACE_SETTLE_S = 4.0
 here, 5 s by default) and the longest request."""
 
 
-def demo_config(spec: str, store: Path, upstreams: list[str]) -> Config:
+def demo_config(spec: str, store: Path, upstreams: list[str], proc_root: Path) -> Config:
     """The configuration `jouleprobe run` would be given for this node: a proxy in front of
     every board's server but the traced one, whose spans come to the OTLP receiver and
-    whose /metrics are scraped too (windows, and the spans' coverage of them)."""
+    whose /metrics are scraped too (windows, and the spans' coverage of them); the
+    workloads' cgroups read under `proc_root`, with no kubelet or API server to ask."""
     config = load(environ={}, overrides={
         "agent.simulate": spec, "agent.listen": "127.0.0.1:0",
         "ingest.listen": "127.0.0.1:0", "records.path": str(store),
         "otlp.listen": "127.0.0.1:0", "otlp.grpc_listen": "",
+        "workloads.proc_root": str(proc_root), "workloads.pod_resources": "",
+        "workloads.kubernetes": "off",
     })
     service = f"gpu{TRACED}"
     return replace(
@@ -200,17 +236,23 @@ def demo_config(spec: str, store: Path, upstreams: list[str]) -> Config:
     )
 
 
-async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -> int:
+async def demo(spec: str, seconds: float, store: Path, queries_per_day: float,
+               proc: Path) -> int:
+    """The demo on `spec`'s boards; `proc`: an empty folder for the simulated /proc."""
     models = parse_spec(spec)
     if len(models) <= TRACED:
         raise ValueError(f"--simulate: the demo needs {TRACED + 1} GPUs at least (one behind "
                          f"the proxy, one traced), got {spec!r}")
     sockets = [bind("127.0.0.1:0") for _ in models]  # the servers' ports, known up front
-    config = demo_config(spec, store, [_address(sock) for sock in sockets])
+    trainer = training_job(models[TRAINING])
+    processes = SimulatedProcesses.serving([served_model(i) for i in range(len(models))],
+                                           [trainer])
+    config = demo_config(spec, store, [_address(sock) for sock in sockets],
+                         processes.write_proc(proc))
     request_load = RequestLoad(models)
-    source = SimulatedGpuSource(models, load=request_load)
+    source = SimulatedGpuSource(models, load=request_load, processes=processes)
     host = EstimatedHostSource(config.host.idle_watts, config.host.max_watts)
-    node = Node(config, source, host)
+    node = Node(config, source, host, pod_names=processes)
     metrics_app, _ = build_apps(node, token=None)
     receiver = trace_receiver(node)
     assert receiver is not None  # the config has a [[trace]] table
@@ -223,7 +265,10 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
     print("  scraped for its vLLM metrics too; the others are behind the jouleprobe proxy;")
     print(f"  {seconds:.0f} s of chat requests, streamed and not, "
           f"{' -> '.join(map(str, CONCURRENCY_PHASES))} clients per GPU; host energy "
-          "ESTIMATED from CPU use")
+          "ESTIMATED from CPU use;")
+    print(f"  every server is a SIMULATED pod, and GPU {TRAINING} also runs a SIMULATED training "
+          f"job ({'/'.join(TRAINER)}: {trainer.sm_util:.0f} % SM, +{trainer.power_w:.0f} W, "
+          f"{trainer.busy_s:.0f} s of every {trainer.cycle_s:.0f})")
     node.start()
     tasks = [asyncio.create_task(attribute_periodically(node))]
     runners = [await start_site(metrics_app, config.agent.listen, "metrics")]
@@ -264,12 +309,23 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
     print()
     print(run_report(str(store), None, "table", None), end="")
     print()
+    print(run_report(str(store), None, "table", None, workloads_by="namespace"), end="")
+    print()
     worst = 0.0
-    for name, (accounted, measured) in sorted(conservation(scraped).items()):
+    balances = conservation(scraped)
+    for name, (accounted, measured) in sorted(balances.items()):
         error = abs(accounted - measured) / measured if measured else 0.0
         worst = max(worst, error)
         print(f"  GPU {name}: attributed + unattributed = {accounted:,.1f} J, "
               f"measured {measured:,.1f} J (relative difference {error:.1e}, from /metrics)")
+    figures = workload_figures(scraped)
+    if figures is None and node.workloads is not None:
+        figures = WorkloadFigures.of(node.workloads.accounts.totals())
+    workloads_ok = figures is not None and print_workloads(
+        figures, {int(gpu): measured for gpu, (_, measured) in balances.items()},
+        "/".join(TRAINER))
+    if figures is None:
+        print(f"  no workload view: {node.workloads_off or 'its figures are not exported'}")
     for name, ratio in coverage(scraped).items():
         print(f"  {name}: {ratio:.1%} of its requests in its latest compared scrape window "
               "arrived as spans (jouleprobe_otlp_coverage_ratio, from /metrics)")
@@ -278,7 +334,72 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float) -
         print(fleet)
     print(f"  records: {store}  (jouleprobe report --store {store}; "
           f"jouleprobe fleet --from-store {store} --queries-per-day 1B)")
-    return 0 if worst <= 1e-9 and fleet else 1
+    return 0 if worst <= RELATIVE_TOLERANCE and fleet and workloads_ok else 1
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadFigures:
+    """The workload view's counters, by workload name (the `workload` label) and GPU."""
+
+    energy_j: Mapping[tuple[str, int], float]
+    inference: frozenset[str]
+    """The workloads seen serving inference."""
+    unattributed_j: Mapping[int, float]
+    source: str
+    """Where they were read: "/metrics" or the accounts."""
+
+    @classmethod
+    def of(cls, totals: WorkloadTotals) -> WorkloadFigures:
+        return cls({(name.workload, gpu): joules for (name, gpu), joules
+                    in totals.energy_j.items()},
+                   frozenset(name.workload for name in totals.inference),
+                   dict(totals.unattributed_j), "the accounts")
+
+
+def workload_figures(metrics_text: str) -> WorkloadFigures | None:
+    """The workload view's counters from a scrape of /metrics; None where it exports none."""
+    energy: dict[tuple[str, int], float] = {}
+    unattributed: dict[int, float] = {}
+    inference: set[str] = set()
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "jouleprobe_workload_gpu_energy_joules_total":
+                energy[(labels["workload"], int(labels["gpu"]))] = sample.value
+            elif sample.name == "jouleprobe_workload_unattributed_gpu_energy_joules_total":
+                unattributed[int(labels["gpu"])] = sample.value
+            elif sample.name == "jouleprobe_workload_info" and labels["inference"] == "true":
+                inference.add(labels["workload"])
+    if not unattributed:
+        return None
+    return WorkloadFigures(energy, frozenset(inference), unattributed, "/metrics")
+
+
+def print_workloads(figures: WorkloadFigures, measured: Mapping[int, float],
+                    trainer: str) -> bool:
+    """Each workload's energy and share of its GPU, then per GPU workloads + unattributed
+    against the energy measured; True where every GPU balances and `trainer` got energy."""
+    print(f"  Workloads (SIMULATED pods; from {figures.source}):")
+    width = max((len(name) for name, _ in figures.energy_j), default=0)
+    for (name, gpu), joules in sorted(figures.energy_j.items(),
+                                      key=lambda item: (item[0][1], -item[1])):
+        total = measured.get(gpu, 0.0)
+        share = f"{joules / total:6.1%}" if total else "     -"
+        served = "served inference" if name in figures.inference else "no inference seen"
+        print(f"    GPU {gpu}  {name:<{width}}  {joules:>10,.1f} J  {share} of the GPU  {served}")
+    worst = 0.0
+    for gpu, total in sorted(measured.items()):
+        owned = math.fsum(j for (_, on), j in figures.energy_j.items() if on == gpu)
+        rest = figures.unattributed_j.get(gpu, 0.0)
+        error = abs(owned + rest - total) / total if total else 0.0
+        worst = max(worst, error)
+        print(f"  GPU {gpu}: workloads + unattributed = {owned:,.1f} + {rest:,.1f} = "
+              f"{owned + rest:,.1f} J, measured {total:,.1f} J (relative difference "
+              f"{error:.1e})")
+    trained = sum(j for (name, _), j in figures.energy_j.items() if name == trainer)
+    if trained <= 0:
+        print(f"  the training job {trainer} got no energy")
+    return worst <= RELATIVE_TOLERANCE and trained > 0
 
 
 def coverage(metrics_text: str) -> dict[str, float]:
@@ -325,4 +446,5 @@ def run_demo(spec: str, *, seconds: float, store: str, queries_per_day: float) -
     path = Path(store)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
-    return asyncio.run(demo(spec, seconds, path, queries_per_day))
+    with tempfile.TemporaryDirectory(prefix="jouleprobe-demo-proc-") as proc:
+        return asyncio.run(demo(spec, seconds, path, queries_per_day, Path(proc)))

@@ -6,13 +6,23 @@ import http.client
 import urllib.error
 import urllib.request
 
+from agent.app.workloads import readers
 from agent.config import Config
-from agent.devices.base import GpuInfo
+from agent.devices.base import GpuInfo, ProcessSource, SourceUnavailable
 from agent.devices.host import probe_rapl
-from agent.devices.nvml import NvmlGpuReport, probe
+from agent.devices.nvml import NvmlGpuReport, NvmlGpuSource, probe
 from agent.intake.discovery import GpuResolver, local_port
 from agent.intake.scrapers.kinds import KINDS, describe
 from agent.sim.gpus import SimulatedGpuSource, parse_spec
+from agent.workloads.observer import Refreshed, WorkloadObserver
+
+UNRESOLVED_HINTS = {
+    "vanished": "not found under workloads.proc_root: in a container, mount the host's /proc "
+                "(e.g. at /host/proc) and set workloads.proc_root to it, since NVML lists "
+                "host PIDs",
+    "no_permission": "their /proc files are not readable by the agent's user",
+    "unreadable": "their cgroup files could not be read",
+}
 
 
 def _yes(flag: bool) -> str:
@@ -73,6 +83,57 @@ def _scrape_metric_lines(config: Config) -> list[str]:
     return lines
 
 
+def _reader_line(what: str, refreshed: Refreshed[object] | None, off: str | None,
+                 found: str) -> str:
+    if refreshed is None:
+        return f"  {what}: not read ({off})"
+    if refreshed.get() is None:
+        return f"  {what}: cannot be read: {refreshed.detail}"
+    return f"  {what}: {found}"
+
+
+def _workload_lines(config: Config, source: ProcessSource | None,
+                    infos: list[GpuInfo]) -> list[str]:
+    """Who is on each GPU, as the workload view would see it now, or why it cannot."""
+    if not config.workloads.enabled:
+        return ["Workloads: off (workloads.enabled = false)"]
+    try:
+        found = readers(config.workloads)
+    except ValueError as exc:
+        return [f"Workloads: cannot start: {exc}"]
+    lines = ["Workloads (who owns each GPU's energy):"]
+    allocations = found.allocations.get() if found.allocations else None
+    held = sorted(f"{d.device} -> " + ", ".join(f"{h.namespace}/{h.pod}/{h.container}"
+                                               for h in d.holders)
+                  for d in (allocations or {}).values())
+    lines.append(_reader_line("kubelet allocations (pod-resources)", found.allocations,
+                              found.off.get("allocations"),
+                              f"{len(held)} device(s) allocated" + "".join(
+                                  f"\n    {line}" for line in held)))
+    pods = found.pods.get() if found.pods else None
+    lines.append(_reader_line("pod list (API server)", found.pods, found.off.get("pod_names"),
+                              f"{len(pods.pods) if pods else 0} pod(s) on node "
+                              f"{pods.node if pods else '?'}"))
+    if source is None:
+        lines.append("  processes: not listed (no GPU source)")
+        return lines
+    observer = WorkloadObserver(source, infos, history_s=1.0,
+                                proc_root=config.workloads.proc_root,
+                                allocations=found.allocations, pod_names=found.pods)
+    observer.observe()
+    status = observer.status()
+    lines.append(f"  processes on the GPUs: {status.processes}, in "
+                 f"{len(status.workloads)} workload(s)")
+    lines += [f"    {name.workload} ({name.kind})" for name in status.workloads]
+    for reason, count in sorted(status.unresolved.items()):
+        lines.append(f"  {count} process(es) unresolved, {reason}: {UNRESOLVED_HINTS[reason]}")
+    if status.no_utilization:
+        lines.append(f"  GPU(s) {', '.join(map(str, status.no_utilization))}: per-process "
+                     "utilisation unreadable (MIG mode, or unsupported): a shared GPU's "
+                     "dynamic energy stays unattributed")
+    return lines
+
+
 def report(config: Config) -> tuple[str, bool]:
     """The doctor's text, and whether the GPUs can be measured."""
     lines = []
@@ -81,7 +142,10 @@ def report(config: Config) -> tuple[str, bool]:
         lines.append(f"GPUs: SIMULATED ({config.agent.simulate}); nothing here is measured")
         lines += [f"  GPU {i}: {m.nvml_name} (simulated), idle {m.idle_w:.0f} W, "
                   f"limit {m.tdp_w:.0f} W" for i, m in enumerate(models)]
-        infos = SimulatedGpuSource(models).gpus()
+        simulated = SimulatedGpuSource(models)
+        infos = simulated.gpus()
+        process_source: ProcessSource | None = (
+            simulated if isinstance(simulated, ProcessSource) else None)
         gpus_ok = True
     else:
         nvml = probe()
@@ -94,8 +158,18 @@ def report(config: Config) -> tuple[str, bool]:
         gpus_ok = nvml.available and bool(nvml.gpus)
         infos = [GpuInfo(g.index, g.uuid or "", g.name or "", g.energy_source, g.power_field)
                  for g in nvml.gpus]
+        process_source = None
+        if gpus_ok:
+            try:
+                process_source = NvmlGpuSource.open()
+                infos = process_source.gpus()
+            except SourceUnavailable as exc:
+                lines.append(f"  processes cannot be listed: {exc}")
     lines += _request_source_lines(config, infos)
     lines += _scrape_metric_lines(config)
+    lines += _workload_lines(config, process_source, infos)
+    if isinstance(process_source, NvmlGpuSource):
+        process_source.close()
     rapl = probe_rapl(config.host.rapl_path)
     if rapl.readable:
         lines.append(f"Host: RAPL readable at {rapl.root}: {', '.join(rapl.domains)}")

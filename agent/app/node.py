@@ -1,6 +1,9 @@
 """The agent's whole pipeline on one node, in the order data flows through it:
 
-sources → sampler (timelines) → attribution engine → record store + request metrics → exporters.
+sources → sampler (timelines) → attribution engine → record store + request metrics → exporters,
+
+with the workload view (`agent.app.workloads`) beside the engine: who is on each GPU, which
+the engine's lanes split each interval by.
 
 `jouleprobe run` and `jouleprobe demo` both build a `Node`; only where the GPU source and
 the requests come from differs.
@@ -15,6 +18,7 @@ import time
 from prometheus_client import CollectorRegistry
 
 from agent import __version__
+from agent.app.workloads import WorkloadView, open_view
 from agent.attribution import AttributionEngine
 from agent.config import Config
 from agent.devices.base import GpuInfo, GpuSource, HostSource
@@ -22,10 +26,12 @@ from agent.intake.discovery import GpuResolver
 from agent.requests import RequestEnergy
 from agent.sampler import Sampler
 from agent.store import RecordStore
+from agent.workloads.naming import PodNames
 from exporters.prometheus import NodeCollector, build_registry
 from exporters.request_metrics import RequestMetrics
 from exporters.store_metrics import StoreMetrics
 from exporters.window_metrics import WindowMetrics
+from exporters.workload_metrics import WorkloadMetrics
 
 
 def trace_settle(config: Config, gpus: list[GpuInfo]) -> dict[int, float]:
@@ -45,7 +51,10 @@ def trace_settle(config: Config, gpus: list[GpuInfo]) -> dict[int, float]:
 class Node:
     """One node's sampler, attribution engine, record store and metrics, wired together."""
 
-    def __init__(self, config: Config, gpu_source: GpuSource, host_source: HostSource | None):
+    def __init__(self, config: Config, gpu_source: GpuSource, host_source: HostSource | None,
+                 *, pod_names: PodNames | None = None):
+        """`pod_names`: names of pods where they come from elsewhere than the API server
+        (the demo's simulated pods)."""
         self.config = config
         self.gpu_source = gpu_source
         self.sampler = Sampler(
@@ -56,6 +65,13 @@ class Node:
         )
         attribution = config.attribution
         idle = attribution.idle_watts
+        gpu_settle = trace_settle(config, self.sampler.gpus())
+        view = open_view(config.workloads, gpu_source, self.sampler.gpus(),
+                         settle_s=max([attribution.settle, *gpu_settle.values()]),
+                         pod_names=pod_names)
+        self.workloads: WorkloadView | None = view if isinstance(view, WorkloadView) else None
+        self.workloads_off: str | None = view if isinstance(view, str) else None
+        """Why there is no workload view, where there is none."""
         self.engine = AttributionEngine(
             self.sampler.timelines,
             self.sampler.host_timeline,
@@ -64,10 +80,11 @@ class Node:
             pue=config.site.pue,
             idle_power_w={gpu.index: idle for gpu in self.sampler.gpus()} if idle else None,
             settle_s=attribution.settle,
-            gpu_settle_s=trace_settle(config, self.sampler.gpus()),
+            gpu_settle_s=gpu_settle,
             max_age_s=attribution.max_age,
             max_pending=attribution.max_pending,
             power_limit_w=self.sampler.power_limit_w,
+            workloads=self.workloads.accounts if self.workloads else None,
         )
         self.store = RecordStore(
             config.records.path,
@@ -85,6 +102,10 @@ class Node:
         self.collector.add(StoreMetrics(self.store.stats).families)
         self.window_metrics = WindowMetrics()
         self.collector.add(self.window_metrics.families)
+        if self.workloads is not None:
+            self.collector.add(WorkloadMetrics(self.workloads.accounts.totals,
+                                               self.sampler.gpus(),
+                                               self.workloads.observer.status).families)
         self.registry: CollectorRegistry = build_registry(self.collector)
         self._attributing = threading.Lock()
         """One attribution round at a time: a round still running on its worker thread when
@@ -93,6 +114,8 @@ class Node:
 
     def start(self) -> None:
         self.sampler.start()
+        if self.workloads is not None:
+            self.workloads.start()
 
     def attribute(self, now: float | None = None) -> list[RequestEnergy]:
         """Share the settled intervals among requests; record and count the final ones.
@@ -108,6 +131,10 @@ class Node:
         if energies:
             self.store.submit(energies)
             self.request_metrics.observe(energies)
+        if self.workloads is not None:
+            finished = self.workloads.accounts.take_records(now, final=math.isinf(now))
+            if finished:
+                self.store.submit_workloads(finished)
         return energies
 
     def drain(self) -> None:
@@ -123,6 +150,8 @@ class Node:
         After this, per GPU, attributed + unattributed energy equals the energy measured:
         nothing is left waiting to settle."""
         self.sampler.stop()
+        if self.workloads is not None:
+            self.workloads.stop()
         with self._attributing:
             self._drained = True
             self._attribute(math.inf)

@@ -151,7 +151,9 @@ class WorkloadAccounts:
 
     def take_records(self, now: float, *, final: bool = False) -> list[WorkloadRecord]:
         """The stretches closed since the last call: those of workloads gone since
-        `now - gone_after_s`, those open for `record_period_s`, and with `final` all."""
+        `now - gone_after_s`, those open for `record_period_s`, and with `final` (the
+        drain, `now` infinite) all. Gone workloads leave the totals, but not at the final
+        call: the totals are still what the metrics say until the agent exits."""
         with self._lock:
             for key, stretch in list(self._open.items()):
                 gone = stretch.end <= now - self._gone_after_s
@@ -159,7 +161,7 @@ class WorkloadAccounts:
                     self._closed.append(_record(key, stretch))
                     del self._open[key]
             for name, seen in list(self._last_seen.items()):
-                if seen <= now - self._gone_after_s or final:
+                if not final and seen <= now - self._gone_after_s:
                     self._forget(name)
             closed, self._closed = self._closed, []
             return closed

@@ -11,7 +11,7 @@ is done one way for every kind of source.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 EnergySource = Literal["counter", "power_integration"]
 """How a GPU's energy is obtained: the hardware counter, or power integrated over time."""
@@ -120,6 +120,7 @@ class GpuProcesses:
         return (self.compute or frozenset()) | (self.graphics or frozenset())
 
 
+@runtime_checkable
 class ProcessSource(Protocol):
     """The processes on each GPU and their utilisation (what the workload view reads).
 

@@ -10,6 +10,7 @@ from agent.report.drivers import explain as explain_records
 from agent.report.drivers import predict as predict_energy
 from agent.report.model import NodeTotals, build_report
 from agent.report.render import FORMATS, render
+from agent.report.workloads import render_workloads
 from agent.store import RecordReader, RecordStoreError, StoredRequest
 from agent.units import duration_seconds
 
@@ -52,17 +53,29 @@ def run_report(
     node_totals: NodeTotals | None = None,
     explain: bool = False,
     predict: str | None = None,
+    workloads_by: str | None = None,
 ) -> str:
     """`jouleprobe report`: the rendered report of the store at `store_path`; with
     `explain`, what drives each model's energy; with `predict` ("prompt=500,completion=300"),
-    the expected energy of such a request (`agent.report.drivers`).
+    the expected energy of such a request (`agent.report.drivers`); with `workloads_by`
+    (`--workloads --by namespace`), the GPU energy by workload group instead
+    (`agent.report.workloads`).
 
-    Raises ValueError naming the bad argument (--store, --since, --format, --predict).
+    Raises ValueError naming the bad argument (--store, --since, --format, --predict, --by).
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     now = datetime.now(UTC).timestamp()
     since_s = parse_since(since, now) if since is not None else None
+    if workloads_by is not None:
+        for flag, given in (("--model", model), ("--explain", explain), ("--predict", predict)):
+            if given:
+                raise ValueError(f"{flag}: applies to the request report, not --workloads")
+        try:
+            totals = RecordReader(store_path).workloads(since=since_s, by=workloads_by)
+        except RecordStoreError as exc:
+            raise ValueError(f"--store: {exc}") from None
+        return render_workloads(totals, fmt, since=since_s)
     asked = parse_predict(predict) if predict is not None else None
     try:
         reader = RecordReader(store_path)

@@ -12,7 +12,9 @@ that decides accuracy (DESIGN §3), not just plausible numbers:
 - the power sensor publishes a sample every 100 ms that covers only the last 25 ms of its
   period (Yang, Adámek, Armour, SC'24), so a power reading can miss a burst entirely;
 - the true energy (`true_energy_j`) stays available as ground truth for tests and the
-  accuracy benchmark.
+  accuracy benchmark;
+- with simulated processes (`agent.sim.processes`), the boards list them and sample their
+  SM utilisation as NVML does (`processes`, `process_utilization`), for the workload view.
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
-from agent.devices.base import GpuInfo, GpuReading, PowerField
+from agent.devices.base import (
+    GpuInfo,
+    GpuProcesses,
+    GpuReading,
+    PowerField,
+    ProcessSample,
+    ProcessUtilization,
+)
+from agent.sim.processes import SimProcess, SimulatedProcesses
 
 MIB = 1024 * 1024
 
@@ -213,10 +223,19 @@ class SimulatedGpuSource:
       A sample, published every 100 ms, is the mean power over the last 25 ms before it.
     - Utilisation follows power above idle and reaches 1 at 60 % of the idle-to-TDP range:
       NVML's figure is the share of time a kernel ran, which saturates long before power
-      does. Temperature rises with power. The SM clock is at its maximum whenever there is
-      work and at 30 % of it otherwise (no DVFS model). Memory in use is a constant 90 %:
-      serving engines reserve their KV cache at start-up (vLLM's default
+      does (`_utilization`). Temperature rises with power. The SM clock is at its maximum
+      whenever there is work and at 30 % of it otherwise (no DVFS model). Memory in use is
+      a constant 90 %: serving engines reserve their KV cache at start-up (vLLM's default
       gpu_memory_utilization), so it does not follow the load.
+    - Processes (with `processes`): `load` is then the power of the board's server, and each
+      `Job` beside it adds its own, so the counter holds both (no power cap is modelled:
+      the batching curve keeps a server under TDP, a job beside it may pass it). NVML lists
+      them all as compute processes. Every `1 / SAMPLES_PER_S` seconds from the start the
+      "driver" takes one sample per process, stamped on the wall clock in µs: its SM
+      utilisation over the period just ended, the mean of `_utilization` of the server's own
+      power (the load's) for the server and of its `sm_util` for a job; memory, encoder and
+      decoder utilisation are not modelled (0). The last `RETAINED_SAMPLES` periods are
+      kept, as the driver keeps a bounded buffer. Without `processes`, no process is listed.
     """
 
     COUNTER_PERIOD_S = 0.05
@@ -229,6 +248,12 @@ class SimulatedGpuSource:
     _FLOOR_TOLERANCE_MJ = 1e-6
     """Forgiven when flooring to whole mJ, so that float rounding of an integral that is a
     whole number of mJ (200 W for 0.1 s) does not take it one millijoule below."""
+    SAMPLES_PER_S = 6
+    """NVML's per-process samples come about every 1/6 s."""
+    RETAINED_SAMPLES = 60
+    """Periods of samples kept (10 s): what a query from `since_us = 0` gets."""
+    SAMPLE_CELLS = 16
+    """Instants per sample period at which SM utilisation is averaged."""
 
     def __init__(
         self,
@@ -238,7 +263,11 @@ class SimulatedGpuSource:
         clock: Callable[[], float] = time.monotonic,
         counter_period_s: float = COUNTER_PERIOD_S,
         power_field: PowerField = "instant",
+        processes: SimulatedProcesses | None = None,
+        wall_us: Callable[[], int] = lambda: time.time_ns() // 1000,
     ) -> None:
+        """`clock`: the monotonic clock of every read; `wall_us`: the wall clock, µs, that
+        process samples are stamped on (read once, at the start)."""
         if counter_period_s <= 0:
             raise ValueError("counter period must be positive")
         if power_field not in ("instant", "average"):
@@ -246,10 +275,15 @@ class SimulatedGpuSource:
         self.models = parse_spec(spec) if isinstance(spec, str) else tuple(spec)
         if not self.models:
             raise ValueError("a simulated source needs at least one GPU")
+        if processes is not None and processes.gpu_count != len(self.models):
+            raise ValueError(f"simulated processes for {processes.gpu_count} GPUs on a source "
+                             f"of {len(self.models)}")
         self.load = load if load is not None else WaveformLoad(self.models)
+        self._simulated = processes
         self.counter_period_s = counter_period_s
         self._clock = clock
         self._t0 = clock()
+        self._wall_t0_us = wall_us()
         self._power_field = power_field
         self._infos = [
             GpuInfo(
@@ -263,7 +297,7 @@ class SimulatedGpuSource:
             for index, model in enumerate(self.models)
         ]
         self._integrals = [
-            _EnergyIntegral(partial(self.load.power_w, index), self._t0, self.INTEGRATION_STEP_S)
+            _EnergyIntegral(partial(self.power_w, index), self._t0, self.INTEGRATION_STEP_S)
             for index in range(len(self.models))
         ]
 
@@ -287,7 +321,7 @@ class SimulatedGpuSource:
             ) / self.AVERAGE_SAMPLES
         if not telemetry:
             return GpuReading(time=now, energy_j=counter_mj / 1000, power_w=power)
-        utilization = _clamp((power - model.idle_w) / (0.6 * (model.tdp_w - model.idle_w)))
+        utilization = _utilization(model, power)
         return GpuReading(
             time=now,
             energy_j=counter_mj / 1000,
@@ -304,6 +338,33 @@ class SimulatedGpuSource:
         """Ground truth: joules board `index` consumed from the source's start to time `t`."""
         return self._integrals[index].energy_j(t)
 
+    def power_w(self, index: int, t: float) -> float:
+        """Board `index`'s true power at time t: the load's, and its jobs'."""
+        jobs = self._simulated
+        return self.load.power_w(index, t) + (jobs.job_power_w(index, t) if jobs else 0.0)
+
+    def processes(self, index: int) -> GpuProcesses:
+        """The board's simulated processes, all listed as compute processes."""
+        listed = frozenset(p.pid for p in self._processes_on(index))
+        return GpuProcesses(listed, frozenset())
+
+    def process_utilization(self, index: int, since_us: int) -> ProcessUtilization:
+        """The retained samples of board `index` stamped after `since_us`, as NVML answers
+        (see the class docstring); `last_seen_us` the newest stamp, else `since_us`."""
+        on = self._processes_on(index)
+        latest = math.floor((self._clock() - self._t0) * self.SAMPLES_PER_S
+                            + self._TICK_TOLERANCE)
+        # Sample k's stamp is at least since_us only from about this k on.
+        after = (since_us - self._wall_t0_us) * self.SAMPLES_PER_S // 1_000_000
+        samples = [
+            ProcessSample(process.pid, stamp, self._sm_util(index, process, k), 0, 0, 0)
+            for k in range(max(1, latest - self.RETAINED_SAMPLES + 1, after), latest + 1)
+            if (stamp := self._stamp_us(k)) > since_us
+            for process in on
+        ]
+        last = max((sample.time_us for sample in samples), default=since_us)
+        return ProcessUtilization(tuple(samples), max(last, since_us))
+
     def close(self) -> None:
         """Nothing to release: a simulated board holds no handle."""
 
@@ -317,13 +378,40 @@ class SimulatedGpuSource:
         window, step = self.SENSOR_WINDOW_S, self.INTEGRATION_STEP_S
         cells = round(window / step)
         start = at - window
-        return sum(self.load.power_w(index, start + (k + 0.5) * step) for k in range(cells)) / cells
+        return sum(self.power_w(index, start + (k + 0.5) * step) for k in range(cells)) / cells
+
+    def _processes_on(self, index: int) -> tuple[SimProcess, ...]:
+        if not 0 <= index < len(self.models):
+            raise IndexError(f"no simulated GPU {index}")
+        return self._simulated.on(index) if self._simulated is not None else ()
+
+    def _stamp_us(self, k: int) -> int:
+        """The wall-clock stamp of sample k, taken `k / SAMPLES_PER_S` s after the start."""
+        return self._wall_t0_us + k * 1_000_000 // self.SAMPLES_PER_S
+
+    def _sm_util(self, index: int, process: SimProcess, k: int) -> int:
+        """A process's SM utilisation, percent, over sample k's period (the 1/6 s before it):
+        the server's follows its own power (the load's), a job's is its own."""
+        cells, period = self.SAMPLE_CELLS, 1.0 / self.SAMPLES_PER_S
+        start = self._t0 + (k - 1) * period
+        instants = [start + (c + 0.5) * period / cells for c in range(cells)]
+        job, model = process.job, self.models[index]
+        if job is None:
+            busy = sum(_utilization(model, self.load.power_w(index, t)) for t in instants)
+            return round(100 * busy / cells)
+        return round(sum(job.sm_at(t) for t in instants) / cells)
 
     @staticmethod
     def _counter_origin_mj(index: int) -> int:
         """Where board `index`'s counter starts: as if it had used (index + 1) kWh since the
         driver loaded, so that nothing downstream can get away with assuming it starts at 0."""
         return (index + 1) * 3_600_000_000
+
+
+def _utilization(model: GpuModel, power_w: float) -> float:
+    """The share of time a kernel ran at `power_w`: power above idle, saturating at 60 % of
+    the idle-to-TDP range (the class docstring of `SimulatedGpuSource` says why)."""
+    return _clamp((power_w - model.idle_w) / (0.6 * (model.tdp_w - model.idle_w)))
 
 
 def _clamp(value: float) -> float:

@@ -1,11 +1,13 @@
 """The record store: one SQLite file, written in batches off the hot path.
 
-It holds two kinds of records. Per-request records (table `requests`) come from the
+It holds three kinds of records. Per-request records (table `requests`) come from the
 attribution engine through `RecordStore.submit`. Scrape windows (tables `windows`, one row
 per window, and `window_models`, one row per model of a window) come from the scrapers
 through `RecordStore.submit_windows`: a scraped server gives per-model counts per window,
-not per request, so its figures are kept apart and never mixed into request rows. Both
-calls only convert to rows and queue them; a writer thread commits the queue every
+not per request, so its figures are kept apart and never mixed into request rows. Workload
+stretches (table `workloads`: one workload on one GPU, or a GPU's unattributed energy) come
+from the workload view through `RecordStore.submit_workloads`. The calls only convert to
+rows and queue them; a writer thread commits the queue every
 `flush_interval_s` in one transaction, and deletes records past their retention now and
 then. `close()` (what SIGTERM calls) commits everything still queued before it returns.
 
@@ -32,10 +34,11 @@ from agent.store.reader import (
     WindowTotals,
 )
 from agent.store.schema import RecordStoreError
+from agent.store.workloads import GROUPINGS, StoredWorkloads, WorkloadGroup
 from agent.store.writer import RecordStore, StoredWindow, StoreStats, wall_clock_offset
 
 __all__ = [
-    "ModelWindows", "RecordReader", "RecordStore", "RecordStoreError", "SourceWindows",
-    "StoreStats", "StoredRequest", "StoredWindow", "TraceCoverage", "WindowTotals",
-    "wall_clock_offset",
+    "GROUPINGS", "ModelWindows", "RecordReader", "RecordStore", "RecordStoreError", "SourceWindows",
+    "StoreStats", "StoredRequest", "StoredWindow", "StoredWorkloads", "TraceCoverage",
+    "WindowTotals", "WorkloadGroup", "wall_clock_offset",
 ]

@@ -1,4 +1,5 @@
-"""Reading the store: request records one by one, scrape windows summed per period.
+"""Reading the store: request records one by one, scrape windows and workload stretches
+summed per period.
 
 Each read opens its own read-only connection (`agent.store.schema.open_reader`), which
 makes reads safe from any thread and lets `jouleprobe report` read a store it cannot write.
@@ -26,6 +27,7 @@ from agent.store.schema import (
     open_reader,
     version,
 )
+from agent.store.workloads import StoredWorkloads, read_workloads
 from agent.units import JOULES_PER_WH
 
 
@@ -338,6 +340,13 @@ class RecordReader:
             sources=tuple(SourceWindows(*_simulated_flag(row)) for row in sources),
             coverage=tuple(TraceCoverage(*row) for row in coverage),
         )
+
+    def workloads(self, since: float | None = None, by: str = "workload") -> StoredWorkloads:
+        """The workload stretches that ended at or after `since` (UTC epoch seconds),
+        summed per `by` group (`agent.store.workloads.GROUPINGS`), with the period's
+        measured and unattributed GPU energy. Raises ValueError for an unknown `by`."""
+        with self._reading() as connection:
+            return read_workloads(connection, since, by)
 
 
 def _simulated_flag(row: Row) -> Row:

@@ -4,7 +4,9 @@ Schema versions (`PRAGMA user_version`): 1 has the requests; 2 adds the windows;
 when the server began each request and whether its token counts are estimates; 4 adds the
 trace source of a scraped server that also exports its request spans; 5 adds the
 generation parameters a request asked for (`agent.requests.Sampling`); 6 adds its GPUs'
-model and how they split its intervals (`RequestEnergy.split`, `prefill_weight`). The agent
+model and how they split its intervals (`RequestEnergy.split`, `prefill_weight`); 7 adds
+the workloads (`agent.attribution.workloads.WorkloadRecord`: every GPU joule to a
+container, a process or unattributed, in stretches of one workload on one GPU). The agent
 (the writer) migrates an older file in place when it opens it; a reader never writes, so a
 reader of a version-1 file simply finds no windows, and of an older one the defaults of
 the columns added since (`ADDED_COLUMNS`).
@@ -27,6 +29,11 @@ COLUMNS = (
     "max_tokens", "temperature", "top_p", "n", "gpu_model", "split", "prefill_weight",
 )
 """The columns of `requests`, in the order rows are written and read."""
+WORKLOAD_COLUMNS = (
+    "workload", "kind", "namespace", "pod", "container", "gpu", "gpu_model", "start_time",
+    "end_time", "energy_j", "gpu_seconds", "peak_w", "inference", "simulated",
+)
+"""The columns of `workloads` that rows are written with."""
 _SCHEMA_STEPS: tuple[tuple[str, ...], ...] = (
     (  # version 1: per-request records
         """CREATE TABLE requests (
@@ -97,6 +104,26 @@ _SCHEMA_STEPS: tuple[tuple[str, ...], ...] = (
         "('time', 'weighted', 'queue-aware', 'counts-unknown'))",
         "ALTER TABLE requests ADD COLUMN prefill_weight REAL",
     ),
+    (  # version 7: the workload view (agent.attribution.workloads.WorkloadRecord)
+        """CREATE TABLE workloads (
+            id          INTEGER PRIMARY KEY,
+            workload    TEXT NOT NULL,  -- unique on the node; 'unattributed' for the rest
+            kind        TEXT NOT NULL,  -- pod, container, unit, process; 'none'
+            namespace   TEXT NOT NULL,  -- '' off Kubernetes
+            pod         TEXT NOT NULL,
+            container   TEXT NOT NULL,
+            gpu         INTEGER NOT NULL,
+            gpu_model   TEXT,           -- NVML's name; NULL: not known
+            start_time  REAL NOT NULL,  -- UTC epoch seconds
+            end_time    REAL NOT NULL,
+            energy_j    REAL NOT NULL,  -- GPU energy of the stretch (the GPU boundary)
+            gpu_seconds REAL NOT NULL,  -- shared intervals count 1/parties to each
+            peak_w      REAL NOT NULL,
+            inference   INTEGER NOT NULL CHECK (inference IN (0, 1)),
+            simulated   INTEGER NOT NULL CHECK (simulated IN (0, 1))  -- the node's GPUs
+        )""",
+        "CREATE INDEX workloads_by_end ON workloads (end_time)",
+    ),
 )
 """What each schema version adds: step n brings a file from version n to n + 1."""
 SCHEMA_VERSION = len(_SCHEMA_STEPS)
@@ -106,6 +133,8 @@ WINDOWS_VERSION = 2
 """The schema version that added the windows."""
 TRACE_SOURCE_VERSION = 4
 """The schema version that added the windows' trace source."""
+WORKLOADS_VERSION = 7
+"""The schema version that added the workloads."""
 ADDED_COLUMNS = {"scheduled_time": (3, "NULL"), "tokens_estimated": (3, "0"),
                  "max_tokens": (5, "NULL"), "temperature": (5, "NULL"), "top_p": (5, "NULL"),
                  "n": (5, "NULL"), "gpu_model": (6, "NULL"), "split": (6, "NULL"),

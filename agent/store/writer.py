@@ -22,9 +22,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from agent.attribution.workloads import WorkloadRecord
 from agent.requests import STATUSES, RequestEnergy, Sampling
 from agent.store.reader import RecordReader
-from agent.store.schema import COLUMNS, RecordStoreError, Row, open_writer, transaction
+from agent.store.schema import (
+    COLUMNS,
+    WORKLOAD_COLUMNS,
+    RecordStoreError,
+    Row,
+    open_writer,
+    transaction,
+)
 from agent.units import check_pue
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,8 @@ _INSERT_WINDOW_MODEL = (
     "gpu_dynamic_j, gpu_static_j) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 
+_INSERT_WORKLOAD = (f"INSERT INTO workloads ({', '.join(WORKLOAD_COLUMNS)}) VALUES "
+                    f"({', '.join('?' * len(WORKLOAD_COLUMNS))})")
 _WindowRows = tuple[Row, list[Row]]
 """A queued window: its `windows` row, and its `window_models` rows without the window id."""
 _Queued = TypeVar("_Queued", Row, _WindowRows)
@@ -120,7 +130,8 @@ def wall_clock_offset() -> float:
 @dataclass(frozen=True, slots=True)
 class StoreStats:
     """The writer's counters since the store was opened, for the exporter and /healthz. A
-    record is a request record or a scrape window (with its models' rows)."""
+    record is a request record, a scrape window (with its models' rows) or a workload
+    stretch."""
 
     pending: int
     """Records queued, not yet committed."""
@@ -140,10 +151,10 @@ class StoreStats:
 class RecordStore(RecordReader):
     """The store as the agent holds it: batched writes on a thread, retention, and reads.
 
-    `submit` and `submit_windows` never wait on the disk: they are called on the
-    attribution path and on the event loop, which must not stall behind a slow or locked
-    file. Both feed one queue, committed in one transaction per flush, which holds at most
-    `max_pending` records (requests and windows together); past
+    `submit`, `submit_windows` and `submit_workloads` never wait on the disk: they are
+    called on the attribution path and on the event loop, which must not stall behind a
+    slow or locked file. They feed one queue, committed in one transaction per flush, which
+    holds at most `max_pending` records (requests, windows and workloads together); past
     that, new records are refused, counted in `dropped_total` (for the exporter) and logged,
     while everything already queued is kept. A write that fails for a passing reason
     (file locked, disk full: `sqlite3.OperationalError`) keeps its batch queued for the
@@ -202,6 +213,7 @@ class RecordStore(RecordReader):
         self._lock = threading.Lock()
         self._pending: list[Row] = []
         self._pending_windows: list[_WindowRows] = []
+        self._pending_workloads: list[Row] = []
         """The queues. Never rebound, only emptied under the lock: `submit` names its queue
         before taking the lock, so a list swapped out meanwhile would take its records
         away uncounted."""
@@ -231,12 +243,18 @@ class RecordStore(RecordReader):
         self._enqueue(self._pending_windows,
                       [self._window_rows(source, window, trace_source) for window in figures])
 
+    def submit_workloads(self, records: Sequence[WorkloadRecord]) -> None:
+        """Queue closed stretches of the workload view (one workload on one GPU, or a GPU's
+        unattributed energy); returns at once. Raises ValueError for one that could never
+        be stored (a non-finite figure), RuntimeError once closed."""
+        self._enqueue(self._pending_workloads, [self._workload_row(r) for r in records])
+
     def _enqueue(self, queue: list[_Queued], items: list[_Queued]) -> None:
         """Append what fits under `max_pending` to `queue`; refuse and count the rest."""
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"record store {self.path} is closed")
-            room = max(0, self.max_pending - len(self._pending) - len(self._pending_windows))
+            room = max(0, self.max_pending - self._queued())
             queue.extend(items[:room])
             refused = len(items) - min(room, len(items))
             self._dropped += refused
@@ -295,12 +313,26 @@ class RecordStore(RecordReader):
                unattributed, int(self.simulated), _optional(str, trace_source))
         return row, shares
 
+    def _workload_row(self, record: WorkloadRecord) -> Row:
+        """Converts now, like `_row`."""
+        name = record.name
+        figures = (float(record.energy_j), float(record.gpu_seconds), float(record.peak_w))
+        start, end = self._wall(record.start), self._wall(record.end)
+        if not all(math.isfinite(value) for value in (*figures, start, end)):
+            raise ValueError(f"workload {name.workload} on GPU {record.gpu}: non-finite figure")
+        return (str(name.workload), str(name.kind), str(name.namespace), str(name.pod),
+                str(name.container), int(record.gpu), self._gpu_model((record.gpu,)), start,
+                end, *figures, int(record.inference), int(self.simulated))
+
+    def _queued(self) -> int:
+        return len(self._pending) + len(self._pending_windows) + len(self._pending_workloads)
+
     def _wall(self, monotonic: float) -> float:
         return float(monotonic) + self.wall_offset
 
     def stats(self) -> StoreStats:
         with self._lock:
-            return StoreStats(len(self._pending) + len(self._pending_windows), self._written,
+            return StoreStats(self._queued(), self._written,
                               self._dropped, self._write_errors, self._pruned,
                               self._errors_since_commit, self._last_error)
 
@@ -328,12 +360,14 @@ class RecordStore(RecordReader):
     def _flush(self, *, final: bool) -> None:
         with self._lock:
             batch, windows = _take(self._pending), _take(self._pending_windows)
-        if not batch and not windows:
+            workloads = _take(self._pending_workloads)
+        if not batch and not windows and not workloads:
             return
         try:
             with transaction(self._writer):
                 _insert(self._writer, batch)
                 _insert_windows(self._writer, windows)
+                self._writer.executemany(_INSERT_WORKLOAD, workloads)
         except Exception as exc:  # the writer thread must outlive any one bad batch
             retry = isinstance(exc, sqlite3.OperationalError) and not final
             with self._lock:
@@ -343,14 +377,15 @@ class RecordStore(RecordReader):
                 if retry:
                     self._pending[:0] = batch
                     self._pending_windows[:0] = windows
+                    self._pending_workloads[:0] = workloads
                 else:
-                    self._dropped += len(batch) + len(windows)
-            log.exception("writing %d request records and %d windows to %s failed%s",
-                          len(batch), len(windows), self.path,
+                    self._dropped += len(batch) + len(windows) + len(workloads)
+            log.exception("writing %d request records, %d windows and %d workload stretches "
+                          "to %s failed%s", len(batch), len(windows), len(workloads), self.path,
                           "; will retry" if retry else "; they are lost")
             return
         with self._lock:
-            self._written += len(batch) + len(windows)
+            self._written += len(batch) + len(windows) + len(workloads)
             self._errors_since_commit = 0
             self._last_error = None
             self._dropping = False
@@ -365,6 +400,9 @@ class RecordStore(RecordReader):
                 ).rowcount
                 deleted += self._writer.execute(  # their window_models rows cascade
                     "DELETE FROM windows WHERE end_time < ?", (cutoff,)
+                ).rowcount
+                deleted += self._writer.execute(
+                    "DELETE FROM workloads WHERE end_time < ?", (cutoff,)
                 ).rowcount
         except sqlite3.Error:
             log.exception("deleting records older than %g days from %s failed",

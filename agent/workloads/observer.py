@@ -39,6 +39,7 @@ from agent.workloads.podresources import DeviceHolders
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,31 +56,33 @@ class Occupancy:
     """PID → Σ smUtil (percent) of its samples in the window; empty without samples."""
 
 
-class Refreshed(Generic[T]):
+class Refreshed(Generic[T_co]):
     """A value read again every `period_s` (at the first `get` after the period), keeping the
     last good one while a read fails; `error` is the last failure's reason, None once a read
     succeeds. The readers raise any exception with a `reason` attribute, or another."""
 
-    def __init__(self, read: Callable[[], T], period_s: float,
+    def __init__(self, read: Callable[[], T_co], period_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._read = read
         self._period_s = period_s
         self._clock = clock
         self._next = -float("inf")
-        self.value: T | None = None
+        self.value: T_co | None = None
         self.error: str | None = None
+        self.detail: str | None = None
+        """The last failure's message, for `jouleprobe doctor`; None once a read succeeds."""
 
-    def get(self) -> T | None:
+    def get(self) -> T_co | None:
         now = self._clock()
         if now >= self._next:
             self._next = now + self._period_s
             try:
-                self.value, self.error = self._read(), None
+                self.value, self.error, self.detail = self._read(), None, None
             except Exception as exc:  # any failure is one reason, kept
                 reason = getattr(exc, "reason", type(exc).__name__)
                 if reason != self.error:
                     log.warning("workloads: %s", exc)
-                self.error = str(reason)
+                self.error, self.detail = str(reason), str(exc)
         return self.value
 
 

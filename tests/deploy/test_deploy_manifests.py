@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,6 @@ yaml = require_module("yaml")
 kubernetes_validate = require_module("kubernetes_validate")
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
-DOCKERFILE = ROOT / "deploy" / "container" / "Dockerfile"
 KUBERNETES_VERSION = "1.29.0"
 """The oldest Kubernetes release still commonly run (EKS, GKE, AKS extended support in
 2025) whose schema kubernetes-validate ships; everything used is older than that."""
@@ -118,7 +116,7 @@ def test_the_daemonset_serves_probes_and_metrics_on_the_agents_port() -> None:
     assert "release" in objects["PrometheusRule"]["metadata"]["labels"]
 
 
-def test_the_daemonset_runs_on_gpu_nodes_as_the_images_user() -> None:
+def test_the_daemonset_runs_on_gpu_nodes_as_root_without_capabilities() -> None:
     pod = resources()["DaemonSet"]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["hostPID"] is True  # gpus = "auto"
@@ -129,11 +127,10 @@ def test_the_daemonset_runs_on_gpu_nodes_as_the_images_user() -> None:
     assert "nvidia.com/gpu" not in agent["resources"].get("limits", {})
     assert {"requests", "limits"} <= set(agent["resources"])
 
-    user = re.search(r"^USER (\d+):(\d+)$", DOCKERFILE.read_text(), re.MULTILINE)
-    assert user is not None
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (
-        int(user[1]), int(user[2]))
+    # Root for the kubelet's root-only pod-resources socket, with no capability at all.
+    context = agent["securityContext"]
+    assert (context["runAsUser"], context["runAsGroup"], context["runAsNonRoot"]) == (0, 0, False)
+    assert context["capabilities"] == {"drop": ["ALL"]}
     assert agent["securityContext"]["readOnlyRootFilesystem"] is True
     assert agent["securityContext"]["allowPrivilegeEscalation"] is False
 
@@ -149,8 +146,7 @@ def test_records_and_config_are_where_the_agent_looks() -> None:
     (generated,) = kustomization()["configMapGenerator"]
     assert volumes["config"]["configMap"]["name"] == generated["name"]
     assert agent["args"] == ["run", "--config", f"{mounts['config']}/{generated['files'][0]}"]
-    (init,) = pod["initContainers"]
-    assert init["command"][-1] == mounts["records"]
+    assert "initContainers" not in pod  # root owns the records' directory, as created
 
 
 def test_the_agent_may_only_read_pods_and_mounts_the_token_for_it() -> None:

@@ -3,41 +3,20 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scripted import ScriptedOccupancies
 
 from agent.attribution.workloads import OTHER, UNATTRIBUTED, WorkloadAccounts
 from agent.workloads.naming import WorkloadName, pod_container
-from agent.workloads.observer import Occupancy
 
 SERVER = pod_container("ml", "vllm-0", "vllm")
 TRAINER = pod_container("research", "train-7", "trainer")
 NOTEBOOK = WorkloadName("process:python", "process")
 
 
-class Script:
-    """Occupancies by hand: each from its `time` on, per GPU."""
-
-    def __init__(self) -> None:
-        self.by_gpu: dict[int, list[Occupancy]] = {}
-
-    def at(self, gpu: int, time: float, *, exclusive: WorkloadName | None = None,
-           present: Mapping[int, WorkloadName | None] | None = None,
-           weights: Mapping[int, float] | None = None) -> None:
-        history = self.by_gpu.setdefault(gpu, [])
-        since = history[-1].time if history else 0.0
-        history.append(Occupancy(since, time, exclusive, dict(present or {}),
-                                 dict(weights or {})))
-
-    def covering(self, index: int, time: float) -> Occupancy | None:
-        history = self.by_gpu.get(index, [])
-        for occupancy in history:
-            if occupancy.time >= time:
-                return occupancy
-        return history[-1] if history else None
 
 
 def by_name(accounts: WorkloadAccounts, gpu: int) -> dict[WorkloadName, float]:
@@ -46,7 +25,7 @@ def by_name(accounts: WorkloadAccounts, gpu: int) -> dict[WorkloadName, float]:
 
 
 def test_a_gpu_held_by_one_container_gives_it_every_joule() -> None:
-    script = Script()
+    script = ScriptedOccupancies()
     script.at(0, 10.0, exclusive=SERVER, present={5: TRAINER}, weights={5: 90})
     accounts = WorkloadAccounts(script)
     accounts.interval(0, 0.0, 1.0, 300.0, 60.0, serving=True)
@@ -57,7 +36,7 @@ def test_a_gpu_held_by_one_container_gives_it_every_joule() -> None:
 
 
 def test_a_shared_gpu_splits_dynamic_by_sm_and_static_by_presence() -> None:
-    script = Script()
+    script = ScriptedOccupancies()
     script.at(1, 10.0, present={11: SERVER, 12: TRAINER, 13: None},
               weights={11: 30, 12: 60, 13: 10})
     accounts = WorkloadAccounts(script)
@@ -70,14 +49,14 @@ def test_a_shared_gpu_splits_dynamic_by_sm_and_static_by_presence() -> None:
 
 
 def test_no_occupancy_yet_leaves_everything_unattributed() -> None:
-    accounts = WorkloadAccounts(Script())
+    accounts = WorkloadAccounts(ScriptedOccupancies())
     accounts.interval(0, 0.0, 0.1, 5.0, None, serving=False)
     assert accounts.totals().unattributed_j == {0: 5.0}
     assert accounts.totals().energy_j == {}
 
 
 def test_without_an_idle_baseline_idle_energy_of_a_quiet_gpu_stays_unattributed() -> None:
-    script = Script()
+    script = ScriptedOccupancies()
     script.at(0, 10.0, present={11: NOTEBOOK})  # listed, no SM activity
     accounts = WorkloadAccounts(script)
     accounts.interval(0, 0.0, 1.0, 60.0, None, serving=False)
@@ -86,7 +65,7 @@ def test_without_an_idle_baseline_idle_energy_of_a_quiet_gpu_stays_unattributed(
 
 
 def test_the_only_busy_workload_beside_requests_is_marked_inference() -> None:
-    script = Script()
+    script = ScriptedOccupancies()
     script.at(0, 1.0, present={1: SERVER, 2: TRAINER}, weights={1: 50})
     script.at(0, 2.0, present={1: SERVER, 2: TRAINER}, weights={1: 50, 2: 40})
     accounts = WorkloadAccounts(script)
@@ -97,7 +76,7 @@ def test_the_only_busy_workload_beside_requests_is_marked_inference() -> None:
 
 
 def test_series_past_the_cap_go_to_other_and_a_gone_workload_frees_its_place() -> None:
-    script = Script()
+    script = ScriptedOccupancies()
     names = [WorkloadName(f"process:p{i}", "process") for i in range(4)]
     script.at(0, 1.0, present={1: names[0], 2: names[1]}, weights={1: 1, 2: 1})
     script.at(0, 1000.0, present={3: names[2]}, weights={3: 1})
@@ -114,7 +93,7 @@ def test_series_past_the_cap_go_to_other_and_a_gone_workload_frees_its_place() -
 
 
 def test_records_are_stretches_closed_when_gone_by_period_and_at_drain() -> None:
-    script = Script()
+    script = ScriptedOccupancies()
     script.at(0, 1e9, exclusive=SERVER)
     accounts = WorkloadAccounts(script, gone_after_s=60.0, record_period_s=100.0)
     for second in range(150):
@@ -159,7 +138,7 @@ def test_per_gpu_workloads_and_unattributed_sum_to_the_measured_energy(
                             dict[int, float]], bool]],
     cap: int,
 ) -> None:
-    script = Script()
+    script = ScriptedOccupancies()
     accounts = WorkloadAccounts(script, max_series=cap)
     t = 0.0
     for seconds, energy, idle, (exclusive, present, weights), serving in steps:

@@ -7,7 +7,7 @@ import threading
 import uuid
 
 import pytest
-from scripted import ConstantLoad
+from scripted import ConstantLoad, FakeClock, StepLoad
 
 from agent.sampler import Sampler
 from agent.sim.gpus import (
@@ -21,22 +21,8 @@ T0 = 1000.0
 PERIOD = SimulatedGpuSource.COUNTER_PERIOD_S
 
 
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
-class StepLoad:
-    """`low` watts before `at`, `high` from `at` on."""
-
-    def __init__(self, low: float, high: float, at: float) -> None:
-        self.low, self.high, self.at = low, high, at
-
-    def power_w(self, index: int, t: float) -> float:
-        return self.high if t >= self.at else self.low
 
 
 def counter_mj(source: SimulatedGpuSource, index: int = 0) -> int:
@@ -124,7 +110,7 @@ def test_default_load_is_the_waveform() -> None:
 
 
 def test_counter_is_integer_millijoules_updated_once_per_period() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     source = SimulatedGpuSource("H100", ConstantLoad(333.3333), clock=clock)
     origin = counter_mj(source)
     clock.now = T0 + 0.6 * PERIOD
@@ -138,13 +124,13 @@ def test_counter_is_integer_millijoules_updated_once_per_period() -> None:
 
 
 def test_counter_starts_where_a_driver_loaded_long_ago_left_it() -> None:
-    source = SimulatedGpuSource("2xH100", ConstantLoad(100.0), clock=FakeClock())
+    source = SimulatedGpuSource("2xH100", ConstantLoad(100.0), clock=FakeClock(T0))
     assert source.read(0).energy_j != source.read(1).energy_j
     assert all((source.read(i).energy_j or 0) > 1e6 for i in range(2))
 
 
 def test_counter_period_is_configurable() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     source = SimulatedGpuSource("H100", ConstantLoad(200.0), clock=clock, counter_period_s=0.1)
     origin = counter_mj(source)
     clock.now = T0 + 0.09
@@ -154,7 +140,7 @@ def test_counter_period_is_configurable() -> None:
 
 
 def test_counter_over_a_window_matches_the_true_energy() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     source = SimulatedGpuSource("2xA100", WaveformLoad(parse_spec("2xA100"), 6.0), clock=clock)
     peak_w = 0.8 * MODELS["A100"].tdp_w
     origins = [counter_mj(source, i) for i in range(2)]
@@ -171,12 +157,12 @@ def test_counter_over_a_window_matches_the_true_energy() -> None:
 
 
 def test_true_energy_is_the_integral_and_the_same_whenever_asked() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     source = SimulatedGpuSource("H100", ConstantLoad(250.0), clock=clock)
     assert source.true_energy_j(0, T0 + 3.25) == pytest.approx(250.0 * 3.25, rel=1e-12)
     load = WaveformLoad(parse_spec("H100"), 5.0)
-    forward = SimulatedGpuSource("H100", load, clock=FakeClock())
-    past = SimulatedGpuSource("H100", load, clock=FakeClock())
+    forward = SimulatedGpuSource("H100", load, clock=FakeClock(T0))
+    past = SimulatedGpuSource("H100", load, clock=FakeClock(T0))
     past.true_energy_j(0, T0 + 9.0)  # moves its running sum past the times asked below
     for t in (T0 + 2.5004, T0 + 5.0, T0 + 7.77):
         assert past.true_energy_j(0, t) == pytest.approx(forward.true_energy_j(0, t), rel=1e-12)
@@ -186,7 +172,7 @@ def test_true_energy_is_the_integral_and_the_same_whenever_asked() -> None:
 
 
 def test_power_follows_the_load_through_a_sensor_sampled_every_100_ms() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     source = SimulatedGpuSource("H100", StepLoad(70.0, 560.0, at=T0 + 1.03), clock=clock)
     clock.now = T0 + 1.05
     before = source.read(0)
@@ -214,7 +200,7 @@ class BurstLoad:
 
 
 def test_a_burst_between_sensor_windows_is_missed_by_power_but_not_by_the_counter() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     source = SimulatedGpuSource("H100", BurstLoad(T0 + 0.02), clock=clock)
     origin = counter_mj(source)
     clock.now = T0 + 0.1
@@ -224,7 +210,7 @@ def test_a_burst_between_sensor_windows_is_missed_by_power_but_not_by_the_counte
 
 
 def test_average_power_field_is_the_mean_of_the_last_second_of_samples() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     source = SimulatedGpuSource(
         "H100", StepLoad(100.0, 600.0, at=T0 + 2.0), clock=clock, power_field="average"
     )
@@ -248,7 +234,7 @@ def test_waveform_stays_between_idle_and_80_percent_of_tdp_and_moves() -> None:
 
 
 def test_concurrent_reads_integrate_each_gpu_once() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     source = SimulatedGpuSource("4xH100", ConstantLoad([100.0, 200.0, 300.0, 400.0]), clock=clock)
     origins = [counter_mj(source, i) for i in range(4)]
     clock.now = T0 + 2.0
@@ -275,7 +261,7 @@ def test_concurrent_reads_integrate_each_gpu_once() -> None:
 
 
 def test_sampler_timeline_matches_the_integral_of_a_constant_load() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     source = SimulatedGpuSource("2xH100", ConstantLoad([250.0, 420.0]), clock=clock)
     sampler = Sampler(source, interval_s=0.1, clock=clock)
     for step in range(101):

@@ -6,6 +6,7 @@ import math
 import threading
 
 import pytest
+from scripted import FakeClock
 
 from agent.attribution import AttributionEngine
 from agent.requests import Request
@@ -18,12 +19,6 @@ HEADROOM = H100.tdp_w - H100.idle_w
 SMALL = PROFILES["small-8b"]
 
 
-class FakeClock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def dynamic(nominal_w: float) -> float:

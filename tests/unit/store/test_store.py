@@ -481,7 +481,7 @@ def test_a_version_1_file_is_read_without_windows_and_migrated_by_the_writer(
     store.submit_windows("scrape:vllm", [window(100.0, models={"a": Usage(1, 1, 1)})])
     store.close()
     with closing(sqlite3.connect(path)) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 6
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
     assert [(r.id, r.scheduled, r.tokens_estimated) for r in reader.query()] == [
         ("v1-request", None, False)]
     assert [m.model for m in reader.window_totals().models] == ["a"]
