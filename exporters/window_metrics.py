@@ -13,15 +13,20 @@ requests (llama.cpp) or no tokens (Triton models outside LLM backends) have no s
 that quantity rather than a zero.
 
 Models are capped as in `exporters.request_metrics`: past `max_models`, further models are
-counted as model="other", with one warning.
+counted as model="other", with one warning. Sources come and go with the annotated pods of a
+Kubernetes node (`scrape:vllm:<namespace>/<pod>`): a source whose scraper stopped for good
+is `retire`d, and its series leave `retire_after_s` later (time for Prometheus to read its
+last increments), unless it is scraped again meanwhile; so a rollout's new pods do not
+grow the series without bound.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -48,16 +53,26 @@ def _add(total: float | None, value: float | None) -> float | None:
     return (total or 0.0) + value
 
 
+RETIRE_AFTER_S = 600.0
+"""How long a retired source's series stay: several Prometheus scrape intervals."""
+
+
 class WindowMetrics:
     """Running per-(source, model) totals of settled windows, and scrape counters.
 
     Scrapers call `scraped`, `scrape_failed` and `observe` from the event loop; `families`
     is the `FamilyProducer` to give `NodeCollector.add`."""
 
-    def __init__(self, *, max_models: int = DEFAULT_MAX_MODELS) -> None:
+    def __init__(self, *, max_models: int = DEFAULT_MAX_MODELS,
+                 retire_after_s: float = RETIRE_AFTER_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if max_models < 1:
             raise ValueError(f"max_models must be >= 1, got {max_models}")
         self.max_models = max_models
+        self._retire_after_s = retire_after_s
+        self._clock = clock
+        self._retired: dict[str, float] = {}
+        """Source → when its scraper stopped for good."""
         self._models: dict[tuple[str, str], _ModelState] = {}
         self._own: set[str] = set()
         """Models with series of their own."""
@@ -71,6 +86,28 @@ class WindowMetrics:
         """One scrape attempted, whatever its outcome."""
         with self._lock:
             self._scrapes[source] += 1
+            self._retired.pop(source, None)
+
+    def retire(self, source: str) -> None:
+        """`source`'s scraper stopped for good (its pod is gone): its series leave
+        `retire_after_s` from now, unless it is scraped again before."""
+        with self._lock:
+            self._retired[source] = self._clock()
+
+    def _drop_retired(self) -> None:
+        """Under the lock: the series of sources retired long enough ago leave."""
+        cutoff = self._clock() - self._retire_after_s
+        gone = {source for source, at in self._retired.items() if at <= cutoff}
+        if not gone:
+            return
+        for key in [key for key in self._models if key[0] in gone]:
+            del self._models[key]
+        for key in [key for key in self._errors if key[0] in gone]:
+            del self._errors[key]
+        for source in gone:
+            self._unattributed.pop(source, None)
+            self._scrapes.pop(source, None)
+            del self._retired[source]
 
     def scrape_failed(self, source: str, kind: str) -> None:
         with self._lock:
@@ -135,6 +172,7 @@ class WindowMetrics:
             labels=["source", "kind"],
         )
         with self._lock:
+            self._drop_retired()
             for (source, model), state in sorted(self._models.items()):
                 if state.requests is not None:
                     requests.add_metric([model, source], state.requests)

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
+from agent.app.annotated import AnnotatedScrapers
 from agent.app.node import Node
 from agent.app.proxies import Proxies
 from agent.app.sites import bind, start_site
@@ -25,7 +26,7 @@ from agent.intake.access import check_listen_access, load_token
 from agent.intake.discovery import GpuResolver, local_port
 from agent.intake.ingest import ingest_app
 from agent.intake.otlp import RUNNER_OPTIONS as OTLP_RUNNER_OPTIONS
-from agent.intake.otlp import ProcessGpus, TraceReceiver, TraceSource, fixed, otlp_app
+from agent.intake.otlp import PodGpus, ProcessGpus, TraceReceiver, TraceSource, fixed, otlp_app
 from agent.intake.otlp.coverage import Coverage
 from agent.intake.otlp.grpc_service import start_grpc
 from agent.intake.scrapers import WindowScraper
@@ -91,11 +92,40 @@ class CoverageObserver:
         self._coverage.window(self._trace_source, figures)
 
 
+def pod_gpus(node: Node) -> PodGpus | None:
+    """The GPUs the kubelet allocated to each pod of the node, where the workload view reads
+    the node's pod list (`workloads.kubernetes`); None where it does not."""
+    view = node.workloads
+    if view is None or view.readers.pods is None:
+        return None
+    return PodGpus(node.sampler.gpus(), view.readers.pods, view.readers.allocations)
+
+
+def annotated_scrapers(node: Node, coverage: Coverage | None) -> AnnotatedScrapers | None:
+    """The scrapers of the pods annotated `jouleprobe.io/scrape` (`agent.app.annotated`),
+    where the workload view reads the node's pod list; None where it does not."""
+    view = node.workloads
+    if view is None or view.readers.pods is None:
+        return None
+    return AnnotatedScrapers(
+        view.readers.pods, view.readers.allocations, node.sampler.gpus(),
+        timelines=node.sampler.timelines, idle_power_w=node.engine.idle_power_w,
+        metrics=node.window_metrics, store=node.store,
+        traces={table.service for table in node.config.trace},
+        coverage=coverage, covering=CoverageObserver, retire=node.window_metrics.retire,
+    )
+
+
 def start_scrapers(node: Node, coverage: Coverage | None) -> list[asyncio.Task[None]]:
     """One task per `[[scrape]]` table: window-level figures from the server's own metrics,
     exported as metrics and kept in the record store for the report; for a server that is
-    also a trace source (`trace`), compared with its spans too."""
+    also a trace source (`trace`), compared with its spans too. On Kubernetes, one more task
+    keeps a scraper for each annotated pod of the node, as a table's, in step with the pod
+    list (`annotated_scrapers`)."""
     tasks = []
+    annotated = annotated_scrapers(node, coverage)
+    if annotated is not None:
+        tasks.append(asyncio.create_task(annotated.run(), name="annotated pods"))
     for table in node.config.scrape:
         gpus = resolver(node, table.gpus, table.url).current
         metrics: ScrapeObserver = node.window_metrics
@@ -151,6 +181,7 @@ def trace_receiver(node: Node) -> TraceReceiver | None:
                              "[[trace]] table")
     if not config.trace:
         return None
+    pods = pod_gpus(node)  # the pod of a span's resource first, for gpus = "auto"
     sources = []
     for table in config.trace:
         if table.gpus == "auto":
@@ -158,12 +189,14 @@ def trace_receiver(node: Node) -> TraceReceiver | None:
                 raise ValueError(f'[[trace]] {table.service!r}: gpus = "auto" cannot be '
                                  "resolved on simulated GPUs: give an explicit list")
             gpus: Callable[[Mapping[str, Any]], tuple[int, ...]] = ProcessGpus(
-                node.sampler.gpus())
+                node.sampler.gpus(), pods=pods)
         else:
             gpus = fixed(GpuResolver(table.gpus, node.sampler.gpus(), None).current())
         sources.append(TraceSource(table.service, gpus, table.model))
+    # Scraped servers that name a trace source: [[scrape]] tables, or annotated pods.
+    compared = pods is not None or any(scrape.trace for scrape in config.scrape)
     coverage = (Coverage({f"trace:{table.service}": table.settle for table in config.trace})
-                if any(scrape.trace for scrape in config.scrape) else None)
+                if compared else None)
     receiver = TraceReceiver(node.engine, sources, coverage=coverage)
     node.collector.add(OtlpMetrics(receiver.stats, coverage).families)
     return receiver

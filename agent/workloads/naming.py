@@ -33,6 +33,12 @@ class WorkloadName:
     pod: str = ""
     container: str = ""
 
+    def __hash__(self) -> int:
+        """`workload` alone (unique on the node; equal names have equal ones): the accounts
+        look names up several times per interval, and the generated hash builds a tuple
+        of all five fields each time."""
+        return hash(self.workload)
+
 
 class PodNames(Protocol):
     """The pods on this node by UID (the Kubernetes pod list)."""

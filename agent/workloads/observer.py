@@ -136,6 +136,11 @@ class WorkloadObserver:
         start, not for the driver's whole history."""
         self._last = clock()
         self._resolved: dict[int, Workload | Unresolved] = {}
+        self._names: dict[int, WorkloadName | None] = {}
+        """Each PID's name, kept while the pod list read is the same object: a round names
+        only new PIDs, and a workload keeps one name object across rounds, which the
+        accounts' dicts then match by identity."""
+        self._named_with: PodNames | None = None
         self._history: dict[int, deque[Occupancy]] = {gpu.index: deque() for gpu in self._gpus}
         self._lock = threading.Lock()
         self._status = ObserverStatus(0, 0, {}, self._state(allocations),
@@ -164,10 +169,15 @@ class WorkloadObserver:
         pids = set().union(*listed.values(), *weights.values()) if listed else set()
         self._resolved = {pid: self._resolved.get(pid) or workload_of(pid, self._proc_root)
                           for pid in pids}
+        if pods is not self._named_with:
+            self._names, self._named_with = {}, pods
+        known = self._names
         names: dict[int, WorkloadName | None] = {
-            pid: None if isinstance(found, Unresolved) else of_process(found, pods)
+            pid: known[pid] if pid in known
+            else None if isinstance(found, Unresolved) else of_process(found, pods)
             for pid, found in self._resolved.items()
         }
+        self._names = names
         occupancies = {
             gpu.index: Occupancy(
                 since, now, _exclusive(allocations, gpu),

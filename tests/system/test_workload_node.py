@@ -14,16 +14,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 from fake_pynvml import FakeNvml
+from kube_node import PODS
+from kube_node import api_server as kube_api_server
 from podresources_server import Behaviour, Devices, PodSpec, serve
 from prometheus_client import generate_latest
-from scripted import FIXTURES, exposed_samples, serve_http
+from scripted import exposed_samples
 
-from agent.app import workloads as view
 from agent.app.node import Node
 from agent.cli import main
 from agent.config import load
@@ -31,11 +31,8 @@ from agent.devices.host import EstimatedHostSource
 from agent.devices.nvml import NvmlGpuSource
 from agent.requests import Request
 from agent.store import RecordReader
-from agent.workloads.kubernetes import ApiServer
 from agent.workloads.naming import WorkloadName, pod_container
 
-PODS = FIXTURES / "kubernetes" / "eks_node_pods_annotated.json"
-NODE = "ip-172-26-67-126.ec2.internal"
 # Two pods of the PodList, by their UIDs and container ids there.
 SERVER_POD = ("kube-system", "coredns-7f5998f4c-5fblt", "coredns",
               "7461d1f1-76f1-446c-9d4b-ed86a5fbc765",
@@ -72,24 +69,7 @@ def proc_tree(root: Path) -> Path:
 @pytest.fixture
 def api_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """The API server's PodList over HTTP; the agent finds it as in a pod."""
-    body = PODS.read_bytes()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    token = tmp_path / "token"
-    token.write_text("t0ken")
-    with serve_http(Handler) as url:
-        monkeypatch.setattr(view.ApiServer, "from_environment", classmethod(
-            lambda cls, environ=None: ApiServer(url, NODE, token, None)))
+    with kube_api_server(monkeypatch, tmp_path, [PODS.read_bytes()]):
         yield
 
 

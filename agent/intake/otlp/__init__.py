@@ -6,7 +6,7 @@ with a scrape of the same server."""
 
 from agent.intake.otlp.http_service import RUNNER_OPTIONS, otlp_app
 from agent.intake.otlp.receiver import TraceReceiver, TraceStats
-from agent.intake.otlp.sources import ProcessGpus, TraceSource, fixed
+from agent.intake.otlp.sources import PodGpus, ProcessGpus, TraceSource, fixed
 
-__all__ = ["RUNNER_OPTIONS", "ProcessGpus", "TraceReceiver", "TraceSource", "TraceStats",
-           "fixed", "otlp_app"]
+__all__ = ["RUNNER_OPTIONS", "PodGpus", "ProcessGpus", "TraceReceiver", "TraceSource",
+           "TraceStats", "fixed", "otlp_app"]

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
-from scripted import FIXTURES, free_port, require_binary
+from scripted import FIXTURES, FakeClock, free_port, require_binary
 
 from agent.config import SCRAPE_KINDS
 from agent.intake.scrapers import (
@@ -359,14 +359,6 @@ def test_split_by_requests_without_tokens_and_idle_windows() -> None:
 # --- the scraper over HTTP -----------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def serving(bodies: list[str], models: dict[str, object] | None,
                   test: Callable[[str], Awaitable[None]]) -> None:
     """Serve `bodies` in turn on /metrics (and `models` on /v1/models) while `test` runs."""
@@ -391,7 +383,7 @@ async def serving(bodies: list[str], models: dict[str, object] | None,
         await runner.cleanup()
 
 
-def scraper(url: str, kind: str, clock: Clock, metrics: WindowMetrics,
+def scraper(url: str, kind: str, clock: FakeClock, metrics: WindowMetrics,
             gpus: Callable[[], tuple[int, ...]] = lambda: (0,), **kwargs: object) -> WindowScraper:
     return WindowScraper(
         kind, url, gpus=gpus, timelines={0: steady(200.0, 0.0, 30)},
@@ -423,7 +415,7 @@ class Sink:
 
 
 def test_two_scrapes_of_a_real_server_give_one_window() -> None:
-    metrics, clock, sink = WindowMetrics(), Clock(10.0), Sink()
+    metrics, clock, sink = WindowMetrics(), FakeClock(10.0), Sink()
     idle, busy = fixture(IDLE), fixture(BUSY)
 
     async def test(url: str) -> None:
@@ -450,8 +442,32 @@ def test_two_scrapes_of_a_real_server_give_one_window() -> None:
     assert got.get_sample_value("jouleprobe_scrapes_total", {"source": "scrape:llamacpp"}) == 2
 
 
+def test_a_retired_source_leaves_the_metrics_later_unless_scraped_again() -> None:
+    """An annotated pod gone: its series stay `retire_after_s` (for Prometheus to read the
+    last increments), then leave; one scraped again before that stays."""
+    clock = FakeClock(100.0)
+    metrics = WindowMetrics(retire_after_s=600.0, clock=clock)
+    for source in ("scrape:vllm:a/pod-1", "scrape:vllm:a/pod-2"):
+        metrics.scraped(source)
+        metrics.scrape_failed(source, "timeout")
+    metrics.retire("scrape:vllm:a/pod-1")
+    metrics.retire("scrape:vllm:a/pod-2")
+    clock.now = 650.0
+    metrics.scraped("scrape:vllm:a/pod-2")  # back before its series left
+    assert samples(metrics).get_sample_value(
+        "jouleprobe_scrapes_total", {"source": "scrape:vllm:a/pod-1"}) == 1
+    clock.now = 700.0
+    got = samples(metrics)
+    assert got.get_sample_value("jouleprobe_scrapes_total",
+                                {"source": "scrape:vllm:a/pod-1"}) is None
+    assert got.get_sample_value("jouleprobe_scrape_errors_total",
+                                {"source": "scrape:vllm:a/pod-1", "kind": "timeout"}) is None
+    assert got.get_sample_value("jouleprobe_scrapes_total",
+                                {"source": "scrape:vllm:a/pod-2"}) == 2
+
+
 def test_a_window_waits_until_the_sampler_has_passed_its_end() -> None:
-    metrics, clock = WindowMetrics(), Clock(25.0)
+    metrics, clock = WindowMetrics(), FakeClock(25.0)
 
     async def test(url: str) -> None:
         llama = scraper(url, "llamacpp", clock, metrics, max_settle_s=60.0, model="tiny")
@@ -468,7 +484,7 @@ def test_a_window_waits_until_the_sampler_has_passed_its_end() -> None:
 
 
 def test_a_server_without_model_label_is_named_by_its_v1_models() -> None:
-    metrics, clock = WindowMetrics(), Clock(10.0)
+    metrics, clock = WindowMetrics(), FakeClock(10.0)
 
     async def test(url: str) -> None:
         llama = scraper(url, "llamacpp", clock, metrics)
@@ -486,7 +502,7 @@ def test_a_server_without_model_label_is_named_by_its_v1_models() -> None:
 def test_the_model_of_the_urls_query_names_the_windows() -> None:
     """llama.cpp's router mode serves one model's metrics per `?model=ID`, and lists all
     of its models in /v1/models: the query's is the one scraped."""
-    metrics, clock = WindowMetrics(), Clock(10.0)
+    metrics, clock = WindowMetrics(), FakeClock(10.0)
 
     async def test(url: str) -> None:
         llama = scraper(f"{url}?model=second", "llamacpp", clock, metrics)
@@ -503,7 +519,7 @@ def test_the_model_of_the_urls_query_names_the_windows() -> None:
 def test_an_unreachable_server_is_counted_and_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    metrics, clock = WindowMetrics(), Clock(10.0)
+    metrics, clock = WindowMetrics(), FakeClock(10.0)
     url = f"http://127.0.0.1:{free_port()}/metrics"  # nothing listens there
 
     async def test() -> None:
@@ -521,7 +537,7 @@ def test_an_unreachable_server_is_counted_and_logged_once(
 
 
 def test_answers_that_are_not_metrics_are_failed_scrapes() -> None:
-    metrics, clock = WindowMetrics(), Clock(10.0)
+    metrics, clock = WindowMetrics(), FakeClock(10.0)
 
     async def test(url: str) -> None:
         for path in (url, url.replace("/metrics", "/nowhere")):
@@ -538,7 +554,7 @@ def test_answers_that_are_not_metrics_are_failed_scrapes() -> None:
 
 
 def test_windows_with_unknown_gpus_are_dropped_whole() -> None:
-    metrics, clock = WindowMetrics(), Clock(10.0)
+    metrics, clock = WindowMetrics(), FakeClock(10.0)
 
     def unknown() -> tuple[int, ...]:
         raise ValueError("nothing listens on port 8000")

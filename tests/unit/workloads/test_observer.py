@@ -6,7 +6,8 @@ from fake_pynvml import FakeNvml
 from scripted import FIXTURES
 
 from agent.devices.nvml import NvmlGpuSource
-from agent.workloads.naming import WorkloadName, pod_container
+from agent.workloads.cgroups import PodContainer
+from agent.workloads.naming import PodNames, WorkloadName, pod_container
 from agent.workloads.observer import Refreshed, WorkloadObserver
 from agent.workloads.podresources import ContainerRef, DeviceHolders, PodResourcesError
 
@@ -84,3 +85,40 @@ def test_utilisation_that_fails_gives_no_weights_and_names_the_gpu(
     assert occupancy is not None
     assert occupancy.weights == {} and occupancy.present == {3001: SLURM}
     assert watch.status().no_utilization == (0,)
+
+
+class OnePod:
+    """A pod list that names one pod UID's containers."""
+
+    def __init__(self, uid: str, names: tuple[str, str, str]) -> None:
+        self.uid, self.names = uid, names
+
+    def name_of(self, container: PodContainer) -> tuple[str, str, str] | None:
+        return self.names if container.pod_uid == self.uid else None
+
+
+def test_a_pid_keeps_its_name_while_the_pod_list_read_is_the_same_and_is_renamed_after(
+        fake_nvml: FakeNvml) -> None:
+    """Rounds name only new PIDs while the pod list is the one read before (the accounts
+    then meet one name object per workload); a new read names every PID again."""
+    fake_nvml.add_gpu()
+    fake_nvml.set_processes(0, [(1001, None)])
+    source = NvmlGpuSource.open(clock=fake_nvml.clock)
+    uid = "2c9f8a79-5391-454b-88cb-86190881cb96"  # tests/fixtures/proc/1001
+    reads = [OnePod(uid, ("ml", "vllm-0", "vllm"))]
+    pods: Refreshed[PodNames] = Refreshed(lambda: reads[-1], 10.0, fake_nvml.clock)
+    watch = observer(fake_nvml, source, pod_names=pods)
+    named = []
+    for _ in range(2):
+        fake_nvml.advance(1.0)
+        watch.observe()
+        occupancy = watch.covering(0, fake_nvml.clock())
+        assert occupancy is not None
+        named.append(occupancy.present[1001])
+    assert named[0] == pod_container("ml", "vllm-0", "vllm") and named[1] is named[0]
+    reads.append(OnePod(uid, ("ml", "vllm-0-renamed", "vllm")))
+    fake_nvml.advance(10.0)  # the pod list is read again
+    watch.observe()
+    occupancy = watch.covering(0, fake_nvml.clock())
+    assert occupancy is not None
+    assert occupancy.present[1001] == pod_container("ml", "vllm-0-renamed", "vllm")
