@@ -38,9 +38,9 @@ def static_share(energy_j: float, idle_w: float, seconds: float) -> float:
 
 class IntervalObserver(Protocol):
     def __call__(self, t0: float, t1: float, energy_j: float, idle_w: float | None,
-                 serving: bool) -> None:
+                 serving: bool, *, requests_j: float = 0.0) -> None:
         """A measured interval (t0, t1] of `energy_j`, with the lane's idle baseline then;
-        `serving`: requests occupied some of it."""
+        `serving`: requests occupied some of it; `requests_j`: what they received of it."""
 
 
 class Segment(NamedTuple):
@@ -348,18 +348,21 @@ class Lane:
         alone_costs = self.alone_costs_j
         self._learn_prefill_weight(energy, seconds, idle_w, usage)
         occupied_s = usage.known_s + usage.fallback_s
-        if self.on_interval is not None:
-            self.on_interval(p0.time, p1.time, energy, idle_w, occupied_s > 0)
         if occupied_s <= 0:
+            if self.on_interval is not None:
+                self.on_interval(p0.time, p1.time, energy, idle_w, False)
             self.unattributed_j += energy
             if self.idle_learner is not None:
                 self.idle_learner.idle(energy, seconds)
             return _NO_STEP
         if self.idle_learner is not None:
             self.idle_learner.interrupt()
+        empty_j = static_share(energy, idle_w, usage.empty_s) if idle_w is not None else 0.0
+        if self.on_interval is not None:
+            self.on_interval(p0.time, p1.time, energy, idle_w, True,
+                             requests_j=energy - empty_j)
         static = 0.0
         if idle_w is not None:
-            empty_j = static_share(energy, idle_w, usage.empty_s)
             self.unattributed_j += empty_j
             energy -= empty_j
             static = static_share(energy, idle_w, seconds - usage.empty_s)

@@ -60,6 +60,12 @@ class WorkloadRecord:
     gpu_seconds: float
     peak_w: float
     inference: bool
+    alone_j: float = 0.0
+    """Its energy in the intervals it had the GPU to itself (allocated, or the only party
+    on it)."""
+    requests_j: float = 0.0
+    """What the per-request view gave requests in those intervals: for an inference
+    server, its requests' energy; `alone_j - requests_j` is its idle and overhead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +88,24 @@ class _Stretch:
     gpu_seconds: float = 0.0
     peak_w: float = 0.0
     inference: bool = False
+    alone_j: float = 0.0
+    requests_j: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How one GPU's intervals split under one occupancy: fractions of an interval's static
+    and dynamic energy."""
+
+    parts: tuple[tuple[WorkloadName, float, float], ...]
+    """(workload, static fraction, dynamic fraction), by name."""
+    unattributed: tuple[float, float]
+    held: float
+    """Each workload's share of the interval's GPU-seconds."""
+    busy: tuple[WorkloadName, ...]
+    """The workloads with SM activity (or the holder)."""
+    alone: WorkloadName | None
+    """The workload that has the GPU to itself, if one does."""
 
 
 class WorkloadAccounts:
@@ -105,40 +129,61 @@ class WorkloadAccounts:
         self._last_seen: dict[WorkloadName, float] = {}
         self._open: dict[tuple[WorkloadName, int], _Stretch] = {}
         self._closed: list[WorkloadRecord] = []
+        self._plans: dict[int, tuple[Occupancy | None, _Plan]] = {}
+        """Per GPU: the latest occupancy and its plan (intervals come in time order)."""
 
     def interval(self, gpu: int, t0: float, t1: float, energy_j: float, idle_w: float | None,
-                 serving: bool) -> None:
-        """Split one measured interval (t0, t1] of GPU `gpu`; `serving`: requests ran in it."""
+                 serving: bool, *, requests_j: float = 0.0) -> None:
+        """Split one measured interval (t0, t1] of GPU `gpu`; `serving`: requests ran in it,
+        `requests_j`: what the per-request view gave them of it."""
         seconds = t1 - t0
         if not (energy_j >= 0 and math.isfinite(energy_j) and seconds > 0):
             return  # the lanes measure no such interval; nothing to split
         static = static_share(energy_j, idle_w, seconds) if idle_w is not None else 0.0
-        energy = IntervalEnergy(energy_j, max(0.0, static))
-        occupancy = self._occupancies.covering(gpu, t1)
-        split: Split[WorkloadName]
-        held: dict[WorkloadName, float]
-        if occupancy is None:
-            split, held, busy = Split(energy, {}, _all(energy)), {}, set()
-        elif occupancy.exclusive is not None:
-            owner = occupancy.exclusive
-            split, held, busy = exclusive(energy, owner), {owner: seconds}, {owner}
-        else:
-            split = shared(energy, occupancy.weights, occupancy.present,
-                           occupancy.present.get)
-            names = list(occupancy.present.values())
-            known = {name for name in names if name is not None}
-            parties = len(known) + names.count(None)
-            held = {name: seconds / parties for name in known}
-            busy = {name for pid, name in occupancy.present.items()
-                    if name is not None and occupancy.weights.get(pid, 0.0) > 0}
+        static = min(max(0.0, static), energy_j)
+        dynamic = energy_j - static
+        plan = self._plan(gpu, self._occupancies.covering(gpu, t1))
         with self._lock:
             self._measured.setdefault(gpu, CompensatedSum()).add(energy_j)
-            self._unattributed.setdefault(gpu, CompensatedSum()).add(
-                split.unattributed.energy_j)
-            self._stretch(UNATTRIBUTED, gpu, t0, t1, split.unattributed.energy_j, 0.0)
-            for name, part in sorted(split.parts.items()):  # the cap's order: by name
-                self._credit(name, gpu, t0, t1, part.energy_j, held.get(name, 0.0),
-                             serving and busy == {name})
+            rest_static, rest_dynamic = plan.unattributed
+            rest = rest_static * static + rest_dynamic * dynamic
+            self._unattributed.setdefault(gpu, CompensatedSum()).add(rest)
+            self._stretch(UNATTRIBUTED, gpu, t0, t1, rest, 0.0)
+            for name, static_f, dynamic_f in plan.parts:  # by name: the cap's order
+                stretch = self._credit(name, gpu, t0, t1, static_f * static + dynamic_f * dynamic,
+                                       plan.held * seconds, serving and plan.busy == (name,))
+                if plan.alone == name:
+                    stretch.alone_j += energy_j
+                    if serving:
+                        stretch.requests_j += requests_j
+
+    def _plan(self, gpu: int, occupancy: Occupancy | None) -> _Plan:
+        """How GPU `gpu`'s intervals under `occupancy` split, as fractions: worked out once
+        per occupancy (one observer round) rather than per interval, by the one rule
+        (`agent.workloads.share`) applied to an interval of one joule static, one dynamic."""
+        cached = self._plans.get(gpu)
+        if cached is not None and cached[0] is occupancy:
+            return cached[1]
+        unit = IntervalEnergy(2.0, 1.0)
+        split: Split[WorkloadName]
+        busy: tuple[WorkloadName, ...]
+        if occupancy is None:
+            split, held, busy = Split(unit, {}, Part(1.0, 1.0)), 0.0, ()
+        elif occupancy.exclusive is not None:
+            split, held, busy = exclusive(unit, occupancy.exclusive), 1.0, (occupancy.exclusive,)
+        else:
+            split = shared(unit, occupancy.weights, occupancy.present, occupancy.present.get)
+            names = list(occupancy.present.values())
+            parties = len(set(names) - {None}) + names.count(None)
+            held = 1.0 / parties if parties else 0.0
+            busy = tuple(sorted({name for pid, name in occupancy.present.items()
+                                 if name is not None and occupancy.weights.get(pid, 0.0) > 0}))
+        parts = tuple((name, part.static_j, part.dynamic_j)
+                      for name, part in sorted(split.parts.items()))
+        plan = _Plan(parts, (split.unattributed.static_j, split.unattributed.dynamic_j), held,
+                     busy, parts[0][0] if len(parts) == 1 and held == 1.0 else None)
+        self._plans[gpu] = (occupancy, plan)
+        return plan
 
     def totals(self) -> WorkloadTotals:
         with self._lock:
@@ -167,7 +212,7 @@ class WorkloadAccounts:
             return closed
 
     def _credit(self, name: WorkloadName, gpu: int, t0: float, t1: float, joules: float,
-                gpu_seconds: float, inference: bool) -> None:
+                gpu_seconds: float, inference: bool) -> _Stretch:
         series = self._series.get(name)
         if series is None:
             named = sum(s is not OTHER for s in self._series.values())
@@ -178,6 +223,7 @@ class WorkloadAccounts:
         if inference:
             stretch.inference = True
             self._inference.add(series)
+        return stretch
 
     def _stretch(self, name: WorkloadName, gpu: int, t0: float, t1: float, joules: float,
                  gpu_seconds: float) -> _Stretch:
@@ -201,12 +247,8 @@ class WorkloadAccounts:
                 del self._totals[key]
 
 
-def _all(energy: IntervalEnergy) -> Part:
-    """All of an interval, unattributed: no occupancy observed yet."""
-    return Part(energy.static_j, energy.dynamic_j)
-
-
 def _record(key: tuple[WorkloadName, int], stretch: _Stretch) -> WorkloadRecord:
     name, gpu = key
     return WorkloadRecord(name, gpu, stretch.start, stretch.end, stretch.energy.value,
-                          stretch.gpu_seconds, stretch.peak_w, stretch.inference)
+                          stretch.gpu_seconds, stretch.peak_w, stretch.inference,
+                          stretch.alone_j, stretch.requests_j)

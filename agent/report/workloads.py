@@ -3,9 +3,12 @@ unattributed, from the workload stretches in the store (`agent.store.workloads`)
 
 Every GPU joule the agent measured over the period is in one row: a group (`--by`:
 workload, namespace, pod, kind or GPU) or `unattributed` (energy of a GPU on which no
-process was seen). Rows sum to `measured` in all three formats. Figures are at the GPU
-boundary (the GPUs' own energy, idle included); the per-request view's host and facility
-shares are not in it.
+process was seen). Rows sum to `measured` in all three formats. Then the node's energy
+split into inference (the workloads that served requests) and other work (training, batch,
+notebooks: those that served none), and, for the inference servers where they had their
+GPUs to themselves, their requests' energy and the rest: their idle and overhead. Figures
+are at the GPU boundary (the GPUs' own energy, idle included); the per-request view's host
+and facility shares are not in it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ DEFINITION = (
     "by workload group; a GPU shared by several workloads is split: dynamic energy by SM "
     "utilisation, static by presence; a GPU the kubelet allocated goes whole to its "
     "container. unattributed: GPU energy while no process was on the GPU."
+)
+SPLIT_DEFINITION = (
+    "inference: the workloads that served requests (they held a GPU alone, or were its only "
+    "busy workload, while requests ran); other work: those that served none. Requests and "
+    "idle and overhead: of the inference servers' energy while each had its GPU to itself "
+    "(allocated, or alone on it), what the per-request view gave their requests, and the "
+    "rest."
 )
 UNATTRIBUTED_ROW = "(unattributed)"
 NO_NAMESPACE = "(none)"
@@ -54,6 +64,11 @@ def to_json(totals: StoredWorkloads, *, since: float | None) -> dict[str, Any]:
         "definition": DEFINITION,
         "measured_gpu_j": totals.measured_j,
         "unattributed_gpu_j": totals.unattributed_j,
+        "inference_gpu_j": totals.inference_j,
+        "other_work_gpu_j": totals.other_j,
+        "serving_alone_gpu_j": totals.serving_alone_j,
+        "requests_gpu_j": totals.requests_j,
+        "idle_and_overhead_gpu_j": totals.overhead_j,
         "groups": [
             {"group": group.key, "kinds": list(group.kinds), "gpu_j": group.energy_j,
              "share": _share(group.energy_j, totals), "gpu_seconds": group.gpu_seconds,
@@ -81,7 +96,12 @@ def _table(totals: StoredWorkloads, *, since: float | None) -> str:
                       _share(totals.unattributed_j, totals), None, None, None, ""))
     lines.append(_row("measured", "", totals.measured_j, 1.0 if totals.measured_j else None,
                       None, None, None, ""))
-    lines += ["", textwrap.fill(f"Definition: {DEFINITION}", width=90)]
+    lines += ["", "Inference versus other work (by workload, whatever --by):"]
+    for label, joules in _split(totals):
+        lines.append(f"  {label:<42} {joules / JOULES_PER_WH / 1000:>10.4f} kWh "
+                     f"{_number(_share(joules, totals), '.1%'):>7}")
+    lines += ["", textwrap.fill(f"Definition: {DEFINITION}", width=90),
+              textwrap.fill(SPLIT_DEFINITION, width=90)]
     return "\n".join(lines) + "\n"
 
 
@@ -107,12 +127,25 @@ def _csv(totals: StoredWorkloads) -> str:
             "inference": flag_text(group.inference), "stretches": group.stretches,
             "simulated": simulated,
         })
+    split = [(f"({label.strip()})" if not label.startswith("(") else label, joules)
+             for label, joules in _split(totals)[:-1]]
     for label, joules in ((UNATTRIBUTED_ROW, totals.unattributed_j),
-                          ("measured", totals.measured_j)):
+                          ("measured", totals.measured_j), *split):
         writer.writerow({"by": totals.by, "group": label,
                          "gpu_kwh": joules / JOULES_PER_WH / 1000,
                          "share": _share(joules, totals), "simulated": simulated})
     return out.getvalue()
+
+
+def _split(totals: StoredWorkloads) -> list[tuple[str, float]]:
+    """The node's energy: inference (and, where its servers had their GPUs to themselves,
+    their requests' and the rest), other work, unattributed."""
+    return [("(inference)", totals.inference_j),
+            ("  with their GPU to themselves", totals.serving_alone_j),
+            ("    their requests", totals.requests_j),
+            ("    their idle and overhead", totals.overhead_j),
+            ("(other work)", totals.other_j),
+            (UNATTRIBUTED_ROW, totals.unattributed_j)]
 
 
 def _label(group: WorkloadGroup, by: str) -> str:

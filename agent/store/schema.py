@@ -31,7 +31,8 @@ COLUMNS = (
 """The columns of `requests`, in the order rows are written and read."""
 WORKLOAD_COLUMNS = (
     "workload", "kind", "namespace", "pod", "container", "gpu", "gpu_model", "start_time",
-    "end_time", "energy_j", "gpu_seconds", "peak_w", "inference", "simulated",
+    "end_time", "energy_j", "gpu_seconds", "peak_w", "inference", "alone_j", "requests_j",
+    "simulated",
 )
 """The columns of `workloads` that rows are written with."""
 _SCHEMA_STEPS: tuple[tuple[str, ...], ...] = (
@@ -120,6 +121,8 @@ _SCHEMA_STEPS: tuple[tuple[str, ...], ...] = (
             gpu_seconds REAL NOT NULL,  -- shared intervals count 1/parties to each
             peak_w      REAL NOT NULL,
             inference   INTEGER NOT NULL CHECK (inference IN (0, 1)),
+            alone_j     REAL NOT NULL,  -- its energy while it had the GPU to itself
+            requests_j  REAL NOT NULL,  -- of which the requests' (the per-request view's)
             simulated   INTEGER NOT NULL CHECK (simulated IN (0, 1))  -- the node's GPUs
         )""",
         "CREATE INDEX workloads_by_end ON workloads (end_time)",

@@ -56,6 +56,25 @@ class StoredWorkloads:
     """UTC epoch seconds of the earliest stretch's start; None without stretches."""
     end: float | None
     simulated: bool
+    inference_j: float = 0.0
+    """The energy of the workloads that served inference in the period (whatever `by`)."""
+    serving_alone_j: float = 0.0
+    """Of `inference_j`, the energy while each had its GPU to itself (allocated to it, or
+    alone on it): there the two views split the same energy, so it compares with its
+    requests'."""
+    requests_j: float = 0.0
+    """What the per-request view gave requests in those intervals."""
+
+    @property
+    def overhead_j(self) -> float:
+        """The inference servers' idle and overhead where they had their GPUs to themselves:
+        their energy there beyond their requests'."""
+        return self.serving_alone_j - self.requests_j
+
+    @property
+    def other_j(self) -> float:
+        """The energy of the workloads that served none: training, batch, notebooks, ..."""
+        return self.measured_j - self.unattributed_j - self.inference_j
 
 
 _SELECT_GROUPS = """
@@ -65,9 +84,14 @@ FROM workloads WHERE kind != ?1 AND (?2 IS NULL OR end_time >= ?2)
 GROUP BY {column} ORDER BY sum(energy_j) DESC, {column}
 """
 _SELECT_TOTALS = """
+WITH period AS (SELECT * FROM workloads WHERE ?2 IS NULL OR end_time >= ?2),
+     serving AS (SELECT DISTINCT workload FROM period WHERE inference = 1 AND kind != ?1)
 SELECT total(energy_j), total(CASE WHEN kind = ?1 THEN energy_j ELSE 0 END), min(start_time),
-       max(end_time), max(simulated)
-FROM workloads WHERE ?2 IS NULL OR end_time >= ?2
+       max(end_time), max(simulated),
+       total(CASE WHEN workload IN serving THEN energy_j ELSE 0 END),
+       total(CASE WHEN workload IN serving THEN alone_j ELSE 0 END),
+       total(CASE WHEN workload IN serving THEN requests_j ELSE 0 END)
+FROM period
 """
 
 
@@ -88,6 +112,7 @@ def read_workloads(connection: sqlite3.Connection, since: float | None, by: str
         for key, kinds, energy, seconds, peak, inference, count
         in connection.execute(_SELECT_GROUPS.format(column=by), params)
     )
-    measured, unattributed, start, end, simulated = connection.execute(
+    measured, unattributed, start, end, simulated, *serving = connection.execute(
         _SELECT_TOTALS, params).fetchone()
-    return StoredWorkloads(by, groups, measured, unattributed, start, end, bool(simulated))
+    return StoredWorkloads(by, groups, measured, unattributed, start, end, bool(simulated),
+                           *serving)

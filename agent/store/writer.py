@@ -317,12 +317,13 @@ class RecordStore(RecordReader):
         """Converts now, like `_row`."""
         name = record.name
         figures = (float(record.energy_j), float(record.gpu_seconds), float(record.peak_w))
+        alone = (float(record.alone_j), float(record.requests_j))
         start, end = self._wall(record.start), self._wall(record.end)
-        if not all(math.isfinite(value) for value in (*figures, start, end)):
+        if not all(math.isfinite(value) for value in (*figures, *alone, start, end)):
             raise ValueError(f"workload {name.workload} on GPU {record.gpu}: non-finite figure")
         return (str(name.workload), str(name.kind), str(name.namespace), str(name.pod),
                 str(name.container), int(record.gpu), self._gpu_model((record.gpu,)), start,
-                end, *figures, int(record.inference), int(self.simulated))
+                end, *figures, int(record.inference), *alone, int(self.simulated))
 
     def _queued(self) -> int:
         return len(self._pending) + len(self._pending_windows) + len(self._pending_workloads)

@@ -145,6 +145,13 @@ def test_pods_training_and_a_shared_gpu_conserve_to_the_joule_and_are_reported(
         math.fsum(accounts.unattributed_j.values()), rel=1e-9, abs=1e-9)
     assert math.fsum(g.energy_j for g in stored.groups) + stored.unattributed_j == (
         pytest.approx(stored.measured_j, rel=1e-9))
+    # The serving pod held its GPU alone: its requests' energy, as the per-request view
+    # split it, and the rest, its idle and overhead; training is other work.
+    assert stored.requests_j == pytest.approx(served, rel=1e-9)
+    assert stored.overhead_j == pytest.approx(by_name[(SERVER, 0)] - served, rel=1e-9)
+    assert stored.inference_j == pytest.approx(by_name[(SERVER, 0)], rel=1e-9)
+    assert stored.other_j == pytest.approx(
+        by_name[(TRAINER, 1)] + by_name[(BATCH, 2)] + by_name[(NOTEBOOK, 2)], rel=1e-9)
     assert main(["report", "--store", str(store), "--workloads", "--by", "namespace"]) == 0
     table = capsys.readouterr().out
     assert "kube-system" in table and "stress-test" in table and "(none)" in table

@@ -27,7 +27,7 @@ def store_path(tmp_path: Path) -> str:
     store = RecordStore(path, pue=1.2, simulated=True, retention_days=None)
     now = store.clock() - store.wall_offset  # monotonic now: the stretches end just before it
     store.submit_workloads([
-        WorkloadRecord(LLM, 0, now - 3600, now - 10, 1.8e6, 3590.0, 640.0, True),
+        WorkloadRecord(LLM, 0, now - 3600, now - 10, 1.8e6, 3590.0, 640.0, True, 1.8e6, 1.5e6),
         WorkloadRecord(TRAIN, 1, now - 3600, now - 10, 1.2e6, 1795.0, 700.0, False),
         WorkloadRecord(JUPYTER, 1, now - 3600, now - 10, 0.3e6, 1795.0, 150.0, False),
         WorkloadRecord(UNATTRIBUTED, 2, now - 3600, now - 10, 0.25e6, 0.0, 0.0, False),
@@ -41,13 +41,24 @@ def test_the_table_has_every_group_unattributed_and_measured(store_path: str) ->
     lines = table.splitlines()
     assert lines[0].startswith("SIMULATED GPUs")
     assert lines[1].startswith("GPU energy by namespace: ")
-    rows = {line.split()[0]: line.split() for line in lines if line[:1] not in ("", "-")}
+    table_end = lines.index("Inference versus other work (by workload, whatever --by):")
+    rows = {line.split()[0]: line.split() for line in lines[:table_end]
+            if line[:1] not in ("", "-")}
     assert rows["inference"][1:4] == ["pod", "0.5000", "50.7%"]  # 1.8 MJ of 3.55 MJ
     assert rows["research"][2] == "0.3333"
     assert rows["(none)"][1:3] == ["unit", "0.0833"]
     assert rows["(unattributed)"][1:3] == ["0.0694", "7.0%"]
     assert rows["measured"][1:3] == ["0.9861", "100.0%"]
     assert rows["inference"][-1] == "yes" and rows["research"][-1] == "no"
+    split = [line.split() for line in lines[table_end + 1:table_end + 7]]
+    assert split == [
+        ["(inference)", "0.5000", "kWh", "50.7%"],
+        ["with", "their", "GPU", "to", "themselves", "0.5000", "kWh", "50.7%"],
+        ["their", "requests", "0.4167", "kWh", "42.3%"],
+        ["their", "idle", "and", "overhead", "0.0833", "kWh", "8.5%"],
+        ["(other", "work)", "0.4167", "kWh", "42.3%"],  # training and the notebook
+        ["(unattributed)", "0.0694", "kWh", "7.0%"],
+    ]
 
 
 def test_json_and_csv_sum_to_what_was_measured(store_path: str) -> None:
@@ -60,9 +71,15 @@ def test_json_and_csv_sum_to_what_was_measured(store_path: str) -> None:
     assert document["groups"][0]["mean_w"] == pytest.approx(1.8e6 / 3590.0)
     rows = list(csv.DictReader(io.StringIO(
         run_report(store_path, None, "csv", None, workloads_by="gpu"))))
-    assert [(r["group"], r["kinds"]) for r in rows] == [
+    assert [(r["group"], r["kinds"]) for r in rows[:4]] == [
         ("0", "pod"), ("1", "pod,unit"), ("(unattributed)", ""), ("measured", "")]
-    assert math.isclose(sum(float(r["gpu_kwh"]) for r in rows[:-1]), float(rows[-1]["gpu_kwh"]))
+    assert math.isclose(sum(float(r["gpu_kwh"]) for r in rows[:3]), float(rows[3]["gpu_kwh"]))
+    kwh = {r["group"]: float(r["gpu_kwh"]) for r in rows[4:]}
+    assert list(kwh) == ["(inference)", "(with their GPU to themselves)", "(their requests)",
+                         "(their idle and overhead)", "(other work)"]
+    assert math.isclose(kwh["(inference)"] + kwh["(other work)"] + float(rows[2]["gpu_kwh"]),
+                        float(rows[3]["gpu_kwh"]))
+    assert document["idle_and_overhead_gpu_j"] == pytest.approx(0.3e6)
 
 
 def test_a_period_without_stretches_says_so(store_path: str) -> None:

@@ -24,10 +24,11 @@ SLURM = WorkloadName("slurmd.service", "unit")
 
 
 def stretch(name: WorkloadName, gpu: int, start: float, end: float, energy_j: float, *,
-            seconds: float | None = None, peak_w: float = 300.0,
-            inference: bool = False) -> WorkloadRecord:
+            seconds: float | None = None, peak_w: float = 300.0, inference: bool = False,
+            alone_j: float = 0.0, requests_j: float = 0.0) -> WorkloadRecord:
     return WorkloadRecord(name, gpu, start, end, energy_j,
-                          end - start if seconds is None else seconds, peak_w, inference)
+                          end - start if seconds is None else seconds, peak_w, inference,
+                          alone_j, requests_j)
 
 
 @pytest.fixture
@@ -41,7 +42,8 @@ def store(tmp_path: Path) -> Iterator[RecordStore]:
 
 def test_stretches_are_stored_whole_and_summed_per_group(store: RecordStore) -> None:
     store.submit_workloads([
-        stretch(LLM, 0, 0.0, 100.0, 40_000.0, peak_w=650.0, inference=True),
+        stretch(LLM, 0, 0.0, 100.0, 40_000.0, peak_w=650.0, inference=True, alone_j=40_000.0,
+                requests_j=31_000.0),
         stretch(TRAIN, 1, 0.0, 100.0, 30_000.0, seconds=50.0, peak_w=500.0),
         stretch(SLURM, 1, 0.0, 100.0, 10_000.0, seconds=50.0, peak_w=200.0),
         stretch(WEB, 1, 100.0, 160.0, 6_000.0),
@@ -51,11 +53,12 @@ def test_stretches_are_stored_whole_and_summed_per_group(store: RecordStore) -> 
     with closing(sqlite3.connect(store.path)) as connection:
         row = connection.execute(
             "SELECT workload, kind, namespace, pod, container, gpu, gpu_model, start_time, "
-            "end_time, energy_j, gpu_seconds, peak_w, inference, simulated FROM workloads "
+            "end_time, energy_j, gpu_seconds, peak_w, inference, alone_j, requests_j, simulated "
+            "FROM workloads "
             "WHERE pod = 'vllm-0'").fetchone()
     assert row == (LLM.workload, "pod", "inference", "vllm-0", "vllm", 0,
                    "NVIDIA H100 80GB HBM3", OFFSET, OFFSET + 100.0, 40_000.0, 100.0, 650.0, 1,
-                   0)
+                   40_000.0, 31_000.0, 0)
 
     by_namespace = RecordReader(store.path).workloads(by="namespace")
     assert [(g.key, g.kinds, g.energy_j, g.gpu_seconds, g.peak_w, g.inference, g.stretches)
@@ -70,6 +73,12 @@ def test_stretches_are_stored_whole_and_summed_per_group(store: RecordStore) -> 
                         + by_namespace.unattributed_j, by_namespace.measured_j)
     assert (by_namespace.start, by_namespace.end) == (OFFSET, OFFSET + 160.0)
     assert by_namespace.groups[0].mean_w == 70_000.0 / 150.0
+    # Inference versus other work, by workload whatever the grouping (the trainer shares
+    # the serving pod's namespace); the serving pod had its GPU to itself: its idle and
+    # overhead is its energy beyond its requests'.
+    assert (by_namespace.inference_j, by_namespace.other_j) == (40_000.0, 46_000.0)
+    assert (by_namespace.serving_alone_j, by_namespace.requests_j,
+            by_namespace.overhead_j) == (40_000.0, 31_000.0, 9_000.0)
 
     by_gpu = RecordReader(store.path).workloads(by="gpu")
     assert [(g.key, g.energy_j) for g in by_gpu.groups] == [("1", 46_000.0), ("0", 40_000.0)]
