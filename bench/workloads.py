@@ -7,7 +7,9 @@ real `NvmlGpuSource` over the scripted fake pynvml (`tests/fake_pynvml.py`, on t
 clock), a `WorkloadObserver` on a thread of its own reading each process's cgroup from a
 temporary proc_root and naming pods through a `NodePods` list, and the `WorkloadAccounts`
 that the attribution lanes feed: one `interval` per GPU per sample at the sampler's 10 Hz,
-`settle` (2 s) behind the clock, and `take_records` once a second.
+handed over as the daemon's attribution rounds run them (every `ATTRIBUTION_PERIOD_S`, all
+the intervals settled since the last round, `settle` (2 s) behind the clock), then
+`take_records`.
 
 Each GPU carries 20 processes: three Kubernetes pods (burstable, guaranteed and besteffort,
 systemd cgroup driver, containerd; one of them with two containers), two systemd services
@@ -22,7 +24,7 @@ replaces that one function of the fake's module (the fake itself is unchanged).
 
 Figures, per observer period: the share of one core of the observer thread and of the
 accounts thread (`time.thread_time`, so nothing else in the process is counted) and of the
-whole process; the CPU per observer round and per accounts tick (8 intervals); the peak
+whole process; the CPU per observer round, per attribution round and per interval; the peak
 RSS growth; and the size of the occupancy history once full (it fills after
 settle + 30 s + 2 periods, longer than a default run, so it is extrapolated from what is
 held). The fake's calls cost far less than real NVML calls; the fake's own share of a round
@@ -51,9 +53,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # fake_pynvml
 
+from agent.app.daemon import ATTRIBUTION_PERIOD_S
 from agent.app.workloads import HISTORY_MARGIN_S
+from agent.attribution import AttributionEngine
 from agent.attribution.workloads import WorkloadAccounts
 from agent.devices.nvml import NvmlGpuSource
+from agent.sampler import Sampler
 from agent.workloads.kubernetes import KubeContainer, NodePods, Pod
 from agent.workloads.naming import PodNames
 from agent.workloads.observer import Refreshed, WorkloadObserver
@@ -292,30 +297,39 @@ def run(period_s: float, args: argparse.Namespace) -> dict[str, float]:
         last_t1 = {gpu.index: time.monotonic() - SETTLE_S for gpu in gpus}
         ticks = 0
         records = 0
+        intervals = 0
 
         def tick() -> None:
-            nonlocal ticks, records
-            t1 = time.monotonic() - SETTLE_S
+            """One attribution round, as `Node.attribute` runs it every
+            ATTRIBUTION_PERIOD_S: every GPU's intervals settled since the last round (one per
+            sample at the sampler's rate), then the closed stretches taken."""
+            nonlocal ticks, records, intervals
+            settled = time.monotonic() - SETTLE_S
             for gpu in gpus:
                 t0 = last_t1[gpu.index]
-                accounts.interval(gpu.index, t0, t1, 300.0 * (t1 - t0), 70.0,
-                                  serving=ticks % 3 != 0)
-                last_t1[gpu.index] = t1
+                while t0 + 1 / SAMPLER_HZ <= settled:
+                    t1 = t0 + 1 / SAMPLER_HZ
+                    accounts.interval(gpu.index, t0, t1, 300.0 * (t1 - t0), 70.0,
+                                      serving=intervals % 3 != 0)
+                    intervals += 1
+                    t0 = t1
+                last_t1[gpu.index] = t0
             ticks += 1
-            if ticks % round(SAMPLER_HZ) == 0:
-                records += len(accounts.take_records(t1))
+            records += len(accounts.take_records(settled))
 
         observing = Loop("jouleprobe-workloads", period_s, observer.observe, deadline=False)
-        feeding = Loop("lanes", 1 / SAMPLER_HZ, tick, deadline=True)
+        feeding = Loop("lanes", ATTRIBUTION_PERIOD_S, tick, deadline=True)
         observer.observe()  # as WorkloadView.start does
         observing.thread.start()
         feeding.thread.start()
         time.sleep(warmup_s)  # let the first intervals reach a settled occupancy
 
         (o_cpu0, o_rounds0), (a_cpu0, a_ticks0) = observing.reading(), feeding.reading()
+        intervals0 = intervals
         p_cpu0, wall0 = time.process_time(), time.monotonic()
         time.sleep(args.seconds)
         (o_cpu1, o_rounds1), (a_cpu1, a_ticks1) = observing.reading(), feeding.reading()
+        intervals1 = intervals
         p_cpu1, wall1 = time.process_time(), time.monotonic()
         observing.stop.set()
         feeding.stop.set()
@@ -343,6 +357,7 @@ def run(period_s: float, args: argparse.Namespace) -> dict[str, float]:
         "fake_nvml_us_per_round": fake_us,
         "accounts_ticks": a_ticks,
         "accounts_us_per_tick": (a_cpu1 - a_cpu0) / max(1, a_ticks) * 1e6,
+        "accounts_us_per_interval": (a_cpu1 - a_cpu0) / max(1, intervals1 - intervals0) * 1e6,
         "records": records,
         "processes": status.processes,
         "workloads": len(status.workloads),
@@ -354,16 +369,66 @@ def run(period_s: float, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+def run_node(with_view: bool, args: argparse.Namespace) -> float:
+    """Share of one core of the whole process for a node's measurement path: the real
+    Sampler at 10 Hz over the same fake GPUs (scheduled, its reader thread), a real
+    AttributionEngine advanced every ATTRIBUTION_PERIOD_S on a thread of its own (no
+    requests: every interval unattributed), and, `with_view`, the workload view wired into
+    it as `Node` wires it (the observer at 1 Hz, the accounts fed by the engine's lanes)."""
+    with tempfile.TemporaryDirectory(prefix="jouleprobe-proc-") as proc_root:
+        node = Node(args.gpus, args.processes, Path(proc_root))
+        fake, nvml = script_nvml(node, 2 * SETTLE_S + args.node_seconds + 5.0)
+        source = NvmlGpuSource.open(nvml_module=nvml)
+        gpus = source.gpus()
+        sampler = Sampler(source, interval_s=1 / SAMPLER_HZ, clock=time.monotonic)
+        loops: list[Loop] = []
+        accounts: WorkloadAccounts | None = None
+        if with_view:
+            observer = WorkloadObserver(
+                source, gpus, history_s=SETTLE_S + HISTORY_MARGIN_S + 2.0,
+                proc_root=proc_root, pod_names=Refreshed(lambda: node.pods, 10.0),
+                wall_us=lambda: int(time.monotonic() * 1e6))
+            accounts = WorkloadAccounts(observer)
+            observer.observe()
+            loops.append(Loop("jouleprobe-workloads", 1.0, observer.observe, deadline=False))
+        engine = AttributionEngine(sampler.timelines, settle_s=SETTLE_S, workloads=accounts)
+
+        def attribute() -> None:
+            now = time.monotonic()
+            engine.advance(now)
+            if accounts is not None:
+                accounts.take_records(now)
+
+        loops.append(Loop("attribution", ATTRIBUTION_PERIOD_S, attribute, deadline=True))
+        sampler.start()
+        for loop in loops:
+            loop.thread.start()
+        time.sleep(2 * SETTLE_S)  # intervals settle, the learners start
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        time.sleep(args.node_seconds)
+        cpu1, wall1 = time.process_time(), time.monotonic()
+        for loop in loops:
+            loop.stop.set()
+            loop.thread.join()
+        sampler.stop()
+        source.close()
+        del fake
+    return (cpu1 - cpu0) / (wall1 - wall0) * 100
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--processes", type=int, default=20, help="per GPU")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured, per period")
+    parser.add_argument("--node-seconds", type=float, default=15.0,
+                        help="measured, per run of the whole node path (4 runs)")
     args = parser.parse_args()
 
     results = [run(period_s, args) for period_s in (1.0, 0.1)]
     print(f"{args.gpus} GPUs × {args.processes} processes (fake pynvml, NVML code path), "
-          f"accounts fed at {SAMPLER_HZ:.0f} Hz, {args.seconds:.0f} s measured per period")
+          f"accounts fed {SAMPLER_HZ:.0f} intervals/s per GPU in rounds every "
+          f"{ATTRIBUTION_PERIOD_S:g} s, {args.seconds:.0f} s measured per period")
     for r in results:
         hz = 1 / r["period_s"]
         print(f"observer at {hz:.0f} Hz: {r['processes']:.0f} PIDs, {r['workloads']:.0f} "
@@ -372,15 +437,30 @@ def main() -> None:
               f"{r['observer_us_per_round']:.0f} µs per round ({r['observer_rounds']:.0f} "
               f"rounds; of which the fake pynvml ≤ {r['fake_nvml_us_per_round']:.0f} µs)")
         print(f"  accounts thread:  {r['accounts_core_pct']:.3f} % of one core, "
-              f"{r['accounts_us_per_tick']:.0f} µs per tick of {args.gpus} intervals "
-              f"({r['accounts_ticks']:.0f} ticks)")
+              f"{r['accounts_us_per_tick']:.0f} µs per attribution round "
+              f"({r['accounts_ticks']:.0f} rounds; {r['accounts_us_per_interval']:.1f} µs per "
+              "interval)")
         print(f"  together:         {r['both_core_pct']:.3f} % of one core "
               f"(whole process: {r['process_core_pct']:.3f} %)")
         print(f"  peak RSS growth:  {r['peak_rss_growth_mib']:.1f} MiB; occupancy history "
               f"{r['history_held']:.0f} of {r['history_full']:.0f} held, "
               f"~{r['history_full_mib']:.1f} MiB when full")
-    print(json.dumps({f"{1 / r['period_s']:.0f}hz": {k: round(v, 4) for k, v in r.items()}
-                      for r in results}))
+    node: dict[str, list[float]] = {"without_view": [], "with_view": []}
+    for with_view in (False, True, False, True):  # alternated: this VM's speed drifts
+        node["with_view" if with_view else "without_view"].append(run_node(with_view, args))
+    without, with_ = (sum(node[k]) / 2 for k in ("without_view", "with_view"))
+    print(f"node path (sampler at {SAMPLER_HZ:.0f} Hz + engine every {ATTRIBUTION_PERIOD_S:g} s"
+          f", whole process, {args.node_seconds:.0f} s per run, alternated):")
+    print(f"  without the workload view: "
+          f"{' / '.join(f'{v:.3f}' for v in node['without_view'])} % of one core")
+    print(f"  with it (observer at 1 Hz): "
+          f"{' / '.join(f'{v:.3f}' for v in node['with_view'])} % of one core")
+    print(f"  the view adds {with_ - without:.3f} % of one core (means {without:.3f} -> "
+          f"{with_:.3f} %)")
+    summary: dict[str, Any] = {f"{1 / r['period_s']:.0f}hz": {k: round(v, 4) for k, v in r.items()}
+                               for r in results}
+    summary["node"] = {k: [round(v, 4) for v in vs] for k, vs in node.items()}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,26 @@ def _or_zero(expr: str, by: str) -> str:
     return f"{expr}\nor sum by ({by}) (0 * jouleprobe_build_info{{{NODE}}})"
 
 
+UNATTRIBUTED = "(unattributed)"
+"""The legend of GPU energy that no workload owns, beside the workloads' (whose names never
+have parentheses: agent.workloads.naming)."""
+NO_NAMESPACE = "(no namespace)"
+"""The legend of workloads with no namespace: off Kubernetes, pods whose names the agent
+could not read, and workload="other"."""
+
+
+def _empty_as(expr: str, label: str, text: str) -> str:
+    """`expr` with `label` set to `text` on the series where it is empty (absent)."""
+    return f'label_replace(\n  {expr},\n  "{label}", "{text}", "{label}", ""\n)'
+
+
+def _with_unattributed(expr: str, unattributed: str, label: str) -> str:
+    """The workloads' `expr`, and the energy no workload owns as one more `label` value:
+    stacked, they add up to the GPU energy split so far. A node with no workload (yet) still
+    shows its GPUs' energy, as unattributed."""
+    return f"{expr}\nor {_empty_as(unattributed, label, UNATTRIBUTED)}"
+
+
 NODE_VIEW = Dashboard(
     uid="jouleprobe-node",
     title="jouleprobe / Node",
@@ -190,6 +210,44 @@ NODE_VIEW = Dashboard(
                       f"[$__rate_interval]))", "{{instance}} GPU {{gpu}} unattributed"),
             ),
             "watt", width=24, stack=True,
+        ),
+        Panel(
+            "GPU power by workload",
+            "GPU energy rate (5 m) credited to each workload (pod container, container, "
+            "systemd unit or process) over all the GPUs it uses, and the rate that no "
+            "workload owns. Stacked, the GPUs' power split so far. A workload gone for "
+            "workloads.gone_after leaves the graph; workload=\"other\" is those past "
+            "workloads.max_series.",
+            (Query(_with_unattributed(
+                f"sum by (instance, workload) (instance_workload:"
+                f"jouleprobe_workload_gpu_energy_joules:rate5m{{{NODE}}})",
+                f"sum by (instance) (instance:jouleprobe_workload_unattributed_gpu_energy"
+                f"_joules:rate5m{{{NODE}}})", "workload"), "{{instance}} {{workload}}"),),
+            "watt", width=16, stack=True,
+        ),
+        Panel(
+            "Unattributed GPU power",
+            "GPU energy rate (5 m) that no workload owns (the workload view's, not the "
+            "request view's unattributed): no process on the GPU, no SM activity sampled, "
+            "or processes whose workload is unknown (jouleprobe_workload_unresolved_processes "
+            "says why).",
+            (Query(f"instance:jouleprobe_workload_unattributed_gpu_energy_joules:rate5m"
+                   f"{{{NODE}}}", "{{instance}}"),),
+            "watt", width=8,
+        ),
+        Panel(
+            "GPU energy by namespace (kWh/day)",
+            "GPU energy of each namespace's workloads over the last 24 h (increase(), so "
+            "workloads that have since gone still count), and the energy of those 24 h "
+            "that no workload owns. Stacked, the GPUs' energy of the day split so far.",
+            (Query(_with_unattributed(
+                _empty_as(f"sum by (instance, namespace) (instance_namespace:"
+                          f"jouleprobe_workload_gpu_energy_kilowatt_hours:increase1d"
+                          f"{{{NODE}}})", "namespace", NO_NAMESPACE),
+                f"sum by (instance) (instance:jouleprobe_workload_unattributed_gpu_energy"
+                f"_kilowatt_hours:increase1d{{{NODE}}})", "namespace"),
+                "{{instance}} {{namespace}}"),),
+            "kwatth", width=24, stack=True, decimals=2,
         ),
         Panel(
             "GPU utilisation", "Share of time a kernel ran, at the latest read.",
@@ -388,6 +446,19 @@ FLEET_VIEW = Dashboard(
             (Query('job_model:jouleprobe_request_energy_joules_per_token:ratio_rate5m'
                    '{model=~"$model"}', "{{model}}"),),
             "joule",
+        ),
+        Panel(
+            "GPU energy by namespace (kWh/day)",
+            "GPU energy of each namespace's workloads over the last 24 h, all nodes "
+            "together (increase(), so workloads that have since gone still count), and the "
+            "energy of those 24 h that no workload owns. Stacked, the fleet's GPU energy of "
+            "the day split so far.",
+            (Query(_with_unattributed(
+                _empty_as("sum by (namespace) (job_namespace:jouleprobe_workload_gpu_energy"
+                          "_kilowatt_hours:increase1d)", "namespace", NO_NAMESPACE),
+                "sum(instance:jouleprobe_workload_unattributed_gpu_energy_kilowatt_hours"
+                ":increase1d)", "namespace"), "{{namespace}}"),),
+            "kwatth", width=24, stack=True, decimals=2,
         ),
     ),
 )

@@ -113,7 +113,9 @@ def exposed(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
 def test_names_are_known_to_the_checks(exposed: set[str]) -> None:
     # The checks below would pass vacuously if these sets were empty or misread.
     assert {"jouleprobe_gpu_energy_joules_total", "jouleprobe_gpu_power_watts",
-            "jouleprobe_request_it_energy_joules_bucket"} <= exposed
+            "jouleprobe_request_it_energy_joules_bucket",
+            "jouleprobe_workload_gpu_energy_joules_total",
+            "jouleprobe_workload_unattributed_gpu_energy_joules_total"} <= exposed
     assert "jouleprobe_gpu_energy_joules" not in exposed
     assert "instance_model:jouleprobe_requests:rate5m" in recorded_names()
     assert metric_names('sum(rate(jouleprobe_x_total{job="jouleprobe_y"}[5m])) / up') == {
