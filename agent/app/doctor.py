@@ -6,12 +6,14 @@ import http.client
 import urllib.error
 import urllib.request
 
+from agent.app import annotated
 from agent.app.workloads import readers
 from agent.config import Config
 from agent.devices.base import GpuInfo, ProcessSource, SourceUnavailable
 from agent.devices.host import probe_rapl
 from agent.devices.nvml import NvmlGpuReport, NvmlGpuSource, probe
 from agent.intake.discovery import GpuResolver, local_port
+from agent.intake.otlp import PodGpus
 from agent.intake.scrapers.kinds import KINDS, describe
 from agent.sim.gpus import SimulatedGpuSource, parse_spec
 from agent.workloads.observer import Refreshed, WorkloadObserver
@@ -114,6 +116,10 @@ def _workload_lines(config: Config, source: ProcessSource | None,
     lines.append(_reader_line("pod list (API server)", found.pods, found.off.get("pod_names"),
                               f"{len(pods.pods) if pods else 0} pod(s) on node "
                               f"{pods.node if pods else '?'}"))
+    if found.pods is not None:  # as the daemon would scrape them now
+        targets = annotated.plan(pods, PodGpus(infos, found.pods, found.allocations),
+                                 traces={table.service for table in config.trace})
+        lines += [f"  {line}" for line in annotated.describe(targets)]
     if source is None:
         lines.append("  processes: not listed (no GPU source)")
         return lines

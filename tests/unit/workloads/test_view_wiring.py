@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from fake_pynvml import FakeNvml
+from kube_node import PODS
+from kube_node import api_server as kube_api_server
 from podresources_server import Behaviour, Devices, PodSpec, serve
 from scripted import FIXTURES
 
@@ -86,3 +88,22 @@ def test_doctor_names_a_socket_it_cannot_read_and_the_workloads_switched_off(
     assert str(tmp_path / "none.sock") in text
     text, _ = report(replace(config, workloads=replace(config.workloads, enabled=False)))
     assert "Workloads: off (workloads.enabled = false)" in text
+
+
+def test_doctor_lists_the_annotated_pods_it_would_scrape_and_why_not_the_others(
+        fake_nvml: FakeNvml, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    gpu = fake_nvml.add_gpu()
+    pods = [PodSpec("kube-system", "coredns-7f5998f4c-5fblt",
+                    {"coredns": [Devices("nvidia.com/gpu", [gpu.uuid])]})]
+    with serve(Behaviour(pods=pods)) as socket, \
+            kube_api_server(monkeypatch, tmp_path, [PODS.read_bytes()]):
+        config = load(environ={}, overrides={"workloads.pod_resources": socket,
+                                             "workloads.kubernetes": "on",
+                                             "workloads.proc_root": str(FIXTURES / "proc")})
+        text, _ = report(config)
+    assert "Annotated pods (jouleprobe.io/scrape):" in text
+    scraped = [line for line in text.splitlines()
+               if line.startswith("    kube-system/coredns-7f5998f4c-5fblt: vllm at http://")]
+    assert len(scraped) == 1 and scraped[0].endswith("on GPU(s) 0")
+    assert "names no [[trace]] table" in text  # its jouleprobe.io/trace: vllm-chat
+    assert "not scraped: pod kube-system/coredns-7f5998f4c-6bb5v holds no GPU" in text
