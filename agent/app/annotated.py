@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -110,19 +111,33 @@ def plan(pods: NodePods | None, gpus: PodGpus, *, traces: Collection[str] = (),
             unscraped.append(Unscraped(target, str(exc)))
     held.sort(key=lambda found: _key(found[0]) not in keep)  # stable: the pods' order else
     scraped: list[Scraped] = []
+    naming = Counter(target.trace for target, _ in held[:max_targets] if target.trace)
     for target, indices in held:
         if len(scraped) == max_targets:
             unscraped.append(Unscraped(target, (
                 f"pod {target.namespace}/{target.pod}: {max_targets} annotated servers are "
                 "scraped per node at most")))
             continue
-        traced = not target.trace or target.trace in traces
-        scraped.append(Scraped(
-            target, source_name(target), indices,
-            f"trace:{target.trace}" if target.trace and traced else None,
-            "" if traced else (f"{TRACE} {target.trace!r} names no [[trace]] table; "
-                               "its windows are not compared with spans")))
+        scraped.append(Scraped(target, source_name(target), indices,
+                               *_traced(target, traces, naming[target.trace])))
     return AnnotatedStatus(True, tuple(scraped), tuple(unscraped), scrapes.bad)
+
+
+def _traced(target: ScrapeTarget, traces: Collection[str], naming: int
+            ) -> tuple[str | None, str]:
+    """The trace source that a target's windows are compared with, or why none. Replicas of
+    one server naming one `[[trace]]` service are compared with none: the service's spans
+    are those of every replica, so each replica's coverage would count them all."""
+    if not target.trace:
+        return None, ""
+    if target.trace not in traces:
+        return None, (f"{TRACE} {target.trace!r} names no [[trace]] table; its windows are "
+                      "not compared with spans")
+    if naming > 1:
+        return None, (f"{naming} pods of this node name {TRACE} {target.trace!r}; the "
+                      "service's spans cannot be told apart by pod, so no pod's windows are "
+                      "compared with them")
+    return f"trace:{target.trace}", ""
 
 
 def describe(status: AnnotatedStatus) -> list[str]:

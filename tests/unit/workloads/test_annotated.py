@@ -43,7 +43,7 @@ from agent.intake.otlp.coverage import Coverage
 from agent.intake.otlp.sources import PodGpus
 from agent.intake.scrapers import WindowFigures
 from agent.timeline import EnergyPoint, Timeline
-from agent.workloads.kubernetes import NodePods, ScrapeTarget, parse_pod_list
+from agent.workloads.kubernetes import TRACE, NodePods, ScrapeTarget, parse_pod_list
 from agent.workloads.podresources import ContainerRef, DeviceHolders
 from exporters.window_metrics import WindowMetrics
 
@@ -531,3 +531,18 @@ def windows(node: Node) -> float:
     samples = exposed_samples(generate_latest(node.registry).decode())
     return sum(value for (name, labels), value in samples.items()
                if name == "jouleprobe_window_tokens_total" and ("source", SOURCE) in labels)
+
+
+def test_replicas_naming_one_trace_service_are_compared_with_none() -> None:
+    """The service's spans are every replica's: compared with each replica's windows, each
+    coverage would count them all, so none is compared, and doctor says why."""
+    doc = document()
+    item(doc, SGLANG)["metadata"]["annotations"][TRACE] = "vllm-chat"
+    gpus = pod_gpus(allocated((UUIDS[0], VLLM), (UUIDS[1], SGLANG)))
+    both = plan(listed(doc), gpus, traces={"vllm-chat"}).scraped
+    assert [s.trace_source for s in both] == [None, None]
+    assert all(s.untraced.startswith("2 pods of this node name jouleprobe.io/trace "
+                                     "'vllm-chat'") for s in both)
+    gpus = pod_gpus(allocated((UUIDS[0], VLLM)))  # the other replica holds no GPU here
+    (alone,) = plan(listed(doc), gpus, traces={"vllm-chat"}).scraped
+    assert alone.trace_source == "trace:vllm-chat"
