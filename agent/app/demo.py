@@ -60,7 +60,6 @@ from agent.app.daemon import (
 from agent.app.node import Node
 from agent.app.proxies import Proxies
 from agent.app.sites import bind, start_site
-from agent.attribution.workloads import WorkloadTotals
 from agent.config import Config, ProxyTable, ScrapeTable, TraceTable, load
 from agent.devices.host import EstimatedHostSource
 from agent.intake.otlp.http_service import TRACES_PATH
@@ -319,13 +318,12 @@ async def demo(spec: str, seconds: float, store: Path, queries_per_day: float,
         print(f"  GPU {name}: attributed + unattributed = {accounted:,.1f} J, "
               f"measured {measured:,.1f} J (relative difference {error:.1e}, from /metrics)")
     figures = workload_figures(scraped)
-    if figures is None and node.workloads is not None:
-        figures = WorkloadFigures.of(node.workloads.accounts.totals())
     workloads_ok = figures is not None and print_workloads(
         figures, {int(gpu): measured for gpu, (_, measured) in balances.items()},
         "/".join(TRAINER))
     if figures is None:
-        print(f"  no workload view: {node.workloads_off or 'its figures are not exported'}")
+        print(f"  no workload view in /metrics: "
+              f"{node.workloads_off or 'its figures are not exported'}")
     for name, ratio in coverage(scraped).items():
         print(f"  {name}: {ratio:.1%} of its requests in its latest compared scrape window "
               "arrived as spans (jouleprobe_otlp_coverage_ratio, from /metrics)")
@@ -345,15 +343,6 @@ class WorkloadFigures:
     inference: frozenset[str]
     """The workloads seen serving inference."""
     unattributed_j: Mapping[int, float]
-    source: str
-    """Where they were read: "/metrics" or the accounts."""
-
-    @classmethod
-    def of(cls, totals: WorkloadTotals) -> WorkloadFigures:
-        return cls({(name.workload, gpu): joules for (name, gpu), joules
-                    in totals.energy_j.items()},
-                   frozenset(name.workload for name in totals.inference),
-                   dict(totals.unattributed_j), "the accounts")
 
 
 def workload_figures(metrics_text: str) -> WorkloadFigures | None:
@@ -372,14 +361,14 @@ def workload_figures(metrics_text: str) -> WorkloadFigures | None:
                 inference.add(labels["workload"])
     if not unattributed:
         return None
-    return WorkloadFigures(energy, frozenset(inference), unattributed, "/metrics")
+    return WorkloadFigures(energy, frozenset(inference), unattributed)
 
 
 def print_workloads(figures: WorkloadFigures, measured: Mapping[int, float],
                     trainer: str) -> bool:
     """Each workload's energy and share of its GPU, then per GPU workloads + unattributed
     against the energy measured; True where every GPU balances and `trainer` got energy."""
-    print(f"  Workloads (SIMULATED pods; from {figures.source}):")
+    print("  Workloads (SIMULATED pods; from /metrics):")
     width = max((len(name) for name, _ in figures.energy_j), default=0)
     for (name, gpu), joules in sorted(figures.energy_j.items(),
                                       key=lambda item: (item[0][1], -item[1])):

@@ -62,3 +62,15 @@ def test_demo_runs_the_whole_pipeline_and_conserves_energy(tmp_path: Path) -> No
     estimated_count = sum(r.tokens_estimated for r in records)
     assert sum(m["requests"] - m["requests_with_tokens"] for m in models.values()) == (
         estimated_count) < len(records) / 2
+
+    # The workload view, from the demo's own /metrics and records: the training job beside
+    # GPU 0's server is other work, the servers inference, and each GPU balances.
+    balances = [line for line in out.splitlines() if "workloads + unattributed =" in line]
+    assert len(balances) == 2
+    assert any("research/finetune-7b/trainer" in line and "no inference seen" in line
+               for line in out.splitlines())
+    workloads = RecordReader(store).workloads(by="namespace")
+    assert {g.key for g in workloads.groups} == {"inference", "research"}
+    assert workloads.inference_j > 0 and workloads.other_j > 0
+    assert abs(sum(g.energy_j for g in workloads.groups) + workloads.unattributed_j
+               - workloads.measured_j) <= 1e-9 * workloads.measured_j
