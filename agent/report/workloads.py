@@ -97,7 +97,8 @@ def _table(totals: StoredWorkloads, *, since: float | None) -> str:
     lines.append(_row("measured", "", totals.measured_j, 1.0 if totals.measured_j else None,
                       None, None, None, ""))
     lines += ["", "Inference versus other work (by workload, whatever --by):"]
-    for label, joules in _split(totals):
+    for name, depth, joules in _split(totals):
+        label = "  " * depth + (name if depth else f"({name})")
         lines.append(f"  {label:<42} {joules / JOULES_PER_WH / 1000:>10.4f} kWh "
                      f"{_number(_share(joules, totals), '.1%'):>7}")
     lines += ["", textwrap.fill(f"Definition: {DEFINITION}", width=90),
@@ -127,8 +128,8 @@ def _csv(totals: StoredWorkloads) -> str:
             "inference": flag_text(group.inference), "stretches": group.stretches,
             "simulated": simulated,
         })
-    split = [(f"({label.strip()})" if not label.startswith("(") else label, joules)
-             for label, joules in _split(totals)[:-1]]
+    split = [(f"({name})", joules) for name, _, joules in _split(totals)
+             if name != "unattributed"]
     for label, joules in ((UNATTRIBUTED_ROW, totals.unattributed_j),
                           ("measured", totals.measured_j), *split):
         writer.writerow({"by": totals.by, "group": label,
@@ -137,15 +138,15 @@ def _csv(totals: StoredWorkloads) -> str:
     return out.getvalue()
 
 
-def _split(totals: StoredWorkloads) -> list[tuple[str, float]]:
-    """The node's energy: inference (and, where its servers had their GPUs to themselves,
-    their requests' and the rest), other work, unattributed."""
-    return [("(inference)", totals.inference_j),
-            ("  with their GPU to themselves", totals.serving_alone_j),
-            ("    their requests", totals.requests_j),
-            ("    their idle and overhead", totals.overhead_j),
-            ("(other work)", totals.other_j),
-            (UNATTRIBUTED_ROW, totals.unattributed_j)]
+def _split(totals: StoredWorkloads) -> list[tuple[str, int, float]]:
+    """The node's energy, (name, depth, joules): inference (and, where its servers had their
+    GPUs to themselves, their requests' and the rest), other work, unattributed."""
+    return [("inference", 0, totals.inference_j),
+            ("with their GPU to themselves", 1, totals.serving_alone_j),
+            ("their requests", 2, totals.requests_j),
+            ("their idle and overhead", 2, totals.overhead_j),
+            ("other work", 0, totals.other_j),
+            ("unattributed", 0, totals.unattributed_j)]
 
 
 def _label(group: WorkloadGroup, by: str) -> str:
